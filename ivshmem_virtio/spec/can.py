@@ -1,0 +1,259 @@
+"""virtio-can wire format (OASIS virtio 1.4, device ID 36): constants, layouts, frame codec.
+
+Wire format only: no device state, no transport. Feature bits follow the *spec* numbering
+(RTR_FRAMES = 2, LATE_TX_ACK = 3); the RFC..v5 Linux driver and the OpenSynergy QEMU RFC swap them.
+CAN identifiers are bare 11/29-bit values: SocketCAN's EFF/RTR/ERR bits never appear in ``can_id``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import can
+
+# --- Identity -------------------------------------------------------------------------------
+VIRTIO_ID_CAN: Final = 36
+#: ivshmem PCI class protocol of the back end (device side): 0xC000 | device id.
+IVSHMEM_PROTOCOL_CAN_BACKEND: Final = 0xC000 | VIRTIO_ID_CAN
+#: ivshmem PCI class protocol of the front end (driver side): 0x8000 | device id.
+IVSHMEM_PROTOCOL_CAN_FRONTEND: Final = 0x8000 | VIRTIO_ID_CAN
+
+# --- Virtqueues -----------------------------------------------------------------------------
+TXQ: Final = 0
+RXQ: Final = 1
+CONTROLQ: Final = 2
+NUM_QUEUES: Final = 3
+
+# --- Feature bits (bit numbers, spec numbering) ---------------------------------------------
+VIRTIO_CAN_F_CAN_CLASSIC: Final = 0
+VIRTIO_CAN_F_CAN_FD: Final = 1
+VIRTIO_CAN_F_RTR_FRAMES: Final = 2
+VIRTIO_CAN_F_LATE_TX_ACK: Final = 3
+
+F_CAN_CLASSIC: Final = 1 << VIRTIO_CAN_F_CAN_CLASSIC
+F_CAN_FD: Final = 1 << VIRTIO_CAN_F_CAN_FD
+F_RTR_FRAMES: Final = 1 << VIRTIO_CAN_F_RTR_FRAMES
+F_LATE_TX_ACK: Final = 1 << VIRTIO_CAN_F_LATE_TX_ACK
+#: Every device-specific feature this module knows.
+F_ALL: Final = F_CAN_CLASSIC | F_CAN_FD | F_RTR_FRAMES | F_LATE_TX_ACK
+#: virtio reserves bits 0..23 for device-specific features; transport bits sit above.
+DEVICE_FEATURE_MASK: Final = (1 << 24) - 1
+
+# --- Message types --------------------------------------------------------------------------
+VIRTIO_CAN_TX: Final = 0x0001
+VIRTIO_CAN_RX: Final = 0x0101
+VIRTIO_CAN_SET_CTRL_MODE_START: Final = 0x0201
+VIRTIO_CAN_SET_CTRL_MODE_STOP: Final = 0x0202
+
+# --- Frame flags ----------------------------------------------------------------------------
+VIRTIO_CAN_FLAGS_EXTENDED: Final = 0x8000
+VIRTIO_CAN_FLAGS_FD: Final = 0x4000
+VIRTIO_CAN_FLAGS_RTR: Final = 0x2000
+#: Any flag bit outside this mask is undefined and makes a TX request NOT_OK.
+VIRTIO_CAN_FLAGS_KNOWN: Final = (
+    VIRTIO_CAN_FLAGS_EXTENDED | VIRTIO_CAN_FLAGS_FD | VIRTIO_CAN_FLAGS_RTR
+)
+
+# --- Results --------------------------------------------------------------------------------
+VIRTIO_CAN_RESULT_OK: Final = 0
+#: Any value other than OK counts as NOT_OK for the driver; the device only ever writes 1.
+VIRTIO_CAN_RESULT_NOT_OK: Final = 1
+RESULT_SIZE: Final = 1
+
+# --- Config space ---------------------------------------------------------------------------
+VIRTIO_CAN_S_CTRL_BUSOFF: Final = 1 << 0
+#: ``struct virtio_can_config { le16 status; }``
+CONFIG: Final = struct.Struct("<H")
+CONFIG_SIZE: Final = CONFIG.size
+
+# --- Control request ------------------------------------------------------------------------
+#: Control request, driver-readable part: ``le16 msg_type``; a writable ``u8 result`` follows.
+CONTROL_REQUEST: Final = struct.Struct("<H")
+
+# --- Frame header ---------------------------------------------------------------------------
+#: msg_type, length, reserved_classic_dlc, padding, reserved_xl_priority, flags, can_id.
+FRAME_HEADER: Final = struct.Struct("<HHBBHII")
+FRAME_HEADER_SIZE: Final = FRAME_HEADER.size  # 16
+assert FRAME_HEADER_SIZE == 16
+
+CAN_SFF_MASK: Final = 0x7FF
+CAN_EFF_MASK: Final = 0x1FFFFFFF
+CAN_CLASSIC_MAX_LEN: Final = 8
+CAN_FD_MAX_LEN: Final = 64
+#: Payload sizes a CAN FD frame can carry (DLC 0..15).
+CAN_FD_LENGTHS: Final = frozenset((*range(9), 12, 16, 20, 24, 32, 48, 64))
+#: RX buffer sizes the Linux driver posts: classic-only links and FD links.
+RX_BUFFER_SIZE_CLASSIC: Final = FRAME_HEADER_SIZE + CAN_CLASSIC_MAX_LEN  # 24
+RX_BUFFER_SIZE_FD: Final = FRAME_HEADER_SIZE + CAN_FD_MAX_LEN  # 80
+
+
+class FrameFault(StrEnum):
+    """Why bytes are not a valid virtio-can frame; stable keys for logs and tests."""
+
+    SHORT_HEADER = "short_header"
+    MSG_TYPE = "msg_type"
+    UNDEFINED_FLAGS = "undefined_flags"
+    RTR_WITH_FD = "rtr_with_fd"
+    ID_RANGE = "id_range"
+    LENGTH = "length"
+    FD_LENGTH = "fd_length"
+    SHORT_PAYLOAD = "short_payload"
+
+
+class CanFrameError(ValueError):
+    """Bytes or a message that cannot be a valid virtio-can frame."""
+
+    def __init__(self, fault: FrameFault, detail: str = "") -> None:
+        super().__init__(f"{fault.value}: {detail}" if detail else fault.value)
+        self.fault = fault
+
+
+def _frame_fault(
+    can_id: int, length: int, extended: bool, fd: bool, rtr: bool
+) -> tuple[FrameFault, str] | None:
+    """Single place for the frame-level rules, shared by the codec and the dataclass."""
+    if rtr and fd:
+        return FrameFault.RTR_WITH_FD, "RTR frames are classic only"
+    limit = CAN_EFF_MASK if extended else CAN_SFF_MASK
+    if not 0 <= can_id <= limit:
+        return FrameFault.ID_RANGE, f"can_id {can_id:#x} > {limit:#x}"
+    if fd:
+        if not 0 <= length <= CAN_FD_MAX_LEN:
+            return FrameFault.LENGTH, f"FD length {length} > {CAN_FD_MAX_LEN}"
+        if length not in CAN_FD_LENGTHS:
+            return FrameFault.FD_LENGTH, f"FD length {length} is not a valid FD size"
+    elif not 0 <= length <= CAN_CLASSIC_MAX_LEN:
+        return FrameFault.LENGTH, f"classic length {length} > {CAN_CLASSIC_MAX_LEN}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CanFrame:
+    """One valid CAN frame as virtio-can carries it; invalid combinations cannot be built.
+
+    ``dlc`` follows python-can: the payload length in bytes for data frames (classic or FD), and
+    the requested DLC (0..8) for RTR frames, which carry no payload.
+    """
+
+    can_id: int
+    data: bytes
+    extended: bool
+    fd: bool
+    rtr: bool
+    dlc: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, bytes):
+            object.__setattr__(self, "data", bytes(self.data))
+        if self.rtr:
+            if self.data:
+                raise CanFrameError(FrameFault.LENGTH, "an RTR frame carries no payload")
+        elif self.dlc != len(self.data):
+            raise CanFrameError(FrameFault.LENGTH, f"dlc {self.dlc} != {len(self.data)} bytes")
+        fault = _frame_fault(self.can_id, self.dlc, self.extended, self.fd, self.rtr)
+        if fault is not None:
+            raise CanFrameError(*fault)
+
+    @classmethod
+    def data_frame(
+        cls, can_id: int, data: bytes, *, extended: bool = False, fd: bool = False
+    ) -> CanFrame:
+        """A data frame; ``dlc`` is derived from the payload."""
+        return cls(can_id, bytes(data), extended, fd, False, len(data))
+
+    @classmethod
+    def remote_frame(cls, can_id: int, dlc: int, *, extended: bool = False) -> CanFrame:
+        """A classic RTR frame requesting ``dlc`` bytes."""
+        return cls(can_id, b"", extended, False, True, dlc)
+
+    @property
+    def flags(self) -> int:
+        """The virtio-can ``flags`` word for this frame."""
+        return (
+            (VIRTIO_CAN_FLAGS_EXTENDED if self.extended else 0)
+            | (VIRTIO_CAN_FLAGS_FD if self.fd else 0)
+            | (VIRTIO_CAN_FLAGS_RTR if self.rtr else 0)
+        )
+
+    @property
+    def length(self) -> int:
+        """The header's ``length`` field: the DLC for RTR frames, else the payload size."""
+        return self.dlc
+
+    @property
+    def wire_size(self) -> int:
+        """Bytes of header + payload: 16 + length for data frames, 16 for RTR frames."""
+        return FRAME_HEADER_SIZE + len(self.data)
+
+
+def encode_frame(frame: CanFrame, msg_type: int = VIRTIO_CAN_RX) -> bytes:
+    """Header + payload, exactly ``frame.wire_size`` bytes (project decision §8.1)."""
+    header = FRAME_HEADER.pack(msg_type, frame.length, 0, 0, 0, frame.flags, frame.can_id)
+    return header + frame.data
+
+
+def decode_frame(buf: bytes | bytearray | memoryview, msg_type: int = VIRTIO_CAN_TX) -> CanFrame:
+    """Parse and validate untrusted header + payload bytes.
+
+    Every wire rule is checked before the payload is sliced (check before copy); bytes past
+    16 + length are ignored. The reserved fields are ignored, as the spec asks senders to zero
+    them. Raises :class:`CanFrameError` with a :class:`FrameFault`.
+    """
+    if len(buf) < FRAME_HEADER_SIZE:
+        raise CanFrameError(FrameFault.SHORT_HEADER, f"{len(buf)} < {FRAME_HEADER_SIZE} bytes")
+    got_type, length, _dlc, _pad, _prio, flags, can_id = FRAME_HEADER.unpack_from(buf)
+    if got_type != msg_type:
+        raise CanFrameError(FrameFault.MSG_TYPE, f"msg_type {got_type:#06x} != {msg_type:#06x}")
+    if flags & ~VIRTIO_CAN_FLAGS_KNOWN:
+        raise CanFrameError(FrameFault.UNDEFINED_FLAGS, f"flags {flags:#x}")
+    extended = bool(flags & VIRTIO_CAN_FLAGS_EXTENDED)
+    fd = bool(flags & VIRTIO_CAN_FLAGS_FD)
+    rtr = bool(flags & VIRTIO_CAN_FLAGS_RTR)
+    fault = _frame_fault(can_id, length, extended, fd, rtr)
+    if fault is not None:
+        raise CanFrameError(*fault)
+    if rtr:
+        return CanFrame(can_id, b"", extended, False, True, length)
+    end = FRAME_HEADER_SIZE + length
+    if len(buf) < end:
+        raise CanFrameError(FrameFault.SHORT_PAYLOAD, f"{len(buf)} < {end} bytes")
+    return CanFrame(can_id, bytes(buf[FRAME_HEADER_SIZE:end]), extended, fd, False, length)
+
+
+def frame_from_message(msg: can.Message) -> CanFrame:
+    """Convert a python-can message; error frames and invalid messages raise CanFrameError.
+
+    FD is taken from ``msg.is_fd`` (the frame's flags), never from an interface name. BRS/ESI are
+    not carried by virtio-can and are dropped.
+    """
+    if msg.is_error_frame:
+        raise CanFrameError(FrameFault.UNDEFINED_FLAGS, "error frames are not carried")
+    if msg.is_remote_frame:
+        return CanFrame(msg.arbitration_id, b"", msg.is_extended_id, msg.is_fd, True, msg.dlc)
+    data = bytes(msg.data)
+    return CanFrame(msg.arbitration_id, data, msg.is_extended_id, msg.is_fd, False, len(data))
+
+
+def frame_to_message(
+    frame: CanFrame,
+    *,
+    timestamp: float = 0.0,
+    channel: str | int | None = None,
+    is_rx: bool = True,
+) -> can.Message:
+    """Convert to a python-can message (``dlc`` = byte length, or the DLC for RTR frames)."""
+    return can.Message(
+        timestamp=timestamp,
+        arbitration_id=frame.can_id,
+        is_extended_id=frame.extended,
+        is_remote_frame=frame.rtr,
+        is_fd=frame.fd,
+        dlc=frame.dlc,
+        data=None if frame.rtr else frame.data,
+        channel=channel,
+        is_rx=is_rx,
+        check=True,
+    )
