@@ -1,0 +1,171 @@
+"""The asyncio side of the backend: wait for doorbells, drive the transport, drain queues.
+
+One :class:`LinkRunner` serves one device on one link. Device services are synchronous (they pop
+chains, run fast I/O inline and push used entries); slow operations (fsync, hole punching) go to
+a worker thread and complete through :meth:`LinkRunner.defer`, so a FLUSH never delays the
+clearing of a write transaction (virtio-ivshmem.md §8.7). A service or peer fault marks only
+this device NEEDS_RESET; other runners in the daemon keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
+from ivshmem_virtio.ivshmem.base import IvshmemDevice
+from ivshmem_virtio.link import IrqWaiter
+from ivshmem_virtio.spec import ivshmem as H
+from ivshmem_virtio.transport.device import DeviceTransport
+from ivshmem_virtio.virtqueue.device import DeviceQueue
+
+log = structlog.get_logger("ivshmem_virtio.backend")
+
+PEER_FAULTS = (DeviceError, RingError, MemoryAccessError)
+
+
+class Service(Protocol):
+    """A device model plus its host resource, as the runner drives it."""
+
+    device_id: int
+    num_queues: int
+
+    @property
+    def features(self) -> int: ...
+    def config(self) -> bytes: ...
+    def on_reset(self) -> None: ...
+    def on_activate(self, features: int, runner: LinkRunner) -> None: ...
+    def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int: ...
+    def close(self) -> None: ...
+
+
+class LinkRunner:
+    """Serve one device over one ivshmem link until :meth:`stop`."""
+
+    def __init__(self, dev: IvshmemDevice, service: Service, *, mode: str = "adaptive",
+                 spin_us: float = 50.0, queue_size: int = 256, batch: int | None = None,
+                 workers: int = 2) -> None:
+        self.dev = dev
+        self.service = service
+        self.transport = DeviceTransport(dev, device_features=service.features,
+                                         config=service.config(),
+                                         num_queues=service.num_queues,
+                                         queue_max_size=queue_size)
+        self.mode = mode
+        self.spin_us = spin_us
+        self.batch = batch or queue_size
+        self.generation = 0  # bumped on every reset: completions of an older ring are dropped
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                           thread_name_prefix="blk-io")
+        self._pending: set[asyncio.Future] = set()
+        self._stopping = False
+        self._waiter: IrqWaiter | None = None
+        self.metrics = self.transport.metrics
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        t = self.transport
+        t.start()
+        self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us)
+        log.info("serving", link=self.dev.name, device_id=self.service.device_id,
+                 mode=self.mode)
+        try:
+            while not self._stopping:
+                self._control()
+                if t.serving:
+                    self._serve_queues()
+                await waiter.wait(self._has_work)
+        finally:
+            await self._drain_pending()
+            waiter.close()
+            t.stop()
+            self._pool.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._waiter is not None:
+            self._waiter.kick()
+
+    async def _drain_pending(self) -> None:
+        """Shutdown completes in-flight slow requests and publishes them before we leave."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    # -- control path ---------------------------------------------------------------------------
+    def _control(self) -> None:
+        t = self.transport
+        for _ in range(64):  # a transaction per step; the driver waits for each
+            res = t.step()
+            if res.reset:
+                self.generation += 1
+                self.service.on_reset()
+            if res.activated:
+                self.service.on_activate(t.negotiated, self)
+            if not res.transactions:
+                break
+
+    def _has_work(self) -> bool:
+        t = self.transport
+        if t.hdr.u32(H.HDR_WRITE_TRANSACTION):
+            return True
+        if not t.serving:
+            return False
+        try:
+            return any(vq is not None and vq.pending() for vq in t.vqs)
+        except RingError:
+            return True  # let the serve path report it
+
+    # -- queues ---------------------------------------------------------------------------------
+    def _serve_queues(self) -> None:
+        t = self.transport
+        for index, vq in enumerate(t.vqs):
+            if vq is None:
+                continue
+            try:
+                vq.disable_notifications()
+                while True:
+                    n = self.service.serve(index, vq, self)
+                    if vq.publish():
+                        t.notify_queue(index)
+                    if t.hdr.u32(H.HDR_WRITE_TRANSACTION):
+                        self._control()  # keep the control path prompt between batches
+                        if t.vqs[index] is not vq:
+                            break
+                    if n == 0 and not vq.enable_notifications():
+                        break
+            except PEER_FAULTS as e:
+                t.mark_needs_reset(f"queue {index}: {e}")
+                self.generation += 1
+                return
+
+    def defer(self, index: int, head: int, work: Callable[[], int]) -> None:
+        """Run slow ``work`` (returning the used length) off the loop; complete it later."""
+        gen = self.generation
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        self._pending.add(fut)
+
+        def done(f: asyncio.Future) -> None:
+            self._pending.discard(f)
+            if f.cancelled():
+                return
+            exc = f.exception()
+            t = self.transport
+            vq = t.vqs[index] if index < len(t.vqs) else None
+            if gen != self.generation or vq is None:
+                return  # the ring this request came from is gone
+            if exc is not None:
+                t.mark_needs_reset(f"queue {index}: {exc}")
+                self.generation += 1
+                return
+            vq.push(head, f.result())
+            if vq.publish():
+                t.notify_queue(index)
+
+        fut.add_done_callback(done)
+
+    def notify_config(self) -> None:
+        self.transport.update_config(self.service.config())

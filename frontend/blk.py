@@ -1,0 +1,247 @@
+"""virtio-blk driver in Python: an async disk client with many requests in flight.
+
+Buffers are bounced through the R/W section exactly as Linux's ``virtio_ivshmem`` DMA ops do:
+allocate chunks, copy out, let the device work in place, copy back, free. Requests outlive a
+backend restart: they are kept and resubmitted once the device is up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass, field
+
+from ivshmem_virtio.errors import TransportError
+from ivshmem_virtio.ivshmem.base import IvshmemDevice
+from ivshmem_virtio.spec import blk as B
+from ivshmem_virtio.spec import virtio as V
+
+from .driver import VirtioDriver
+
+WANTED = (V.bit(B.F_SIZE_MAX) | V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
+          | V.bit(B.F_RO) | V.bit(B.F_DISCARD) | V.bit(B.F_WRITE_ZEROES))
+
+
+class BlkIOError(OSError):
+    """A request the device answered with IOERR (errno EIO) or UNSUPP (EOPNOTSUPP)."""
+
+
+@dataclass(eq=False)
+class _Req:
+    type: int
+    sector: int
+    out: bytes | memoryview = b""  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
+    in_len: int = 0  # bytes the device writes before the status (IN, GET_ID)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop()
+                                   .create_future())
+    allocs: list[int] = field(default_factory=list)
+    in_segs: list[tuple[int, int]] = field(default_factory=list)
+    status_addr: int = 0
+
+
+class BlkClient(VirtioDriver):
+    """A remote disk: ``await read(offset, n)``, ``write``, ``flush``, ``discard``, ..."""
+
+    device_id = B.DEVICE_ID
+    num_queues = 1
+
+    def __init__(self, dev: IvshmemDevice, *, event_idx: bool = True, indirect: bool = True,
+                 **kw: object) -> None:
+        features = WANTED
+        if event_idx:
+            features |= V.bit(V.F_EVENT_IDX)
+        if indirect:
+            features |= V.bit(V.F_INDIRECT_DESC)
+        super().__init__(dev, features=features, **kw)  # type: ignore[arg-type]
+        self._space = asyncio.Condition()
+        self._backlog: list[_Req] = []
+        self.completed = 0
+
+    # -- geometry from the device config ---------------------------------------------------------
+    def on_queues_ready(self) -> None:
+        cfg = self.transport.read_config(0, B.CONFIG_SIZE)
+        f = self.features
+
+        def field_(name: str) -> int:
+            off, size = B.CONFIG_FIELDS[name]
+            return int.from_bytes(cfg[off:off + size], "little")
+
+        self.capacity = field_("capacity")
+        self.size = self.capacity * 512
+        self.read_only = bool(f & V.bit(B.F_RO))
+        self.size_max = field_("size_max") if f & V.bit(B.F_SIZE_MAX) else 1 << 16
+        self.seg_max = field_("seg_max") if f & V.bit(B.F_SEG_MAX) else 1
+        self.seg_max = max(1, min(self.seg_max, self.vqs[0].size - 2))
+        self.blk_size = field_("blk_size") if f & V.bit(B.F_BLK_SIZE) else 512
+        # every byte in flight is bounced through the R/W section: one request may take at
+        # most a quarter of it, so that several fit at once
+        alloc = self.transport.allocator
+        assert alloc is not None
+        budget = max(512, (alloc.free_bytes // 4) // 512 * 512)
+        self.max_transfer = min(self.size_max * self.seg_max, budget)
+
+    # -- public API -------------------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (both multiples of 512); split into requests."""
+        self._check_range(offset, length)
+        parts = []
+        for off, n in self._chunks(offset, length):
+            parts.append(self._submit(_Req(B.T_IN, off // 512, in_len=n)))
+        return b"".join(await asyncio.gather(*parts))
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        self._check_range(offset, len(data))
+        if self.read_only:
+            raise BlkIOError(errno.EROFS, "read-only device")
+        parts = []
+        for off, n in self._chunks(offset, len(data)):
+            parts.append(self._submit(_Req(B.T_OUT, off // 512,
+                                           out=data[off - offset: off - offset + n])))
+        await asyncio.gather(*parts)
+
+    async def flush(self) -> None:
+        await self._submit(_Req(B.T_FLUSH, 0))
+
+    async def get_id(self) -> str:
+        raw = await self._submit(_Req(B.T_GET_ID, 0, in_len=B.ID_BYTES))
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._ranges(B.T_DISCARD, offset, length, 0)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        await self._ranges(B.T_WRITE_ZEROES, offset, length, B.DWZ_F_UNMAP if may_unmap else 0)
+
+    async def _ranges(self, rtype: int, offset: int, length: int, flags: int) -> None:
+        self._check_range(offset, length)
+        step = 1 << 22  # sectors per segment, within max_discard_sectors
+        segs = b""
+        for sec in range(offset // 512, (offset + length) // 512, step):
+            count = min(step, (offset + length) // 512 - sec)
+            segs += B.DWZ_SEG.pack(sec, count, flags)
+        await self._submit(_Req(rtype, 0, out=segs))
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset % 512 or length % 512 or offset < 0 or length < 0:
+            raise ValueError("offset and length must be multiples of 512")
+        if offset + length > self.size:
+            raise BlkIOError(errno.ENOSPC, f"{offset + length} past the end ({self.size})")
+
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = max(512, (self.max_transfer // 512) * 512)
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    # -- the queue --------------------------------------------------------------------------------
+    async def _submit(self, req: _Req) -> bytes:
+        if self.closed:
+            raise ConnectionError("device closed")
+        self._backlog.append(req)
+        self._pump()
+        return await req.future
+
+    def _pump(self) -> None:
+        """Move backlog requests into the ring while descriptors and memory last."""
+        if not self.connected.is_set() or not self.vqs:
+            return
+        vq = self.vqs[0]
+        added = False
+        while self._backlog:
+            req = self._backlog[0]
+            try:
+                out, inn = self._place(req)
+            except TransportError as e:
+                if vq.num_free == vq.size:  # nothing in flight will free memory for it
+                    self._backlog.pop(0)
+                    req.future.set_exception(BlkIOError(errno.ENOMEM, str(e)))
+                    continue
+                break  # shared memory full: wait for completions
+            if not vq.can_add(len(out) + len(inn)):
+                self._free(req)
+                break
+            self._backlog.pop(0)
+            vq.add(out, inn, req)
+            added = True
+        if added and vq.kick_needed():
+            self.transport.kick(0)
+
+    def _place(self, req: _Req) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        alloc = self.transport.allocator
+        assert alloc is not None
+        mem = self.transport.hdr
+        req.allocs = []
+        try:
+            hdr = alloc.alloc(B.OUTHDR_SIZE + 1)
+            req.allocs.append(hdr)
+            mem.pack(B.OUTHDR, hdr, req.type, 0, req.sector)
+            req.status_addr = hdr + B.OUTHDR_SIZE
+            mem.set_u8(req.status_addr, 0xFF)
+            out = [(hdr, B.OUTHDR_SIZE)]
+            for pos in range(0, len(req.out), self.size_max):
+                piece = req.out[pos:pos + self.size_max]
+                a = alloc.alloc(len(piece))
+                req.allocs.append(a)
+                mem.write(a, piece)
+                out.append((a, len(piece)))
+            req.in_segs = []
+            for pos in range(0, req.in_len, self.size_max):
+                n = min(self.size_max, req.in_len - pos)
+                a = alloc.alloc(n)
+                req.allocs.append(a)
+                req.in_segs.append((a, n))
+        except TransportError:
+            self._free(req)
+            raise
+        return out, [*req.in_segs, (req.status_addr, 1)]
+
+    def _free(self, req: _Req) -> None:
+        alloc = self.transport.allocator
+        if alloc is not None:
+            for a in req.allocs:
+                alloc.free(a)
+        req.allocs = []
+
+    def on_used(self, index: int, token: object, length: int) -> None:
+        req = token
+        assert isinstance(req, _Req)
+        mem = self.transport.hdr
+        status = mem.u8(req.status_addr)
+        data = b""
+        if status == B.S_OK and req.in_len:
+            n = min(req.in_len, max(0, length - 1))
+            if req.type == B.T_IN and n != req.in_len:
+                status = B.S_IOERR  # a device must return all of a read
+            data = b"".join(mem.read(a, min(ln, n - i * self.size_max))
+                            for i, (a, ln) in enumerate(req.in_segs) if i * self.size_max < n)
+        self._free(req)
+        self.completed += 1
+        if not req.future.done():
+            if status == B.S_OK:
+                req.future.set_result(data)
+            elif status == B.S_UNSUPP:
+                req.future.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
+            else:
+                req.future.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
+        self._pump()
+
+    def resubmit(self, tokens: list[object]) -> None:
+        reqs = [t for t in tokens if isinstance(t, _Req)]
+        for r in reqs:
+            r.allocs = []  # the allocator was rebuilt with the new bring-up
+        self._backlog[:0] = reqs
+        self._pump()
+
+    def fail_all(self, exc: BaseException, tokens: list[object] | None = None) -> None:
+        reqs = list(self._backlog) if tokens is None else []
+        if tokens is None:
+            self._backlog.clear()
+            reqs += [t for vq in self.vqs for t in vq.in_flight() if isinstance(t, _Req)]
+        else:
+            reqs += [t for t in tokens if isinstance(t, _Req)]
+        for r in reqs:
+            if not r.future.done():
+                r.future.set_exception(exc)
+
+    async def _bring_up(self, timeout: float | None = None) -> None:
+        await super()._bring_up(timeout)
+        self._pump()

@@ -1,0 +1,143 @@
+"""A virtio driver over ivshmem in Python: bring-up, interrupts, and surviving the backend.
+
+Where Linux would break the device when the backend leaves, this driver waits for the backend to
+come back READY, brings the device up again and lets the device class resubmit what was in
+flight: a user of a remote disk expects a backend restart to look like a slow request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from ivshmem_virtio.errors import IvshmemVirtioError, RingError, TransportError
+from ivshmem_virtio.ivshmem.base import IvshmemDevice
+from ivshmem_virtio.link import IrqWaiter
+from ivshmem_virtio.transport.driver import DriverTransport
+from ivshmem_virtio.virtqueue.driver import DriverQueue
+
+log = structlog.get_logger("ivshmem_virtio.frontend")
+
+
+class VirtioDriver:
+    """Base class of the Python frontends: subclasses fill in the device specifics."""
+
+    device_id = 0
+    num_queues = 1
+
+    def __init__(self, dev: IvshmemDevice, *, features: int = 0, queue_size: int = 256,
+                 mode: str = "block", spin_us: float = 50.0, timeout: float = 10.0,
+                 reconnect: bool = True) -> None:
+        self.dev = dev
+        self.transport = DriverTransport(dev, timeout=timeout)
+        self.wanted_features = features
+        self.queue_size = queue_size
+        self.mode = mode
+        self.spin_us = spin_us
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.vqs: list[DriverQueue] = []
+        self.connected = asyncio.Event()
+        self.closed = False
+        self.bring_ups = 0
+        self._irq_task: asyncio.Task | None = None
+        self._waiter: IrqWaiter | None = None
+        self.error: BaseException | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def start(self, timeout: float | None = None) -> None:
+        """Bring the device up (waiting up to ``timeout`` for a READY backend)."""
+        await self._bring_up(timeout)
+        self._waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us)
+        self._irq_task = asyncio.create_task(self._irq_loop())
+
+    async def _bring_up(self, timeout: float | None = None) -> None:
+        t = self.transport
+        await t.probe(timeout)
+        self.features = await t.negotiate(self.wanted_features)
+        self.vqs = [await t.setup_queue(i, self.num_queues, self.queue_size)
+                    for i in range(self.num_queues)]
+        self.on_queues_ready()
+        await t.driver_ok()
+        self.bring_ups += 1
+        self.connected.set()
+        log.info("device up", link=self.dev.name, device_id=self.device_id,
+                 features=hex(self.features), queue_sizes=[vq.size for vq in self.vqs])
+
+    async def close(self) -> None:
+        """Reset the device and leave the link (Linux's remove)."""
+        self.closed = True
+        if self._irq_task is not None:
+            self._irq_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._irq_task
+        if self._waiter is not None:
+            self._waiter.close()
+        if self.connected.is_set() and self.transport.backend_ready():
+            with contextlib.suppress(IvshmemVirtioError):
+                await asyncio.wait_for(self.transport.set_status(0), 1.0)
+        self.transport.leave()
+        self.fail_all(ConnectionError("device closed"))
+
+    # -- interrupts -----------------------------------------------------------------------------
+    def _has_used(self) -> bool:
+        return any(vq.has_used() for vq in self.vqs)
+
+    async def _irq_loop(self) -> None:
+        assert self._waiter is not None
+        t = self.transport
+        while not self.closed:
+            await self._waiter.wait(self._has_used)
+            if not t.backend_ready() or t.needs_reset():
+                await self._recover("backend left" if not t.backend_ready() else "needs reset")
+                continue
+            cfg, _qev = t.take_events()
+            if cfg:
+                self.on_config_change()
+            try:
+                for index, vq in enumerate(self.vqs):
+                    if vq.has_used():
+                        for token, length in vq.get_used():
+                            self.on_used(index, token, length)
+            except RingError as e:
+                log.warning("backend broke a ring", link=self.dev.name, error=str(e))
+                await self._recover(str(e))
+
+    async def _recover(self, reason: str) -> None:
+        self.connected.clear()
+        inflight = [tok for vq in self.vqs for tok in vq.in_flight()]
+        self.vqs = []
+        log.warning("device lost", link=self.dev.name, reason=reason, in_flight=len(inflight))
+        if not self.reconnect:
+            self.fail_all(ConnectionError(f"backend lost: {reason}"), inflight)
+            self.closed = True
+            return
+        while not self.closed:
+            try:
+                await self._bring_up(timeout=self.timeout)
+                break
+            except TransportError as e:
+                log.info("waiting for the backend", link=self.dev.name, error=str(e))
+                await asyncio.sleep(0.05)
+        assert self._waiter is not None
+        self._waiter.refresh()
+        self.resubmit(inflight)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_queues_ready(self) -> None:
+        """Queues exist, DRIVER_OK not yet set (post receive buffers here)."""
+
+    def on_used(self, index: int, token: object, length: int) -> None:
+        raise NotImplementedError
+
+    def on_config_change(self) -> None:
+        """The device config changed (or NEEDS_RESET, handled before this)."""
+
+    def resubmit(self, tokens: list[object]) -> None:
+        """Requests that were in flight when the backend went away."""
+        self.fail_all(ConnectionError("backend restarted"), tokens)
+
+    def fail_all(self, exc: BaseException, tokens: list[object] | None = None) -> None:
+        """Fail outstanding requests (all of them when ``tokens`` is None)."""

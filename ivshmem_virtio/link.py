@@ -1,0 +1,105 @@
+"""Opening a link from its command-line name, and waiting for its interrupts under asyncio.
+
+``sim:SOCKET`` joins a sim hub; ``uio:/dev/uioN`` opens a uio_ivshmem device; ``uio:auto`` picks
+the one uio_ivshmem device whose protocol matches the role and device (pyudev discovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from .errors import ConfigError
+from .ivshmem.base import IvshmemDevice
+
+
+def parse_link(spec: str) -> tuple[str, str]:
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in ("sim", "uio") or not arg:
+        raise ConfigError(f"--link {spec!r}: expected sim:SOCKET, uio:/dev/uioN or uio:auto")
+    return kind, arg
+
+
+def open_link(spec: str, *, backend: bool, protocol: int | None = None,
+              timeout: float = 5.0) -> IvshmemDevice:
+    """Open the link named ``spec`` in the backend (ID 0) or frontend (ID 1) role."""
+    kind, arg = parse_link(spec)
+    if kind == "sim":
+        from .ivshmem.sim import SimIvshmem
+
+        return SimIvshmem(arg, requested_id=0 if backend else 1, timeout=timeout)
+    from .ivshmem.uio import UioIvshmem, find_uio
+
+    path = find_uio(protocol) if arg == "auto" else arg
+    return UioIvshmem(path)
+
+
+class IrqWaiter:
+    """Turns a device's interrupt fds into an awaitable, with optional bounded spinning.
+
+    ``mode`` is ``block`` (sleep in the event loop until an fd is readable), ``poll`` (never
+    sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (spin for
+    ``spin_us`` after activity, then block). Interrupts are level-like here: an eventfd keeps its
+    count until read, so nothing that arrives between a check and the wait is lost.
+    """
+
+    def __init__(self, dev: IvshmemDevice, *, mode: str = "adaptive",
+                 spin_us: float = 50.0) -> None:
+        if mode not in ("block", "poll", "adaptive"):
+            raise ConfigError(f"notification mode {mode!r}: expected block, poll or adaptive")
+        self.dev = dev
+        self.mode = mode
+        self.spin = spin_us / 1e6
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._fds: list[int] = []
+        self.wakeups = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re-)register the device's fds: they change when the hub connection ends."""
+        self.close()
+        self._fds = list(self.dev.interrupt_fds())
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._event.set)
+
+    def _ack(self) -> None:
+        self.dev.ack_interrupts()
+        if self.dev.interrupt_fds() != self._fds:
+            self.refresh()
+
+    def kick(self) -> None:
+        """Wake the waiter from inside the process (new work submitted, shutdown)."""
+        self._event.set()
+
+    async def wait(self, has_work: Callable[[], bool], timeout: float | None = None) -> None:
+        """Return when an interrupt arrived or ``has_work()`` became true."""
+        if self.mode != "block":
+            deadline = None if self.mode == "poll" else time.perf_counter() + self.spin
+            while not self._event.is_set():
+                if has_work():
+                    self._ack()
+                    return
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                await asyncio.sleep(0)
+        if not self._event.is_set():
+            try:
+                if timeout is None:
+                    await self._event.wait()
+                else:
+                    await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                pass
+        self._event.clear()
+        self.wakeups += 1
+        self._ack()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                self._loop.remove_reader(fd)
+            except (ValueError, OSError):
+                pass
+        self._fds = []

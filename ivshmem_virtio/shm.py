@@ -1,0 +1,200 @@
+"""Shared memory: the one module that touches mapped bytes.
+
+Everything above this module takes a :class:`Region` (memory is a parameter, as in rust-vmm's
+virtio-queue), so the same ring and transport code runs on a memfd shared with another process,
+a uio mapping of real ivshmem memory, or a plain ``bytearray`` in a test. A region is a bounds-checked
+window; an access that would leave it raises :class:`MemoryAccessError` instead of touching
+anything outside. Device registers are different: they are trapped by the hypervisor, so
+:class:`Registers` issues exactly one aligned 32-bit load or store per access.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import struct
+import threading
+from typing import Protocol, TypeAlias
+
+import numpy as np
+
+from .errors import MemoryAccessError
+
+Buffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap"
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """Full memory barrier between publishing data and publishing its index.
+
+    x86 is TSO: stores are not reordered with other stores, and CPython's function calls are
+    compiler barriers, so nothing is needed. Elsewhere (arm64) taking and releasing a lock runs an
+    acquire/release atomic pair in the C runtime, which orders our plain stores around it.
+    """
+    if not _X86:
+        with _fence_lock:
+            pass
+
+
+class Region:
+    """A bounds-checked window ``[0, size)`` onto a buffer (mmap, bytearray, ...)."""
+
+    __slots__ = ("name", "size", "base", "_mv")
+
+    def __init__(self, buf: Buffer, offset: int = 0, size: int | None = None,
+                 name: str = "region") -> None:
+        mv = memoryview(buf).cast("B")
+        if size is None:
+            size = len(mv) - offset
+        if offset < 0 or size < 0 or offset + size > len(mv):
+            raise MemoryAccessError(f"{name}: window {offset:#x}+{size:#x} outside buffer "
+                                    f"of {len(mv):#x} bytes")
+        self.name = name
+        self.size = size
+        self.base = offset  # offset of this window inside the underlying buffer (for tests/logs)
+        self._mv = mv[offset:offset + size]
+
+    # -- bounds -------------------------------------------------------------------------------
+    def contains(self, off: int, length: int) -> bool:
+        """True when ``[off, off+length)`` lies inside the region (no overflow tricks possible)."""
+        return 0 <= off and 0 <= length and off + length <= self.size
+
+    def check(self, off: int, length: int) -> None:
+        if not (0 <= off and 0 <= length and off + length <= self.size):
+            raise MemoryAccessError(
+                f"{self.name}: access {off:#x}+{length:#x} outside {self.size:#x} bytes")
+
+    # -- scalar access (little endian, as the wire is) ------------------------------------------
+    def u8(self, off: int) -> int:
+        self.check(off, 1)
+        return self._mv[off]
+
+    def u16(self, off: int) -> int:
+        self.check(off, 2)
+        return _U16.unpack_from(self._mv, off)[0]
+
+    def u32(self, off: int) -> int:
+        self.check(off, 4)
+        return _U32.unpack_from(self._mv, off)[0]
+
+    def u64(self, off: int) -> int:
+        self.check(off, 8)
+        return _U64.unpack_from(self._mv, off)[0]
+
+    def set_u8(self, off: int, value: int) -> None:
+        self.check(off, 1)
+        self._mv[off] = value & 0xFF
+
+    def set_u16(self, off: int, value: int) -> None:
+        self.check(off, 2)
+        _U16.pack_into(self._mv, off, value & 0xFFFF)
+
+    def set_u32(self, off: int, value: int) -> None:
+        self.check(off, 4)
+        _U32.pack_into(self._mv, off, value & 0xFFFFFFFF)
+
+    def set_u64(self, off: int, value: int) -> None:
+        self.check(off, 8)
+        _U64.pack_into(self._mv, off, value & 0xFFFFFFFFFFFFFFFF)
+
+    def unpack(self, st: struct.Struct, off: int) -> tuple:
+        """Unpack a precompiled struct at ``off`` (one bounds check for the whole record)."""
+        self.check(off, st.size)
+        return st.unpack_from(self._mv, off)
+
+    def pack(self, st: struct.Struct, off: int, *values: int) -> None:
+        self.check(off, st.size)
+        st.pack_into(self._mv, off, *values)
+
+    # -- bulk access --------------------------------------------------------------------------
+    def read(self, off: int, length: int) -> bytes:
+        self.check(off, length)
+        return bytes(self._mv[off:off + length])
+
+    def write(self, off: int, data: Buffer) -> None:
+        data = memoryview(data).cast("B")
+        self.check(off, len(data))
+        self._mv[off:off + len(data)] = data
+
+    def fill(self, off: int, length: int, value: int = 0) -> None:
+        self.check(off, length)
+        self.array(np.uint8, off, length)[:] = value
+
+    def view(self, off: int, length: int) -> memoryview:
+        """A writable view for zero-copy I/O (``os.preadv`` straight into shared memory)."""
+        self.check(off, length)
+        return self._mv[off:off + length]
+
+    def array(self, dtype: np.dtype | type, off: int, count: int) -> np.ndarray:
+        """A numpy view of ``count`` items of ``dtype`` at ``off`` (ring arrays, bulk fills)."""
+        dt = np.dtype(dtype)
+        self.check(off, dt.itemsize * count)
+        return np.frombuffer(self._mv, dtype=dt, count=count, offset=off)
+
+    def sub(self, off: int, size: int, name: str | None = None) -> Region:
+        """A narrower window; addresses inside it are relative to ``off``."""
+        self.check(off, size)
+        return Region(self._mv, off, size, name or self.name)
+
+
+class WordIO(Protocol):
+    """What :class:`Registers` needs: 32-bit word indexing (a ``memoryview.cast('I')``)."""
+
+    def __getitem__(self, index: int) -> int: ...
+    def __setitem__(self, index: int, value: int) -> None: ...
+
+
+class Registers:
+    """An ivshmem register page: every access is one aligned 32-bit load or store.
+
+    Jailhouse traps and emulates these registers and only decodes simple 32-bit moves (no LDP/STP,
+    no SIMD, no byte-wise memcpy), so slices are never used here. CPython's ``memoryview`` of
+    format ``'I'`` reads and writes an item with a single 4-byte copy, which compilers emit as
+    one load or store.
+    """
+
+    __slots__ = ("_words", "size")
+
+    def __init__(self, words: WordIO, size: int) -> None:
+        self._words = words
+        self.size = size
+
+    @classmethod
+    def from_buffer(cls, buf: Buffer) -> Registers:
+        mv = memoryview(buf).cast("B")
+        return cls(mv.cast("I"), len(mv))
+
+    def read32(self, off: int) -> int:
+        if off & 3 or not 0 <= off < self.size:
+            raise MemoryAccessError(f"register access at {off:#x} is not an aligned word")
+        return self._words[off >> 2]
+
+    def write32(self, off: int, value: int) -> None:
+        if off & 3 or not 0 <= off < self.size:
+            raise MemoryAccessError(f"register access at {off:#x} is not an aligned word")
+        self._words[off >> 2] = value & 0xFFFFFFFF
+
+
+def map_fd(fd: int, length: int, offset: int = 0, writable: bool = True) -> mmap.mmap:
+    """Map ``length`` bytes of ``fd`` shared (a memfd, or a uio map at ``k * PAGE_SIZE``)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+
+
+def memfd(name: str, size: int) -> int:
+    """An anonymous shared-memory file of ``size`` bytes (closed on exec)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,1 @@
+"""virtio over ivshmem (virtio-ivshmem.md §3): the device role and the driver role."""
