@@ -114,9 +114,15 @@ class Hub:
         sock.setblocking(False)
         return sock
 
+    def listen(self) -> None:
+        """Bind the socket (a ConfigError here means nothing was served yet)."""
+        if self._listener is None:
+            self._listener = self._bind()
+
     async def serve(self) -> None:
         """Accept peers until cancelled."""
-        self._listener = self._bind()
+        self.listen()
+        assert self._listener is not None
         g = self.geo
         log.info("hub listening", socket=self.path, max_peers=g.max_peers, vectors=g.vectors,
                  rw_size=hex(g.rw_size), output_size=hex(g.output_size),
@@ -270,7 +276,7 @@ class HubThread:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
             try:
-                self.hub._listener = self.hub._bind()
+                self.hub.listen()
             except BaseException as e:
                 self._error = e
                 self._ready.set()
@@ -311,3 +317,28 @@ class HubThread:
         if self._loop is not None and self._task is not None:
             self._loop.call_soon_threadsafe(self._task.cancel)
         self._thread.join(5)
+
+
+async def run_hub(socket_path: str, geometry: Geometry, stop: asyncio.Event) -> int:
+    """``ivshmem-virtio hub``: serve until SIGTERM/SIGINT, then remove the socket."""
+    hub = Hub(socket_path, geometry)
+    try:
+        hub.listen()
+    except BaseException:
+        hub.close()
+        raise
+    task = asyncio.create_task(hub.serve())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (task, stopper):
+        t.cancel()
+    for t in (task, stopper):
+        try:
+            await t
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+    hub.close()
+    if task in done and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+    log.info("hub stopped", socket=socket_path)
+    return 0

@@ -1,0 +1,172 @@
+"""``ivshmem-virtio``: one command line for the hub, the backends, the clients and the demo.
+
+The CLI is the top of the import graph: it is the one module that reaches into ``backend``,
+``frontend`` and ``benchmarks``, lazily, so ``ivshmem-virtio hub`` does not load python-can.
+Every configuration error ends with a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from .errors import ConfigError, IvshmemVirtioError
+from .log import setup_logging
+
+
+def _int(text: str) -> int:
+    """Integers in any base (``0xDF000``, ``4096``), as the hub spec wants."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _protocols(text: str) -> tuple[int, ...]:
+    return tuple(_int(p) for p in text.split(",") if p)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ivshmem-virtio: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ivshmem-virtio", description=__doc__.splitlines()[0])
+    p.add_argument("--log-json", action="store_true", help="JSON log lines instead of console")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    h = sub.add_parser("hub", help="serve one simulated ivshmem link (sim-link.md)")
+    h.add_argument("--socket", required=True)
+    h.add_argument("--max-peers", type=_int, default=2)
+    h.add_argument("--vectors", type=_int, default=2)
+    h.add_argument("--state-table-size", type=_int, default=0x1000)
+    h.add_argument("--rw-size", type=_int, default=0xDF000)
+    h.add_argument("--output-size", type=_int, default=0)
+    h.add_argument("--protocols", type=_protocols, default=(0xC002, 0x8002),
+                   help="one protocol per ID, e.g. 0xC002,0x8002")
+
+    def runner_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--mode", choices=("block", "poll", "adaptive"), default="adaptive",
+                        help="wait for doorbells, busy-poll the rings, or spin then block")
+        sp.add_argument("--spin-us", type=float, default=50.0)
+        sp.add_argument("--queue-size", type=_int, default=256)
+
+    b = sub.add_parser("blk", help="serve a disk image as virtio-blk over a link")
+    b.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    b.add_argument("--image", required=True)
+    b.add_argument("--read-only", action="store_true")
+    b.add_argument("--serial", default="")
+    runner_opts(b)
+
+    c = sub.add_parser("can", help="serve virtio-can links bridged to a python-can bus")
+    c.add_argument("--link", action="append", required=True, help="repeat for a CAN switch")
+    c.add_argument("--bus", required=True, help="IFACE:CHANNEL, e.g. socketcan:can0")
+    c.add_argument("--fd", action="store_true", help="offer CAN FD")
+    c.add_argument("--no-late-tx-ack", action="store_true")
+    runner_opts(c)
+
+    k = sub.add_parser("blk-client", help="copy data in and out of a remote virtio-blk disk")
+    k.add_argument("--link", required=True)
+    k.add_argument("--timeout", type=float, default=10.0)
+    k.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block")
+    ks = k.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ks.add_parser("info", help="print capacity, id and limits as JSON")
+    kr = ks.add_parser("read", help="read a range into a file (- for stdout)")
+    kr.add_argument("--offset", type=_int, default=0)
+    kr.add_argument("--length", type=_int, default=None, help="default: to the end")
+    kr.add_argument("--out", default="-")
+    kw = ks.add_parser("write", help="write a file (- for stdin) at an offset")
+    kw.add_argument("--offset", type=_int, default=0)
+    kw.add_argument("--in", dest="infile", default="-")
+    kw.add_argument("--flush", action="store_true")
+    kv = ks.add_parser("verify", help="write a pattern, read it back, report speed (JSON)")
+    kv.add_argument("--size", type=_int, default=8 << 20)
+    kv.add_argument("--depth", type=_int, default=16)
+
+    sub.add_parser("demo", help="the whole stack on a simulated link, as separate processes")
+
+    n = sub.add_parser("nbd", help="export a remote virtio-blk disk over NBD")
+    n.add_argument("--link", required=True)
+    g = n.add_mutually_exclusive_group(required=True)
+    g.add_argument("--socket")
+    g.add_argument("--port", type=_int)
+    n.add_argument("--timeout", type=float, default=30.0)
+
+    bench = sub.add_parser("bench", help="latency and throughput benchmarks")
+    bench.add_argument("suites", nargs="*")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", dest="json_out")
+    bench.add_argument("--plots")
+    return p
+
+
+async def _serve_until_signal(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await main(stop)
+
+
+def _run(coro_fn: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(_serve_until_signal(coro_fn))
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(_serve_until_signal(coro_fn))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(json=args.log_json, level=args.log_level)
+    try:
+        if args.command == "hub":
+            from .ivshmem.hub import Geometry, run_hub
+
+            geo = Geometry(args.max_peers, args.vectors, args.state_table_size, args.rw_size,
+                           args.output_size, args.protocols)
+            geo.validate()
+            return _run(lambda stop: run_hub(args.socket, geo, stop))
+        if args.command == "blk":
+            from backend.daemon import run_blk
+
+            return _run(lambda stop: run_blk(args, stop))
+        if args.command == "can":
+            from backend.can_daemon import run_can
+
+            return _run(lambda stop: run_can(args, stop))
+        if args.command == "blk-client":
+            from frontend.cli import run_blk_client
+
+            return _run(lambda stop: run_blk_client(args, stop))
+        if args.command == "nbd":
+            from frontend.cli import run_nbd
+
+            return _run(lambda stop: run_nbd(args, stop))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo()
+        if args.command == "bench":
+            from benchmarks.cli import run_bench
+
+            return run_bench(args)
+    except ConfigError as e:
+        print(f"ivshmem-virtio: error: {e}", file=sys.stderr)
+        return 2
+    except IvshmemVirtioError as e:
+        print(f"ivshmem-virtio: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
