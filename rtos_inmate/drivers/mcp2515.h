@@ -1,0 +1,211 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * mcp2515.h - freestanding MCP2515 driver for a polling bare-metal inmate.
+ *
+ * Design points (see rtos_inmate/README.md for the reasoning):
+ *  - Only RX0IE drives the INT pin, so "INT asserted" means "RXB0 holds a
+ *    frame" and the fast path starts with READ RX BUFFER at once, without a
+ *    status read: INT -> READ RX BUFFER (14 B) -> LOAD TX BUFFER (<= 14 B)
+ *    -> RTS (1 B) = at most 29 SPI bytes for an 8-byte reply.
+ *  - RXB1 (rollover), TX completion and error flags are polled with cheap
+ *    status reads right after each received frame, while a TX is in flight
+ *    and at a fixed error-poll interval.
+ *  - One hardware TX buffer (TXB0), so frames leave in FIFO order; a
+ *    software FIFO holds the rest.  A single "urgent" slot (fast replies)
+ *    goes ahead of the FIFO but never reorders the FIFO itself.
+ *  - Bus-off (EFLG.TXBO) puts the chip in configuration mode, cancels every
+ *    pending TX and reports MCP2515_BUS_OFF; mcp2515_start() recovers.
+ *  - Every wait on the chip is bounded by a timeout.
+ *
+ * Not thread-safe; call everything from one execution context.
+ */
+#ifndef RTOS_INMATE_MCP2515_H
+#define RTOS_INMATE_MCP2515_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "can_msg.h"
+
+/* Software TX FIFO depth (power of two). */
+#define MCP2515_TXQ_LEN 16u
+
+/* Result codes: 0 is success, everything else is negative. */
+enum mcp2515_rc {
+	MCP2515_OK = 0,
+	MCP2515_E_INVAL = -1,   /* bad argument or frame */
+	MCP2515_E_TIMING = -2,  /* oscillator/bitrate combination impossible */
+	MCP2515_E_SPI = -3,     /* HAL SPI transfer failed */
+	MCP2515_E_TIMEOUT = -4, /* chip did not reach the requested mode */
+	MCP2515_E_NODEV = -5,   /* no MCP2515 answering (probe/readback) */
+	MCP2515_E_STATE = -6,   /* controller stopped, bus-off or not initialised */
+	MCP2515_E_FULL = -7,    /* TX FIFO or urgent slot full */
+};
+
+enum mcp2515_state {
+	MCP2515_STOPPED = 0,  /* configuration mode, no TX/RX */
+	MCP2515_ERROR_ACTIVE, /* started, TEC/REC < 96 */
+	MCP2515_ERROR_WARNING,
+	MCP2515_ERROR_PASSIVE,
+	MCP2515_BUS_OFF, /* TXBO seen; chip parked in config mode until start */
+};
+
+enum mcp2515_opmode {
+	MCP2515_MODE_NORMAL = 0,
+	MCP2515_MODE_LOOPBACK,
+	MCP2515_MODE_LISTEN_ONLY,
+};
+
+/* Limits the timing search enforces (datasheet). */
+#define MCP2515_OSC_MIN_HZ 1000000u
+#define MCP2515_OSC_MAX_HZ 25000000u
+#define MCP2515_BITRATE_MIN 5000u
+#define MCP2515_BITRATE_MAX 1000000u
+#define MCP2515_NTQ_MIN 8u
+#define MCP2515_NTQ_MAX 25u
+#define MCP2515_SP_MIN_PERMILLE 750u
+#define MCP2515_SP_MAX_PERMILLE 875u
+
+struct mcp2515_timing {
+	uint8_t brp;  /* register value: TQ = 2 * (brp + 1) / Fosc */
+	uint8_t ntq;  /* time quanta per bit: 1 + prop + ps1 + ps2 */
+	uint8_t prop; /* 1..8 */
+	uint8_t ps1;  /* 1..8 */
+	uint8_t ps2;  /* 2..8 */
+	uint8_t sjw;  /* 1..4, < ps2 */
+	uint8_t cnf1, cnf2, cnf3;
+	uint16_t sp_permille; /* sample point */
+};
+
+/*
+ * Pure: find BRP and segments for an exact bitrate with 8..25 TQ per bit and
+ * a sample point in 75..87.5 %, preferring the sample point nearest 87.5 %,
+ * then more TQ.  sjw 0 means 1.  Returns MCP2515_OK or MCP2515_E_TIMING
+ * (MCP2515_E_INVAL for out-of-range arguments).
+ */
+int mcp2515_calc_timing(uint32_t osc_hz, uint32_t bitrate, uint8_t sjw,
+			struct mcp2515_timing *out);
+
+struct mcp2515_config {
+	uint32_t osc_hz;     /* crystal on the board: 8, 12 or 16 MHz typically */
+	uint32_t bitrate;    /* bit/s */
+	uint8_t sjw;         /* 0 = default (1) */
+	enum mcp2515_opmode mode;
+	uint32_t err_poll_us; /* EFLG poll interval; 0 = default 1000 */
+};
+
+struct mcp2515_callbacks {
+	/* A received frame (called from mcp2515_poll). */
+	void (*rx)(void *ctx, const struct can_msg *m);
+	/* A frame queued with mcp2515_send left the chip (ok) or was cancelled. */
+	void (*tx_done)(void *ctx, uint32_t tag, bool ok);
+	/* The controller state changed. */
+	void (*state)(void *ctx, enum mcp2515_state s);
+	void *ctx;
+};
+
+struct mcp2515_stats {
+	uint32_t rx_frames;
+	uint32_t tx_frames;      /* completed on the wire, FIFO and urgent */
+	uint32_t tx_urgent;      /* of which fast replies */
+	uint32_t tx_cancelled;   /* FIFO frames dropped by stop / bus-off */
+	uint32_t rx_overflows;   /* RXnOVR events seen */
+	uint32_t bus_off;        /* bus-off events */
+	uint32_t error_warning;  /* entries into warning */
+	uint32_t error_passive;  /* entries into passive */
+	uint32_t spi_xfers;
+	uint32_t spi_errors;
+	uint64_t spi_bytes;
+	uint32_t txb_header_hits; /* LOAD TX BUFFER started at D0 (header cached) */
+	/* SPI bytes from seeing INT asserted to the RTS of the fast reply */
+	uint32_t fast_spi_bytes_last;
+	uint32_t fast_spi_bytes_max;
+	uint32_t fast_replies_timed;
+};
+
+struct mcp2515_txent {
+	struct can_msg msg;
+	uint32_t tag;
+};
+
+struct mcp2515 {
+	struct mcp2515_config cfg;
+	struct mcp2515_timing timing;
+	struct mcp2515_callbacks cb;
+	struct mcp2515_stats stats;
+	enum mcp2515_state state;
+	bool initialised;
+	bool int_ok; /* INT pin seen high with all flags clear at start */
+
+	/* software TX FIFO */
+	struct mcp2515_txent txq[MCP2515_TXQ_LEN];
+	uint32_t txq_head; /* next to send */
+	uint32_t txq_count;
+
+	/* urgent (fast reply) slot */
+	struct can_msg urgent;
+	bool urgent_valid;
+
+	/* what TXB0 holds */
+	bool tx_busy;          /* TXREQ set by our RTS, completion not seen yet */
+	bool tx_inflight_fifo; /* inflight frame came from the FIFO */
+	uint32_t tx_inflight_tag;
+	uint8_t txb_hdr[5]; /* SIDH SIDL EID8 EID0 DLC last loaded into TXB0 */
+	bool txb_hdr_valid;
+
+	/* polling schedule */
+	uint64_t min_frame_ns; /* shortest frame on the wire at this bitrate */
+	uint64_t err_poll_ns;
+	uint64_t next_err_poll_ns;
+	uint64_t next_tx_poll_ns;
+
+	/* fast-path byte accounting */
+	bool in_rx0;
+	uint64_t int_mark;
+	uint32_t depth; /* callback nesting guard */
+};
+
+/*
+ * Reset the chip, verify it answers, program bit timing, accept-all
+ * filters and interrupt enables.  Leaves the controller STOPPED (config
+ * mode).  cb may be NULL; individual callbacks may be NULL.
+ */
+int mcp2515_init(struct mcp2515 *d, const struct mcp2515_config *cfg,
+		 const struct mcp2515_callbacks *cb);
+
+/* Enter the configured operating mode.  Idempotent; also the bus-off restart. */
+int mcp2515_start(struct mcp2515 *d);
+
+/* Back to configuration mode; cancels pending TX.  Idempotent. */
+int mcp2515_stop(struct mcp2515 *d);
+
+/*
+ * Queue a frame for FIFO transmission; tag comes back in tx_done.
+ * MCP2515_E_INVAL for a frame the chip cannot send, MCP2515_E_STATE when not
+ * started, MCP2515_E_FULL when the FIFO is full.
+ */
+int mcp2515_send(struct mcp2515 *d, const struct can_msg *m, uint32_t tag);
+
+/*
+ * Send ahead of the FIFO (fast reply).  Loads TXB0 at once when it is idle,
+ * which is what keeps a fast reply within the 30-byte SPI budget.
+ * MCP2515_E_FULL when an urgent frame is already waiting.
+ */
+int mcp2515_send_urgent(struct mcp2515 *d, const struct can_msg *m);
+
+/*
+ * Service the chip: RX while INT is asserted, TX completion, error flags.
+ * Returns the number of events handled (>= 0) or a negative error.
+ */
+int mcp2515_poll(struct mcp2515 *d);
+
+/* Earliest time mcp2515_poll has timed work to do (idle loops may sleep until). */
+uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d);
+
+enum mcp2515_state mcp2515_get_state(const struct mcp2515 *d);
+size_t mcp2515_tx_free(const struct mcp2515 *d);
+const char *mcp2515_strerror(int rc);
+const char *mcp2515_state_name(enum mcp2515_state s);
+
+#endif /* RTOS_INMATE_MCP2515_H */
