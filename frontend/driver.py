@@ -54,8 +54,11 @@ class VirtioDriver:
         self._irq_task = asyncio.create_task(self._irq_loop())
 
     async def _bring_up(self, timeout: float | None = None) -> None:
+        await self.transport.probe(timeout)
+        await self._configure()
+
+    async def _configure(self) -> None:
         t = self.transport
-        await t.probe(timeout)
         self.features = await t.negotiate(self.wanted_features)
         self.vqs = [await t.setup_queue(i, self.num_queues, self.queue_size)
                     for i in range(self.num_queues)]
@@ -65,6 +68,21 @@ class VirtioDriver:
         self.connected.set()
         log.info("device up", link=self.dev.name, device_id=self.device_id,
                  features=hex(self.features), queue_sizes=[vq.size for vq in self.vqs])
+
+    async def reset_device(self, queue_size: int | None = None) -> None:
+        """A virtio reset (status 0) and a fresh bring-up on the same link, new ring offsets.
+
+        Requests in flight survive: they are resubmitted on the new rings.
+        """
+        self.connected.clear()
+        inflight = [tok for vq in self.vqs for tok in vq.in_flight()]
+        self.vqs = []
+        await self.transport.set_status(0)
+        self.transport.reset_allocator()
+        if queue_size is not None:
+            self.queue_size = queue_size
+        await self._configure()
+        self.resubmit(inflight)
 
     async def close(self) -> None:
         """Reset the device and leave the link (Linux's remove)."""

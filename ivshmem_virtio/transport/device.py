@@ -198,8 +198,8 @@ class DeviceTransport:
     def _present_queue(self, sel: int) -> None:
         hdr = self.hdr
         if sel >= len(self.queues):
-            for field, size in ((H.HDR_QUEUE_SIZE, 2), (H.HDR_QUEUE_DEVICE_VECTOR, 2),
-                                (H.HDR_QUEUE_DRIVER_VECTOR, 2), (H.HDR_QUEUE_ENABLE, 2)):
+            for field in (H.HDR_QUEUE_SIZE, H.HDR_QUEUE_DEVICE_VECTOR,
+                          H.HDR_QUEUE_DRIVER_VECTOR, H.HDR_QUEUE_ENABLE):
                 hdr.set_u16(field, 0)
             for field in (H.HDR_QUEUE_DESC, H.HDR_QUEUE_DRIVER, H.HDR_QUEUE_DEVICE):
                 hdr.set_u64(field, 0)

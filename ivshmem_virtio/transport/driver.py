@@ -96,10 +96,14 @@ class DriverTransport:
         if not H.HDR_CONFIG <= size <= self.hdr.size // 2:
             raise TransportError(f"{dev.name}: backend header size {size} is impossible")
         self.header_size = size
-        self.allocator = ChunkAllocator(self.hdr.size, size)
+        self.reset_allocator()
+        dev.set_state(H.STATE_READY)
+
+    def reset_allocator(self) -> None:
+        """Forget every ring and buffer: after a device reset nothing of the old rings is live."""
+        self.allocator = ChunkAllocator(self.hdr.size, self.header_size)
         self.queues = []
         self._ring_allocs = []
-        dev.set_state(H.STATE_READY)
 
     async def write(self, off: int, size: int, value: int) -> None:
         """One register-write transaction (§3.3)."""

@@ -1,0 +1,50 @@
+"""In-process harness: a hub thread, a backend runner and a BlkClient on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from backend.devices.blk_service import BlkService
+from backend.resources.image import BlockImage
+from backend.runner import LinkRunner
+from frontend.blk import BlkClient
+from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
+from ivshmem_virtio.ivshmem.sim import SimIvshmem
+
+
+@dataclass
+class Stack:
+    hub: HubThread
+    runner: LinkRunner
+    client: BlkClient
+    sock: str
+
+
+@contextlib.asynccontextmanager
+async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: str = "",
+                    vectors: int = 2, queue_size: int = 256, client_queue: int = 256,
+                    event_idx: bool = True, indirect: bool = True,
+                    rw_size: int = 0xDF000, mode: str = "block") -> AsyncIterator[Stack]:
+    geo = Geometry(vectors=vectors, rw_size=rw_size)
+    with HubThread(sock, geo) as hub:
+        bdev = SimIvshmem(sock, 0)
+        service = BlkService(BlockImage(image, read_only=read_only), serial=serial,
+                             rw_size=rw_size)
+        runner = LinkRunner(bdev, service, mode=mode, queue_size=queue_size)
+        task = asyncio.create_task(runner.run())
+        fdev = SimIvshmem(sock, 1)
+        client = BlkClient(fdev, event_idx=event_idx, indirect=indirect,
+                           queue_size=client_queue, mode=mode, timeout=5.0)
+        try:
+            await client.start(timeout=5.0)
+            yield Stack(hub, runner, client, sock)
+        finally:
+            await client.close()
+            fdev.close()
+            runner.stop()
+            await task
+            service.close()
+            bdev.close()
