@@ -3,8 +3,8 @@
 Everything above this module takes a :class:`Region` (memory is a parameter, as in rust-vmm's
 virtio-queue), so the same ring and transport code runs on a memfd shared with another
 process, a uio mapping of real ivshmem memory, or a plain ``bytearray`` in a test. A region is a
-bounds-checked window; an access that would leave it raises :class:`MemoryAccessError` instead of touching
-anything outside. Device registers are different: they are trapped by the hypervisor, so
+bounds-checked window; an access that would leave it raises :class:`MemoryAccessError` instead
+of touching anything outside. Device registers are different: they are trapped by the hypervisor, so
 :class:`Registers` issues exactly one aligned 32-bit load or store per access.
 """
 
