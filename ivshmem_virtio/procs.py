@@ -37,7 +37,8 @@ class Child:
         self.pid = self.proc.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 10.0) -> None:
