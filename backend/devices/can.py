@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum, StrEnum
 from typing import Final
 
+from ivshmem_virtio.errors import DeviceError
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec.can import CanFrame, CanFrameError
 
@@ -20,7 +21,7 @@ from ivshmem_virtio.spec.can import CanFrame, CanFrameError
 DEFAULT_FEATURES: Final = wire.F_ALL
 
 
-class CanRequestError(Exception):
+class CanRequestError(DeviceError):
     """A request that cannot be answered at all (shorter than its header, §8.6).
 
     The runner turns it into the needs-reset rule of virtio-ivshmem.md §8.2.
