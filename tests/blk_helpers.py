@@ -48,3 +48,27 @@ async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: s
             await task
             service.close()
             bdev.close()
+
+
+@contextlib.asynccontextmanager
+async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  # noqa: ANN001
+                     serial: str = "", vectors: int = 2, queue_size: int = 256,
+                     client_queue: int = 256, event_idx: bool = True, indirect: bool = True,
+                     rw_size: int = 0xDF000, mode: str = "block") -> AsyncIterator[Stack]:
+    """The same stack with the hub and the backend as separate processes."""
+    procs.hub(sock, "--vectors", str(vectors), "--rw-size", hex(rw_size))
+    args = ["--queue-size", str(queue_size), "--mode", mode]
+    if read_only:
+        args.append("--read-only")
+    if serial:
+        args += ["--serial", serial]
+    procs.blk(sock, image, *args, name=f"blk-{len(procs.children)}")
+    fdev = SimIvshmem(sock, 1)
+    client = BlkClient(fdev, event_idx=event_idx, indirect=indirect, queue_size=client_queue,
+                       mode=mode, timeout=10.0)
+    try:
+        await client.start(timeout=10.0)
+        yield Stack(None, None, client, sock)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        fdev.close()
