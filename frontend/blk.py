@@ -177,22 +177,25 @@ class BlkClient(VirtioDriver):
             req.status_addr = hdr + B.OUTHDR_SIZE
             mem.set_u8(req.status_addr, 0xFF)
             out = [(hdr, B.OUTHDR_SIZE)]
-            for pos in range(0, len(req.out), self.size_max):
-                piece = req.out[pos:pos + self.size_max]
-                a = alloc.alloc(len(piece))
+            # one contiguous bounce buffer per direction, cut into size_max descriptors
+            if req.out:
+                a = alloc.alloc(len(req.out))
                 req.allocs.append(a)
-                mem.write(a, piece)
-                out.append((a, len(piece)))
+                mem.write(a, req.out)
+                out += self._segments(a, len(req.out))
             req.in_segs = []
-            for pos in range(0, req.in_len, self.size_max):
-                n = min(self.size_max, req.in_len - pos)
-                a = alloc.alloc(n)
+            if req.in_len:
+                a = alloc.alloc(req.in_len)
                 req.allocs.append(a)
-                req.in_segs.append((a, n))
+                req.in_segs = self._segments(a, req.in_len)
         except TransportError:
             self._free(req)
             raise
         return out, [*req.in_segs, (req.status_addr, 1)]
+
+    def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:
+        step = self.size_max
+        return [(addr + pos, min(step, length - pos)) for pos in range(0, length, step)]
 
     def _free(self, req: _Req) -> None:
         alloc = self.transport.allocator
@@ -211,8 +214,7 @@ class BlkClient(VirtioDriver):
             n = min(req.in_len, max(0, length - 1))
             if req.type == B.T_IN and n != req.in_len:
                 status = B.S_IOERR  # a device must return all of a read
-            data = b"".join(mem.read(a, min(ln, n - i * self.size_max))
-                            for i, (a, ln) in enumerate(req.in_segs) if i * self.size_max < n)
+            data = mem.read(req.in_segs[0][0], n)  # the segments are one contiguous buffer
         self._free(req)
         self.completed += 1
         if not req.future.done():

@@ -171,3 +171,13 @@ def test_reset_and_rebring_up_with_smaller_queue(stack, tmp_path, image_factory)
             assert await c.read(8192, 512) == b"b" * 512
 
     run(body())
+
+
+@pytest.mark.parametrize("rw", [0x2000, 0xF000, 0xDF000, 0x100000, 0x4000000])
+def test_request_limits_fit_the_bounce_pool(rw):
+    """Linux bounces whole requests through the R/W section: one must never exceed a quarter."""
+    from backend.devices.blk_service import request_limits
+
+    size_max, seg_max = request_limits(rw)
+    assert size_max == 4096 and 1 <= seg_max <= 126
+    assert size_max * seg_max <= max(4096, rw // 4)

@@ -14,6 +14,21 @@ if TYPE_CHECKING:
     from ..runner import LinkRunner
 
 _INLINE = (B.T_IN, B.T_OUT, B.T_GET_ID)
+PAGE = 4096
+
+
+def request_limits(rw_size: int) -> tuple[int, int]:
+    """(size_max, seg_max) so that one request always fits the frontend's bounce pool.
+
+    Linux's virtio_blk sets no sector limit of its own (max_hw_sectors is unlimited, so requests
+    reach 1.25 MiB), and the virtio_ivshmem frontend bounces every segment through the R/W
+    section. A request larger than the pool would be retried forever, so the request size is
+    bounded through the only knobs virtio-blk has: one page per segment (any bio layout fills
+    whole segments) and enough segments for a quarter of the section (55 for 0xDF000, 220 KiB).
+    The reference backend's size_max = rw/8 with seg_max = 1 is safe too, but limits Linux to
+    one page per request when pages are not physically contiguous.
+    """
+    return PAGE, max(1, min(126, (rw_size // 4) // PAGE))
 
 
 class BlkService:
@@ -22,12 +37,9 @@ class BlkService:
     device_id = B.DEVICE_ID
     num_queues = 1
 
-    def __init__(self, image: BlockImage, *, serial: str = "", rw_size: int = 0xDF000,
-                 seg_max: int = 126) -> None:
+    def __init__(self, image: BlockImage, *, serial: str = "", rw_size: int = 0xDF000) -> None:
         self.image = image
-        # Linux bounces every buffer through the R/W section: cap one segment at rw/8, rounded
-        # down to a page, as the reference backend does (108 KiB for 0xDF000).
-        size_max = max(4096, (rw_size // 8) & ~0xFFF)
+        size_max, seg_max = request_limits(rw_size)
         self.model = BlkModel(image.sectors, read_only=image.read_only, serial=serial,
                               size_max=size_max, seg_max=seg_max)
 
