@@ -19,11 +19,12 @@
 #define RESET_TIMEOUT_NS 50000000ull /* 50 ms for the chip to show config mode */
 #define MODE_TIMEOUT_NS 20000000ull  /* floor of the mode-change timeout, see below */
 #define MODE_POLL_US 50u
-#define DEFAULT_ERR_POLL_US 1000u
+#define DEFAULT_ERR_POLL_US 10000u /* housekeeping: EFLG + READ STATUS */
 #define MAX_ERR_POLL_US 1000000u
 #define POLL_RX_BUDGET 8u    /* frames per mcp2515_poll from the INT path */
 #define STATUS_RX_BUDGET 4u  /* frames per status service */
 #define MIN_FRAME_BITS 47u   /* standard data frame without data, no stuffing */
+#define MAX_FRAME_BITS 160u  /* extended 8-byte frame, worst-case stuffing, IFS */
 #define MIN_TX_POLL_NS 2000u
 #define MAX_DEPTH 3u         /* callback nesting that may still touch SPI */
 #define NS_PER_SEC 1000000000ull
@@ -339,7 +340,9 @@ static int load_and_send(struct mcp2515 *d, const struct can_msg *m)
 	if (rc != MCP2515_OK)
 		return rc;
 	d->tx_busy = true;
-	d->next_tx_poll_ns = hal_now_ns() + d->min_frame_ns;
+	d->tx_start_ns = hal_now_ns();
+	d->next_tx_poll_ns = d->tx_start_ns + d->min_frame_ns;
+	d->next_stuck_check_ns = d->tx_start_ns + d->max_frame_ns;
 	return MCP2515_OK;
 }
 
@@ -356,7 +359,7 @@ static int tx_kick(struct mcp2515 *d)
 			return rc;
 		d->urgent_valid = false;
 		d->tx_inflight_fifo = false;
-		if (d->in_rx0) {
+		if (d->in_fast) {
 			uint64_t used = d->stats.spi_bytes - d->int_mark;
 			uint32_t u = used > UINT32_MAX ? UINT32_MAX : (uint32_t)used;
 
@@ -523,26 +526,33 @@ static enum mcp2515_state state_from_eflg(uint8_t eflg)
 
 static int enter_stopped(struct mcp2515 *d, enum mcp2515_state why)
 {
-	/* state first: callbacks from cancel_all see a stopped controller */
+	/*
+	 * State first, then the cancellations: the tx_done callbacks see a
+	 * stopped controller (a send from them fails) and the upper layer has
+	 * already been told why its frames fail.
+	 */
 	d->state = why;
 	int rc = set_mode(d, MCP_MODE_CONFIG, true);
 	int rc2 = bit_modify(d, MCP_TXB0CTRL, MCP_TXBCTRL_TXREQ, 0);
 
-	cancel_all(d);
 	notify_state(d);
+	cancel_all(d);
 	return rc != MCP2515_OK ? rc : rc2;
 }
 
 static int service_errors(struct mcp2515 *d)
 {
-	uint8_t v[2];
-	int rc = read_regs(d, MCP_CANINTF, v, sizeof(v));
+	uint8_t eflg;
+	int rc = read_regs(d, MCP_EFLG, &eflg, 1);
 
 	if (rc != MCP2515_OK)
 		return rc;
-	uint8_t intf = v[0], eflg = v[1];
 	uint8_t ovr = eflg & (MCP_EFLG_RX0OVR | MCP_EFLG_RX1OVR);
 
+	/*
+	 * CANINTF.ERRIF/MERRF are left alone: they do not drive INT (only RX0IE
+	 * is enabled) and EFLG already holds everything they would tell.
+	 */
 	if (ovr) {
 		d->stats.rx_overflows += (ovr & MCP_EFLG_RX0OVR) ? 1u : 0u;
 		d->stats.rx_overflows += (ovr & MCP_EFLG_RX1OVR) ? 1u : 0u;
@@ -550,30 +560,21 @@ static int service_errors(struct mcp2515 *d)
 		if (rc != MCP2515_OK)
 			return rc;
 	}
-	uint8_t clr = intf & (MCP_INT_ERR | MCP_INT_MERR | MCP_INT_WAK);
-
-	if (clr) {
-		rc = bit_modify(d, MCP_CANINTF, clr, 0);
-		if (rc != MCP2515_OK)
-			return rc;
-	}
 	enum mcp2515_state ns = state_from_eflg(eflg);
 
-	if (ns != d->state) {
-		if (ns == MCP2515_BUS_OFF) {
-			d->stats.bus_off++;
-			hal_log("mcp2515: bus-off (EFLG=0x%02x), controller stopped", eflg);
-			return enter_stopped(d, MCP2515_BUS_OFF);
-		}
-		if (ns == MCP2515_ERROR_WARNING && d->state == MCP2515_ERROR_ACTIVE)
-			d->stats.error_warning++;
-		if (ns == MCP2515_ERROR_PASSIVE)
-			d->stats.error_passive++;
-		d->state = ns;
-		notify_state(d);
+	if (ns == d->state)
+		return 0;
+	if (ns == MCP2515_BUS_OFF) {
+		d->stats.bus_off++;
+		hal_log("mcp2515: bus-off (EFLG=0x%02x), controller stopped", eflg);
+		return enter_stopped(d, MCP2515_BUS_OFF);
 	}
-	if (intf & (MCP_INT_RX0 | MCP_INT_RX1))
-		return service_status(d, 1);
+	if (ns == MCP2515_ERROR_WARNING && d->state == MCP2515_ERROR_ACTIVE)
+		d->stats.error_warning++;
+	if (ns == MCP2515_ERROR_PASSIVE)
+		d->stats.error_passive++;
+	d->state = ns;
+	notify_state(d);
 	return 0;
 }
 
@@ -667,6 +668,7 @@ int mcp2515_init(struct mcp2515 *d, const struct mcp2515_config *cfg,
 	d->err_poll_ns = (uint64_t)(cfg->err_poll_us ? cfg->err_poll_us : DEFAULT_ERR_POLL_US) *
 			 1000u;
 	d->min_frame_ns = (MIN_FRAME_BITS * NS_PER_SEC) / cfg->bitrate;
+	d->max_frame_ns = (MAX_FRAME_BITS * NS_PER_SEC) / cfg->bitrate;
 
 	rc = chip_reset(d);
 	if (rc == MCP2515_OK)
@@ -794,14 +796,18 @@ int mcp2515_poll(struct mcp2515 *d)
 	if (!running(d))
 		return 0;
 
-	/* INT asserted <=> RX0IF (only RX0IE is enabled): read RXB0 at once */
+	/*
+	 * INT asserted <=> RX0IF (only RX0IE is enabled): read RXB0 at once.
+	 * This is the fast path the SPI budget is about; d->int_mark starts the
+	 * count of bytes until the reply's RTS (see tx_kick).
+	 */
 	for (unsigned int i = 0; d->int_ok && i < POLL_RX_BUDGET && running(d); i++) {
 		if (!hal_int_asserted())
 			break;
 		d->int_mark = d->stats.spi_bytes;
-		d->in_rx0 = true;
+		d->in_fast = true;
 		rc = rx_read(d, 0);
-		d->in_rx0 = false;
+		d->in_fast = false;
 		if (rc != MCP2515_OK)
 			return rc;
 		events++;
@@ -816,19 +822,36 @@ int mcp2515_poll(struct mcp2515 *d)
 		return events;
 
 	uint64_t now = hal_now_ns();
+	bool tx_due = d->tx_busy && now >= d->next_tx_poll_ns;
+	bool hk_due = now >= d->next_err_poll_ns;
 
-	if ((d->tx_busy && now >= d->next_tx_poll_ns) || !d->int_ok) {
+	/*
+	 * Routine status reads must not delay a frame that is already waiting:
+	 * look at the pin (no SPI) first and leave them for the next call.
+	 */
+	if (d->int_ok && (tx_due || hk_due) && hal_int_asserted())
+		return events;
+	if (tx_due || hk_due || !d->int_ok) {
 		rc = service_status(d, 1);
 		if (rc < 0)
 			return rc;
 		events += rc;
 	}
-	if (running(d) && now >= d->next_err_poll_ns) {
-		d->next_err_poll_ns = now + d->err_poll_ns;
+	/*
+	 * Bus-off only ever follows failed transmissions: a TX still pending
+	 * after the longest possible frame gets EFLG checked at once, besides the
+	 * slow housekeeping poll.
+	 */
+	bool stuck = d->tx_busy && now >= d->next_stuck_check_ns;
+
+	if (running(d) && (hk_due || stuck)) {
+		if (hk_due)
+			d->next_err_poll_ns = now + d->err_poll_ns;
+		if (stuck)
+			d->next_stuck_check_ns = now + d->max_frame_ns;
 		rc = service_errors(d);
 		if (rc < 0)
 			return rc;
-		events += rc;
 	}
 	if (running(d) && !d->tx_busy) {
 		rc = tx_kick(d);
@@ -848,6 +871,8 @@ uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d)
 
 	if (d->tx_busy && d->next_tx_poll_ns < t)
 		t = d->next_tx_poll_ns;
+	if (d->tx_busy && d->next_stuck_check_ns < t)
+		t = d->next_stuck_check_ns;
 	return t;
 }
 

@@ -7,9 +7,11 @@
  *    frame" and the fast path starts with READ RX BUFFER at once, without a
  *    status read: INT -> READ RX BUFFER (14 B) -> LOAD TX BUFFER (<= 14 B)
  *    -> RTS (1 B) = at most 29 SPI bytes for an 8-byte reply.
- *  - RXB1 (rollover), TX completion and error flags are polled with cheap
- *    status reads right after each received frame, while a TX is in flight
- *    and at a fixed error-poll interval.
+ *  - RXB1 (rollover) and TX completion are polled with READ STATUS (2 B)
+ *    right after each received frame and while a TX is in flight; EFLG
+ *    (3 B) when a TX outlasts the longest frame (bus-off can only follow
+ *    failed transmissions) and at a slow housekeeping interval.  Routine
+ *    polls look at the INT pin first and yield to a waiting frame.
  *  - One hardware TX buffer (TXB0), so frames leave in FIFO order; a
  *    software FIFO holds the rest.  A single "urgent" slot (fast replies)
  *    goes ahead of the FIFO but never reorders the FIFO itself.
@@ -92,7 +94,7 @@ struct mcp2515_config {
 	uint32_t bitrate;    /* bit/s */
 	uint8_t sjw;         /* 0 = default (1) */
 	enum mcp2515_opmode mode;
-	uint32_t err_poll_us; /* EFLG poll interval; 0 = default 1000 */
+	uint32_t err_poll_us; /* housekeeping poll interval; 0 = default 10000 */
 };
 
 struct mcp2515_callbacks {
@@ -156,12 +158,15 @@ struct mcp2515 {
 
 	/* polling schedule */
 	uint64_t min_frame_ns; /* shortest frame on the wire at this bitrate */
+	uint64_t max_frame_ns; /* longest one */
 	uint64_t err_poll_ns;
 	uint64_t next_err_poll_ns;
 	uint64_t next_tx_poll_ns;
+	uint64_t next_stuck_check_ns;
+	uint64_t tx_start_ns;
 
-	/* fast-path byte accounting */
-	bool in_rx0;
+	/* fast-path byte accounting (INT path only) */
+	bool in_fast;
 	uint64_t int_mark;
 	uint32_t depth; /* callback nesting guard */
 };
