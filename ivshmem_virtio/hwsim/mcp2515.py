@@ -1,0 +1,960 @@
+"""MCP2515 stand-alone CAN controller, simulated at the SPI-instruction level.
+
+The model follows Microchip DS20001801 (register map, instruction set, receive
+flow with filters, masks and RXB0 rollover, interrupt flags and the INT pin) as
+far as a driver can observe it through SPI.  What is *not* modelled: bit-level
+bus timing (a frame is on the wire the moment RTS is executed), arbitration
+and the one-shot mode; CLKOUT, RXnBF and TXnRTS pins; sleep/wake-up beyond
+"no TX/RX while asleep".
+
+Deliberate simplifications, each documented where it lives:
+- a failed transmission is retried at once, so error injection drives TEC up
+  synchronously (32 failures reach bus-off inside one RTS);
+- entering configuration mode clears TEC, REC and the error flags;
+- bus-off recovery (128 x 11 recessive bits) happens in normal mode after that
+  many bit times at the bitrate programmed in CNF1..3 for ``osc_hz``.
+
+The SPI side is :meth:`Mcp2515.transfer` (one CS-low window per call).  The
+wire side is :meth:`Mcp2515.receive` (frames arriving from the bus) and
+``tx_sink`` (frames the chip transmits); :meth:`Mcp2515.attach_bus` connects
+both to a python-can bus.  :mod:`ivshmem_virtio.hwsim.spisock` serves
+``transfer`` and the INT pin to the hosted C inmate over a UNIX socket.
+
+Run as a process (the process owns both the socket and the CAN bus):
+``python -m ivshmem_virtio.hwsim.mcp2515 --socket PATH --bus virtual:NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import can
+
+# --- SPI instructions -------------------------------------------------------
+INSTR_RESET = 0xC0
+INSTR_READ = 0x03
+INSTR_WRITE = 0x02
+INSTR_BIT_MODIFY = 0x05
+INSTR_READ_STATUS = 0xA0
+INSTR_RX_STATUS = 0xB0
+INSTR_READ_RXB = (0x90, 0x92, 0x94, 0x96)  # RXB0 SIDH, RXB0 D0, RXB1 SIDH, RXB1 D0
+INSTR_LOAD_TXB = (0x40, 0x41, 0x42, 0x43, 0x44, 0x45)  # TXBn SIDH / D0, n = 0..2
+INSTR_RTS_BASE = 0x80  # | buffer mask 0..7
+
+# --- registers --------------------------------------------------------------
+BFPCTRL = 0x0C
+TXRTSCTRL = 0x0D
+CANSTAT = 0x0E
+CANCTRL = 0x0F
+TEC = 0x1C
+REC = 0x1D
+RXM0SIDH = 0x20
+RXM1SIDH = 0x24
+CNF3 = 0x28
+CNF2 = 0x29
+CNF1 = 0x2A
+CANINTE = 0x2B
+CANINTF = 0x2C
+EFLG = 0x2D
+TXB_BASE = (0x30, 0x40, 0x50)
+RXB_BASE = (0x60, 0x70)
+RXF_SIDH = (0x00, 0x04, 0x08, 0x10, 0x14, 0x18)
+
+# OPMOD / REQOP values
+MODE_NORMAL = 0x00
+MODE_SLEEP = 0x20
+MODE_LOOPBACK = 0x40
+MODE_LISTEN = 0x60
+MODE_CONFIG = 0x80
+MODE_NAMES = {
+    MODE_NORMAL: "normal",
+    MODE_SLEEP: "sleep",
+    MODE_LOOPBACK: "loopback",
+    MODE_LISTEN: "listen-only",
+    MODE_CONFIG: "config",
+}
+CANCTRL_ABAT = 0x10
+CANCTRL_RESET = 0x87
+
+# CANINTE / CANINTF bits
+INT_RX0 = 0x01
+INT_RX1 = 0x02
+INT_TX0 = 0x04
+INT_TX1 = 0x08
+INT_TX2 = 0x10
+INT_ERR = 0x20
+INT_WAK = 0x40
+INT_MERR = 0x80
+INT_TX = (INT_TX0, INT_TX1, INT_TX2)
+
+# EFLG bits
+EFLG_EWARN = 0x01
+EFLG_RXWAR = 0x02
+EFLG_TXWAR = 0x04
+EFLG_RXEP = 0x08
+EFLG_TXEP = 0x10
+EFLG_TXBO = 0x20
+EFLG_RX0OVR = 0x40
+EFLG_RX1OVR = 0x80
+
+# TXBnCTRL bits
+TXB_ABTF = 0x40
+TXB_MLOA = 0x20
+TXB_TXERR = 0x10
+TXB_TXREQ = 0x08
+TXB_TXP = 0x03
+
+# RXBnCTRL bits
+RXB_RXM = 0x60
+RXB_RXRTR = 0x08
+RXB0_BUKT = 0x04
+RXB0_BUKT1 = 0x02
+
+SIDL_SRR = 0x10
+SIDL_IDE = 0x08
+DLC_RTR = 0x40
+
+# Registers that only take writes in configuration mode.
+CONFIG_ONLY = frozenset(
+    [a for base in (0x00, 0x10) for a in range(base, base + 12)]
+    + list(range(0x20, 0x28))
+    + [CNF3, CNF2, CNF1, TXRTSCTRL]
+)
+# Registers BIT MODIFY works on; on any other the mask is forced to 0xFF.
+BIT_MODIFIABLE = frozenset(
+    [BFPCTRL, TXRTSCTRL, CANCTRL, CNF3, CNF2, CNF1, CANINTE, CANINTF, EFLG]
+    + list(TXB_BASE)
+    + list(RXB_BASE)
+)
+
+MAX_TRANSFER = 64
+BUS_OFF_RECOVERY_BITS = 128 * 11
+
+
+def _canon(addr: int) -> int:
+    """CANSTAT and CANCTRL appear at xE/xF of every 16-byte block."""
+    addr &= 0x7F
+    if addr & 0x0F == 0x0E:
+        return CANSTAT
+    if addr & 0x0F == 0x0F:
+        return CANCTRL
+    return addr
+
+
+def pack_id(arbitration_id: int, extended: bool) -> tuple[int, int, int, int]:
+    """SIDH, SIDL (without SRR), EID8, EID0 for an identifier."""
+    if extended:
+        sid = (arbitration_id >> 18) & 0x7FF
+        return (
+            sid >> 3,
+            ((sid & 7) << 5) | SIDL_IDE | ((arbitration_id >> 16) & 3),
+            (arbitration_id >> 8) & 0xFF,
+            arbitration_id & 0xFF,
+        )
+    return (arbitration_id >> 3) & 0xFF, (arbitration_id & 7) << 5, 0, 0
+
+
+def unpack_id(sidh: int, sidl: int, eid8: int, eid0: int) -> tuple[int, bool]:
+    """Identifier and extended flag from SIDH, SIDL, EID8, EID0."""
+    sid = (sidh << 3) | (sidl >> 5)
+    if sidl & SIDL_IDE:
+        return (sid << 18) | ((sidl & 3) << 16) | (eid8 << 8) | eid0, True
+    return sid, False
+
+
+@dataclass
+class SpiTransaction:
+    """One CS-low window as the chip saw it."""
+
+    t_ns: int
+    opcode: int
+    nbytes: int
+    int_asserted: bool  # INT pin level when CS went low
+
+
+@dataclass
+class IntWindow:
+    """From one INT assertion to the first RTS after it (or the next assertion).
+
+    ``assert_*`` is when the pin went low.  ``observed_*`` is when the driver
+    first learned of the frame: it read the pin as low (``observed_via ==
+    "int"``, the hosted HAL's INT/WAIT requests) or a status read it issued
+    returned an RX flag (``"status"``, counted from the start of that read).
+    Byte counts are the chip's running total, RTS byte included.
+    """
+
+    assert_ns: int
+    assert_bytes: int
+    observed_ns: int | None = None
+    observed_bytes: int | None = None
+    observed_via: str | None = None
+    rts_ns: int | None = None
+    rts_bytes: int | None = None
+    transactions: int = 0
+
+    @property
+    def bytes_from_assert(self) -> int | None:
+        return None if self.rts_bytes is None else self.rts_bytes - self.assert_bytes
+
+    @property
+    def bytes_from_observed(self) -> int | None:
+        if self.rts_bytes is None or self.observed_bytes is None:
+            return None
+        return self.rts_bytes - self.observed_bytes
+
+
+class SpiStats:
+    """SPI byte/transaction counters, a bounded transaction log, INT windows."""
+
+    def __init__(self, log_len: int = 10000) -> None:
+        self.total_bytes = 0
+        self.total_transactions = 0
+        self.by_opcode: dict[int, int] = {}
+        self.log: deque[SpiTransaction] = deque(maxlen=log_len)
+        self.windows: deque[IntWindow] = deque(maxlen=log_len)
+
+    def record(self, t_ns: int, opcode: int, nbytes: int, int_asserted: bool) -> None:
+        self.total_bytes += nbytes
+        self.total_transactions += 1
+        self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
+        self.log.append(SpiTransaction(t_ns, opcode, nbytes, int_asserted))
+        if self.windows and self.windows[-1].rts_ns is None:
+            self.windows[-1].transactions += 1
+
+    def int_asserted(self, t_ns: int) -> None:
+        self.windows.append(IntWindow(assert_ns=t_ns, assert_bytes=self.total_bytes))
+
+    def int_observed(self, t_ns: int, via: str = "int", nbytes: int | None = None) -> None:
+        """The driver learned of the pending frame; ``nbytes`` defaults to the total."""
+        w = self.windows[-1] if self.windows else None
+        if w is not None and w.observed_ns is None and w.rts_ns is None:
+            w.observed_ns = t_ns
+            w.observed_bytes = self.total_bytes if nbytes is None else nbytes
+            w.observed_via = via
+
+    def rts(self, t_ns: int) -> None:
+        if self.windows and self.windows[-1].rts_ns is None:
+            self.windows[-1].rts_ns = t_ns
+            self.windows[-1].rts_bytes = self.total_bytes
+
+    def fast_reply_windows(self) -> list[IntWindow]:
+        """Windows that ended with an RTS."""
+        return [w for w in self.windows if w.rts_ns is not None]
+
+
+class Mcp2515:
+    """The chip.  Thread-safe: SPI, the wire and tests may call from any thread.
+
+    ``rx_mode`` decides what happens to frames from the bus:
+    - ``"wire"``: as on a real bus, a frame is accepted into a free RX buffer
+      or lost with RXnOVR at the moment it arrives;
+    - ``"backpressure"``: a frame waits on the wire until both RX buffers are
+      empty, then goes to RXB0.  Never lost, never reordered: for functional
+      tests of a driver that is slower than a real bus (a hosted process).
+    """
+
+    def __init__(
+        self,
+        *,
+        osc_hz: int = 16_000_000,
+        rx_mode: str = "wire",
+        tx_sink: Callable[[can.Message], None] | None = None,
+        mode_change_reads: int = 0,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        if rx_mode not in ("wire", "backpressure"):
+            raise ValueError(f"rx_mode must be 'wire' or 'backpressure', not {rx_mode!r}")
+        if not 1_000_000 <= osc_hz <= 40_000_000:
+            raise ValueError(f"osc_hz out of range: {osc_hz}")
+        if mode_change_reads < 0:
+            raise ValueError("mode_change_reads must be >= 0")
+        self.osc_hz = osc_hz
+        self.rx_mode = rx_mode
+        self.tx_sink = tx_sink
+        self.mode_change_reads = mode_change_reads
+        self._clock = clock_ns
+        self._lock = threading.RLock()
+        self._int_cond = threading.Condition(self._lock)
+        self.stats = SpiStats()
+        self.violations: list[str] = []
+        self.tx_count = 0
+        self.rx_count = 0
+        self.rx_filtered = 0
+        self.rx_overflows = 0
+        self.rx_dropped_mode = 0
+        self.rx_ignored = 0
+        self.tx_sink_errors = 0
+        self._backlog: deque[can.Message] = deque()
+        self._tx_fail_remaining = 0
+        self._bus_fault = False
+        self._bus_thread: threading.Thread | None = None
+        self._bus_stop = threading.Event()
+        self._bus: can.BusABC | None = None
+        self.regs = bytearray(0x80)
+        self._int_level_low = False
+        self._reset_state()
+
+    # ------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        for i in range(len(self.regs)):
+            self.regs[i] = 0
+        self.regs[CANCTRL] = CANCTRL_RESET
+        self._mode = MODE_CONFIG
+        self._pending_mode: int | None = None
+        self._pending_reads = 0
+        self._tec = 0
+        self._rec = 0
+        self._bus_off = False
+        self._bus_off_ns = 0
+        self._update_int()
+
+    @property
+    def mode(self) -> int:
+        with self._lock:
+            return self._mode
+
+    @property
+    def int_asserted(self) -> bool:
+        """INT pin low: some CANINTF flag whose CANINTE bit is set."""
+        with self._lock:
+            return bool(self.regs[CANINTE] & self.regs[CANINTF])
+
+    @property
+    def tec(self) -> int:
+        with self._lock:
+            return min(self._tec, 255)
+
+    @property
+    def rec(self) -> int:
+        with self._lock:
+            return min(self._rec, 255)
+
+    @property
+    def bus_off(self) -> bool:
+        with self._lock:
+            return self._bus_off
+
+    def register(self, addr: int) -> int:
+        """Register value without read side effects (for tests)."""
+        with self._lock:
+            if _canon(addr) == CANSTAT:
+                return self._mode | (self._icod() << 1)
+            return self._read_reg(addr)
+
+    def cnf(self) -> tuple[int, int, int]:
+        """CNF1, CNF2, CNF3."""
+        with self._lock:
+            return self.regs[CNF1], self.regs[CNF2], self.regs[CNF3]
+
+    def bit_timing(self) -> dict[str, int] | None:
+        """BRP and segments decoded from CNF1..3, plus the bitrate at osc_hz."""
+        with self._lock:
+            cnf1, cnf2, cnf3 = self.regs[CNF1], self.regs[CNF2], self.regs[CNF3]
+        brp = cnf1 & 0x3F
+        sjw = (cnf1 >> 6) + 1
+        prop = (cnf2 & 7) + 1
+        ps1 = ((cnf2 >> 3) & 7) + 1
+        ps2 = (cnf3 & 7) + 1 if cnf2 & 0x80 else max(ps1, 2)
+        ntq = 1 + prop + ps1 + ps2
+        return {
+            "brp": brp,
+            "sjw": sjw,
+            "prop": prop,
+            "ps1": ps1,
+            "ps2": ps2,
+            "ntq": ntq,
+            "bitrate": self.osc_hz // (2 * (brp + 1) * ntq),
+            "sample_point_permille": (1 + prop + ps1) * 1000 // ntq,
+        }
+
+    def _bitrate(self) -> int:
+        timing = self.bit_timing()
+        return timing["bitrate"] if timing and timing["bitrate"] > 0 else 125_000
+
+    def _now(self) -> int:
+        return self._clock()
+
+    def _violation(self, text: str) -> None:
+        self.violations.append(text)
+
+    # ------------------------------------------------------------ INT pin
+    def _update_int(self) -> None:
+        low = bool(self.regs[CANINTE] & self.regs[CANINTF])
+        if low and not self._int_level_low:
+            self.stats.int_asserted(self._now())
+            self._int_cond.notify_all()
+        self._int_level_low = low
+
+    def wait_int(self, timeout_s: float) -> bool:
+        """Block until INT is asserted or timeout_s passes; returns the level."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._int_cond:
+            while True:
+                self._tick()
+                if self.regs[CANINTE] & self.regs[CANINTF]:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # wake at least every 5 ms for time-based events (bus-off recovery)
+                self._int_cond.wait(min(left, 0.005))
+
+    def note_int_observed(self) -> None:
+        """The driver read INT as asserted (called by the SPI socket server)."""
+        with self._lock:
+            self.stats.int_observed(self._now())
+
+    # ------------------------------------------------------------ SPI
+    def transfer(self, mosi: bytes | bytearray) -> bytes:
+        """One CS-low window: clock out ``mosi``, return the MISO bytes."""
+        n = len(mosi)
+        if not 1 <= n <= MAX_TRANSFER:
+            raise ValueError(f"SPI transfer of {n} bytes (1..{MAX_TRANSFER})")
+        data = bytes(mosi)
+        with self._lock:
+            self._tick()
+            t = self._now()
+            before = self.stats.total_bytes
+            rx_pending = self.regs[CANINTF] & (INT_RX0 | INT_RX1)
+            self.stats.record(t, data[0], n, self._int_level_low)
+            if rx_pending and self._reveals_rx_flags(data):
+                self.stats.int_observed(t, "status", before)
+            miso = self._execute(data)
+            self._update_int()
+            return miso
+
+    @staticmethod
+    def _reveals_rx_flags(d: bytes) -> bool:
+        """Does this transaction show the driver RX0IF/RX1IF?"""
+        if d[0] in (INSTR_READ_STATUS, INSTR_RX_STATUS):
+            return len(d) >= 2
+        if d[0] == INSTR_READ and len(d) >= 3:
+            first = d[1] & 0x7F
+            return first <= CANINTF < first + len(d) - 2
+        return False
+
+    def _execute(self, d: bytes) -> bytes:
+        op = d[0]
+        n = len(d)
+        miso = bytearray(b"\xff" * n)
+        if op == INSTR_RESET:
+            self._reset_state()
+            self._backlog_pump()
+        elif op == INSTR_READ:
+            if n >= 2:
+                addr = d[1]
+                for i in range(2, n):
+                    miso[i] = self._read_reg(addr)
+                    addr = (addr + 1) & 0x7F
+        elif op == INSTR_WRITE:
+            if n >= 2:
+                addr = d[1]
+                for i in range(2, n):
+                    self._write_reg(addr, d[i], 0xFF, "WRITE")
+                    addr = (addr + 1) & 0x7F
+        elif op == INSTR_BIT_MODIFY:
+            if n >= 4:
+                addr = _canon(d[1])
+                mask = d[2] if addr in BIT_MODIFIABLE else 0xFF
+                self._write_reg(addr, d[3], mask, "BIT MODIFY")
+            else:
+                self._violation(f"BIT MODIFY with {n} bytes (needs 4)")
+        elif op == INSTR_READ_STATUS:
+            st = self._read_status()
+            for i in range(1, n):
+                miso[i] = st
+        elif op == INSTR_RX_STATUS:
+            st = self._rx_status()
+            for i in range(1, n):
+                miso[i] = st
+        elif op in INSTR_READ_RXB:
+            buf = (op >> 2) & 1
+            addr = RXB_BASE[buf] + (6 if op & 0x02 else 1)
+            for i in range(1, n):
+                miso[i] = self._read_reg(addr)
+                addr = (addr + 1) & 0x7F
+            # RXnIF clears when CS rises at the end of the instruction
+            self.regs[CANINTF] &= ~(INT_RX0 if buf == 0 else INT_RX1) & 0xFF
+            self._backlog_pump()
+        elif op in INSTR_LOAD_TXB:
+            buf = (op - 0x40) >> 1
+            addr = TXB_BASE[buf] + (6 if op & 1 else 1)
+            for i in range(1, n):
+                self._write_reg(addr, d[i], 0xFF, "LOAD TX BUFFER")
+                addr += 1
+                if addr > TXB_BASE[buf] + 13:
+                    break
+        elif op & 0xF8 == INSTR_RTS_BASE:
+            if n != 1:
+                self._violation(f"RTS with {n} bytes")
+            self._rts(op & 0x07)
+        else:
+            self._violation(f"unknown instruction 0x{op:02x}")
+        return bytes(miso)
+
+    def _read_status(self) -> int:
+        intf = self.regs[CANINTF]
+        st = intf & (INT_RX0 | INT_RX1)
+        for i, bits in enumerate(((2, 3), (4, 5), (6, 7))):
+            if self.regs[TXB_BASE[i]] & TXB_TXREQ:
+                st |= 1 << bits[0]
+            if intf & INT_TX[i]:
+                st |= 1 << bits[1]
+        return st
+
+    def _rx_status(self) -> int:
+        intf = self.regs[CANINTF]
+        full = intf & (INT_RX0 | INT_RX1)
+        st = full << 6
+        if full == 0:
+            return st
+        buf = 0 if full & INT_RX0 else 1
+        base = RXB_BASE[buf]
+        ext = bool(self.regs[base + 2] & SIDL_IDE)
+        rtr = bool(self.regs[base] & RXB_RXRTR)
+        st |= ((2 if ext else 0) | (1 if rtr else 0)) << 3
+        if buf == 0:
+            st |= self.regs[base] & 0x01
+        else:
+            filhit = self.regs[base] & 0x07
+            # a rolled-over RXF0/RXF1 hit is reported as 110/111
+            st |= (6 + filhit) if filhit < 2 else filhit
+        return st
+
+    def _read_reg(self, addr: int) -> int:
+        addr = _canon(addr)
+        if addr == CANSTAT:
+            if self._pending_mode is not None:
+                self._pending_reads -= 1
+                if self._pending_reads <= 0:
+                    mode = self._pending_mode
+                    self._pending_mode = None
+                    self._enter_mode(mode)
+            return self._mode | (self._icod() << 1)
+        if addr == TEC:
+            return min(self._tec, 255)
+        if addr == REC:
+            return min(self._rec, 255)
+        return self.regs[addr]
+
+    def _icod(self) -> int:
+        pending = self.regs[CANINTE] & self.regs[CANINTF]
+        for bit, code in (
+            (INT_ERR, 1),
+            (INT_WAK, 2),
+            (INT_TX0, 3),
+            (INT_TX1, 4),
+            (INT_TX2, 5),
+            (INT_RX0, 6),
+            (INT_RX1, 7),
+        ):
+            if pending & bit:
+                return code
+        return 0
+
+    def _write_reg(self, addr: int, value: int, mask: int, how: str) -> None:
+        addr = _canon(addr)
+        old = self.regs[addr]
+        new = (old & ~mask | value & mask) & 0xFF
+        if addr == CANSTAT or addr in (TEC, REC):
+            return  # read-only
+        if addr in CONFIG_ONLY and self._mode != MODE_CONFIG:
+            self._violation(f"{how} 0x{addr:02x} outside configuration mode (ignored)")
+            return
+        if addr == CANCTRL:
+            self.regs[CANCTRL] = new
+            self._canctrl_written()
+            return
+        if addr == EFLG:
+            # only RX0OVR/RX1OVR are writable, and only to clear them
+            keep = old & 0x3F
+            self.regs[EFLG] = keep | (old & new & 0xC0)
+            return
+        if addr == TXRTSCTRL:
+            self.regs[addr] = (old & 0x38) | (new & 0x07)
+            return
+        for i, base in enumerate(TXB_BASE):
+            if addr == base:
+                self._txbctrl_written(i, old, new)
+                return
+            if base < addr <= base + 13:
+                if old != new and self.regs[base] & TXB_TXREQ:
+                    self._violation(f"{how} TXB{i} 0x{addr:02x} while TXREQ is set (ignored)")
+                    return
+                self.regs[addr] = new
+                return
+        for i, base in enumerate(RXB_BASE):
+            if addr == base:
+                writable = RXB_RXM | (RXB0_BUKT if i == 0 else 0)
+                ro = old & ~writable & 0xFF
+                self.regs[addr] = ro | (new & writable)
+                if i == 0:
+                    bukt1 = RXB0_BUKT1 if new & RXB0_BUKT else 0
+                    self.regs[addr] = (self.regs[addr] & ~RXB0_BUKT1 & 0xFF) | bukt1
+                return
+            if base < addr <= base + 13:
+                self._violation(f"{how} to read-only RXB{i} register 0x{addr:02x}")
+                return
+        self.regs[addr] = new
+        if addr in (CANINTE, CANINTF):
+            self._backlog_pump()
+
+    def _canctrl_written(self) -> None:
+        v = self.regs[CANCTRL]
+        if v & CANCTRL_ABAT:
+            self._abort_all()
+        req = v & 0xE0
+        if req > MODE_CONFIG:
+            req = MODE_CONFIG  # 101..111: invalid, treated as configuration
+        if req == self._mode:
+            self._pending_mode = None
+            return
+        if self.mode_change_reads > 0:
+            self._pending_mode = req
+            self._pending_reads = self.mode_change_reads
+        else:
+            self._enter_mode(req)
+
+    def _enter_mode(self, mode: int) -> None:
+        self._mode = mode
+        if mode == MODE_CONFIG:
+            # simplification: the error counters (and so the error flags) reset
+            self._tec = 0
+            self._rec = 0
+            self._bus_off = False
+            self._update_error_flags(signal=False)
+        self._try_transmit()
+        self._backlog_pump()
+
+    def _txbctrl_written(self, i: int, old: int, new: int) -> None:
+        base = TXB_BASE[i]
+        writable = TXB_TXREQ | TXB_TXP
+        val = (old & ~writable & 0xFF) | (new & writable)
+        if val & TXB_TXREQ and not old & TXB_TXREQ:
+            val &= ~(TXB_ABTF | TXB_MLOA | TXB_TXERR) & 0xFF
+        elif old & TXB_TXREQ and not val & TXB_TXREQ:
+            val |= TXB_ABTF  # clearing TXREQ of a pending buffer aborts it
+        self.regs[base] = val
+        if val & TXB_TXREQ and not old & TXB_TXREQ:
+            self._try_transmit()
+
+    def _rts(self, mask: int) -> None:
+        for i in range(3):
+            if mask & (1 << i):
+                ctrl = self.regs[TXB_BASE[i]]
+                self.regs[TXB_BASE[i]] = (ctrl | TXB_TXREQ) & ~(TXB_ABTF | TXB_MLOA | TXB_TXERR)
+        if mask:
+            self.stats.rts(self._now())
+        self._try_transmit()
+
+    def _abort_all(self) -> None:
+        for base in TXB_BASE:
+            if self.regs[base] & TXB_TXREQ:
+                self.regs[base] = (self.regs[base] & ~TXB_TXREQ & 0xFF) | TXB_ABTF
+
+    # ------------------------------------------------------------ TX
+    def _pending_tx(self) -> list[int]:
+        """Buffers with TXREQ, in the order the chip sends them."""
+        pend = [i for i in range(3) if self.regs[TXB_BASE[i]] & TXB_TXREQ]
+        # higher TXP first; equal TXP: higher buffer number first
+        return sorted(pend, key=lambda i: (self.regs[TXB_BASE[i]] & TXB_TXP, i), reverse=True)
+
+    def _frame_from_txb(self, i: int) -> can.Message:
+        base = TXB_BASE[i]
+        r = self.regs
+        arb_id, ext = unpack_id(r[base + 1], r[base + 2], r[base + 3], r[base + 4])
+        dlc = r[base + 5] & 0x0F
+        rtr = bool(r[base + 5] & DLC_RTR)
+        n = min(dlc, 8)
+        return can.Message(
+            timestamp=time.time(),
+            arbitration_id=arb_id,
+            is_extended_id=ext,
+            is_remote_frame=rtr,
+            dlc=n,
+            data=None if rtr else bytes(r[base + 6 : base + 6 + n]),
+            check=False,
+        )
+
+    def _try_transmit(self) -> None:
+        if self._mode not in (MODE_NORMAL, MODE_LOOPBACK) or self._bus_off:
+            return
+        for _ in range(3):
+            pend = self._pending_tx()
+            if not pend:
+                return
+            if self.regs[CANCTRL] & CANCTRL_ABAT:
+                self._abort_all()
+                return
+            i = pend[0]
+            base = TXB_BASE[i]
+            if self._mode == MODE_NORMAL:
+                while self._bus_fault or self._tx_fail_remaining > 0:
+                    # a failed attempt: TEC += 8, retried at once
+                    if self._tx_fail_remaining > 0:
+                        self._tx_fail_remaining -= 1
+                    self.regs[base] |= TXB_TXERR
+                    self._tec += 8
+                    self._update_error_flags()
+                    if self._bus_off:
+                        return
+            msg = self._frame_from_txb(i)
+            self.regs[base] &= ~(TXB_TXREQ | TXB_TXERR | TXB_MLOA) & 0xFF
+            self.regs[CANINTF] |= INT_TX[i]
+            self.tx_count += 1
+            if self._tec > 0:
+                self._tec -= 1
+                self._update_error_flags()
+            if self._mode == MODE_LOOPBACK:
+                self._accept(msg)
+            elif self.tx_sink is not None:
+                try:
+                    self.tx_sink(msg)
+                except can.CanError:
+                    self.tx_sink_errors += 1
+
+    # ------------------------------------------------------------ errors
+    def _update_error_flags(self, signal: bool = True) -> None:
+        old = self.regs[EFLG]
+        tec, rec = self._tec, self._rec
+        if tec > 255 and not self._bus_off:
+            self._bus_off = True
+            self._bus_off_ns = self._now()
+        new = old & (EFLG_RX0OVR | EFLG_RX1OVR)
+        if tec >= 96 or rec >= 96:
+            new |= EFLG_EWARN
+        if rec >= 96:
+            new |= EFLG_RXWAR
+        if tec >= 96:
+            new |= EFLG_TXWAR
+        if rec >= 128:
+            new |= EFLG_RXEP
+        if tec >= 128:
+            new |= EFLG_TXEP
+        if self._bus_off:
+            new |= EFLG_TXBO
+        self.regs[EFLG] = new
+        if signal and (old ^ new) & 0x3F:
+            self.regs[CANINTF] |= INT_ERR
+
+    def _tick(self) -> None:
+        """Time-driven events: bus-off recovery in normal mode."""
+        if self._bus_off and self._mode == MODE_NORMAL and not self._bus_fault:
+            need_ns = BUS_OFF_RECOVERY_BITS * 1_000_000_000 // self._bitrate()
+            if self._now() - self._bus_off_ns >= need_ns:
+                self._bus_off = False
+                self._tec = 0
+                self._rec = 0
+                self._update_error_flags()
+                self._try_transmit()
+                self._update_int()
+
+    def inject_tx_errors(self, count: int) -> None:
+        """The next ``count`` transmission attempts fail (TEC += 8 each)."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        with self._lock:
+            self._tx_fail_remaining += count
+            self._try_transmit()
+            self._update_int()
+
+    def set_bus_fault(self, on: bool) -> None:
+        """While on, every transmission attempt fails (no ACK, shorted bus)."""
+        with self._lock:
+            self._bus_fault = on
+            self._try_transmit()
+            self._update_int()
+
+    def add_rx_errors(self, count: int) -> None:
+        """``count`` receive errors (REC += 1 each, capped at 255)."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        with self._lock:
+            if self._mode in (MODE_NORMAL, MODE_LISTEN):
+                self._rec = min(255, self._rec + count)
+                self._update_error_flags()
+                self._update_int()
+
+    def force_bus_off(self) -> None:
+        """TEC past 255 at once."""
+        with self._lock:
+            if self._mode == MODE_NORMAL:
+                self._tec = 256
+                self._update_error_flags()
+                self._update_int()
+
+    # ------------------------------------------------------------ RX
+    def receive(self, msg: can.Message) -> None:
+        """A frame on the bus (from another node)."""
+        with self._lock:
+            if msg.is_error_frame or msg.is_fd:
+                self.rx_ignored += 1
+                return
+            self._backlog.append(msg)
+            self._backlog_pump()
+            self._update_int()
+
+    def _backlog_pump(self) -> None:
+        while self._backlog:
+            if self._mode not in (MODE_NORMAL, MODE_LISTEN):
+                # the chip is not listening: the frame passes unseen
+                self._backlog.popleft()
+                self.rx_dropped_mode += 1
+                continue
+            if self.rx_mode == "backpressure" and self.regs[CANINTF] & (INT_RX0 | INT_RX1):
+                return
+            self._accept(self._backlog.popleft())
+
+    def _filter_matches(self, f: int, m: int, msg: can.Message) -> bool:
+        r = self.regs
+        fs = RXF_SIDH[f]
+        if bool(r[fs + 1] & SIDL_IDE) != msg.is_extended_id:
+            return False
+        ms = (RXM0SIDH, RXM1SIDH)[m]
+        if msg.is_extended_id:
+            fid, _ = unpack_id(r[fs], r[fs + 1], r[fs + 2], r[fs + 3])
+            mid, _ = unpack_id(r[ms], r[ms + 1] | SIDL_IDE, r[ms + 2], r[ms + 3])
+            return (msg.arbitration_id ^ fid) & mid == 0
+        fsid = (r[fs] << 3) | (r[fs + 1] >> 5)
+        msid = (r[ms] << 3) | (r[ms + 1] >> 5)
+        if (msg.arbitration_id ^ fsid) & msid:
+            return False
+        # standard frames: EID8/EID0 of mask and filter apply to data bytes 0 and 1
+        data = bytes(msg.data or b"") + b"\x00\x00"
+        return (data[0] ^ r[fs + 2]) & r[ms + 2] == 0 and (data[1] ^ r[fs + 3]) & r[ms + 3] == 0
+
+    def _filter_hit(self, buf: int, msg: can.Message) -> int | None:
+        rxm = self.regs[RXB_BASE[buf]] & RXB_RXM
+        if rxm == RXB_RXM:
+            return 0  # masks and filters off: anything goes
+        for f in (0, 1) if buf == 0 else (2, 3, 4, 5):
+            if self._filter_matches(f, buf, msg):
+                return f
+        return None
+
+    def _accept(self, msg: can.Message) -> None:
+        intf = self.regs[CANINTF]
+        hit0 = self._filter_hit(0, msg)
+        if hit0 is not None:
+            if not intf & INT_RX0:
+                self._place(0, msg, hit0)
+            elif self.regs[RXB_BASE[0]] & RXB0_BUKT:
+                if not intf & INT_RX1:
+                    self._place(1, msg, hit0)  # rollover keeps the RXF0/RXF1 hit
+                else:
+                    self._overflow(EFLG_RX1OVR)
+            else:
+                self._overflow(EFLG_RX0OVR)
+            return
+        hit1 = self._filter_hit(1, msg)
+        if hit1 is None:
+            self.rx_filtered += 1
+            return
+        if not intf & INT_RX1:
+            self._place(1, msg, hit1)
+        else:
+            self._overflow(EFLG_RX1OVR)
+
+    def _overflow(self, bit: int) -> None:
+        self.rx_overflows += 1
+        self.regs[EFLG] |= bit
+        self.regs[CANINTF] |= INT_ERR
+
+    def _place(self, buf: int, msg: can.Message, filhit: int) -> None:
+        base = RXB_BASE[buf]
+        r = self.regs
+        sidh, sidl, eid8, eid0 = pack_id(msg.arbitration_id, msg.is_extended_id)
+        rtr = bool(msg.is_remote_frame)
+        if rtr and not msg.is_extended_id:
+            sidl |= SIDL_SRR
+        dlc = min(int(msg.dlc), 15)
+        r[base + 1 : base + 5] = bytes((sidh, sidl, eid8, eid0))
+        r[base + 5] = dlc | (DLC_RTR if rtr and msg.is_extended_id else 0)
+        data = b"" if rtr else bytes(msg.data or b"")[:8]
+        r[base + 6 : base + 14] = data + bytes(8 - len(data))
+        ctrl = r[base] & (RXB_RXM | (RXB0_BUKT | RXB0_BUKT1 if buf == 0 else 0))
+        if rtr:
+            ctrl |= RXB_RXRTR
+        ctrl |= (filhit & 0x01) if buf == 0 else (filhit & 0x07)
+        r[base] = ctrl
+        r[CANINTF] |= INT_RX0 if buf == 0 else INT_RX1
+        self.rx_count += 1
+
+    # ------------------------------------------------------------ bus
+    def attach_bus(self, bus: can.BusABC) -> None:
+        """Transmit onto ``bus`` and receive from it (a reader thread)."""
+        if self._bus_thread is not None:
+            raise RuntimeError("a bus is already attached")
+        self._bus = bus
+        self.tx_sink = bus.send
+        self._bus_stop.clear()
+        self._bus_thread = threading.Thread(
+            target=self._bus_reader, name="mcp2515-bus", daemon=True
+        )
+        self._bus_thread.start()
+
+    def _bus_reader(self) -> None:
+        assert self._bus is not None
+        while not self._bus_stop.is_set():
+            msg = self._bus.recv(timeout=0.05)
+            if msg is not None:
+                self.receive(msg)
+
+    def close(self) -> None:
+        """Stop the bus reader (the bus itself belongs to the caller)."""
+        self._bus_stop.set()
+        if self._bus_thread is not None:
+            self._bus_thread.join(timeout=2.0)
+            self._bus_thread = None
+        self._bus = None
+        self.tx_sink = None
+
+
+def _parse_bus(spec: str) -> tuple[str, str]:
+    interface, sep, channel = spec.partition(":")
+    if not sep or not interface or not channel:
+        raise argparse.ArgumentTypeError("bus must be INTERFACE:CHANNEL, e.g. virtual:can0")
+    return interface, channel
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a simulated MCP2515 on a UNIX socket, bridged to a python-can bus."""
+    from ivshmem_virtio.hwsim.spisock import SpiSocketServer
+
+    ap = argparse.ArgumentParser(prog="python -m ivshmem_virtio.hwsim.mcp2515", description=__doc__)
+    ap.add_argument("--socket", required=True, help="UNIX socket path for the hosted inmate")
+    ap.add_argument(
+        "--bus",
+        type=_parse_bus,
+        required=True,
+        help="python-can INTERFACE:CHANNEL (virtual:NAME is in-process only)",
+    )
+    ap.add_argument("--osc", type=int, default=16_000_000, help="crystal frequency in Hz")
+    ap.add_argument("--rx-mode", choices=("wire", "backpressure"), default="wire")
+    ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0 = never)")
+    args = ap.parse_args(argv)
+    interface, channel = args.bus
+    chip = Mcp2515(osc_hz=args.osc, rx_mode=args.rx_mode)
+    with can.Bus(interface=interface, channel=channel) as bus:
+        chip.attach_bus(bus)
+        server = SpiSocketServer(chip, args.socket)
+        server.start()
+        try:
+            t_end = time.monotonic() + args.seconds if args.seconds > 0 else None
+            while t_end is None or time.monotonic() < t_end:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            chip.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
