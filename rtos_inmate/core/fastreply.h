@@ -29,7 +29,7 @@
  *
  * Examples:
  *   7DF:02010D->7E8:03410D$c           OBD-II speed request, counter as speed
- *   7DF/7F0:02.01->7E8:06.41.$2.00.00.00.00   any id 7D0..7DF, echo PID
+ *   7DF/7F0:02.01.??->7E8:06.41.$2.00.00.00.00   any id 7D0..7DF, echo PID
  *   18DB33F1x:0201????->18DAF110x:0441$2$3
  *   123R->123:DEADBEEF                 answer a remote request for 0x123
  *   100#2:??55->101:$0                 2-byte request ending in 55

@@ -343,6 +343,34 @@ static void test_format_roundtrip(void)
 	CHECK(strlen(tiny) == sizeof(tiny) - 1);
 }
 
+/* the examples of README.md section 4 and of fastreply.h */
+static void test_documented_examples(void)
+{
+	static const char *docs[] = {
+		"7DF:02010D->7E8:03410D$c",
+		"7DF:02010D->7E8:03410D$cAAAAAAAA",
+		"7DF/7F0:02.01.?\?->7E8:06.41.$2.00.00.00.00",
+		"18DB33F1x:0201?\??\?->18DAF110x:0441$2$3",
+		"123R->123:DEADBEEF",
+		"100#2:?\?55->101:$0",
+	};
+	struct fr_table t;
+	size_t off;
+
+	fr_table_init(&t);
+	for (size_t i = 0; i < UTIL_ARRAY_SIZE(docs); i++) {
+		struct fr_rule r;
+
+		CHECK(parse1(docs[i], &r, &off) == FR_OK);
+		CHECK(fr_table_add(&t, &r) == FR_OK);
+	}
+	struct can_msg m = mk(0x7D5, 0, 3, "02010C");
+
+	send_rc = 0;
+	CHECK(fr_dispatch(&t, &m, fake_send, NULL, fake_relay, NULL) == FR_REPLIED);
+	CHECK(last_sent.id == 0x7E8 && last_sent.len == 7 && last_sent.data[2] == 0x0C);
+}
+
 static void test_util(void)
 {
 	char buf[64];
@@ -396,6 +424,7 @@ int main(void)
 	test_rule_table();
 	test_dispatch();
 	test_format_roundtrip();
+	test_documented_examples();
 	test_util();
 	test_msg_valid();
 	printf("%u passed, %u failed\n", passed, failed);
