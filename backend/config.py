@@ -1,0 +1,328 @@
+"""The ``serve`` daemon's TOML configuration: parsed and validated in full before anything opens.
+
+A config names global options and a list of devices, each on its own link::
+
+    log_level = "info"            # debug, info, warning, error
+    log_json = false
+    mode = "adaptive"             # block, poll or adaptive (per-device override allowed)
+    spin_us = 50.0
+    retry_interval = 2.0          # seconds between attempts to reach a link that is not there
+
+    [[devices]]
+    name = "rootfs"               # optional; defaults to the link text
+    type = "blk"
+    link = "uio:pci=0000:01:0c.0" # or sim:SOCKET, uio:/dev/uioN, uio:auto, uio:protocol=0xC002
+    image = "/var/lib/ivshmem-virtio/rootfs.img"
+    read_only = false
+    serial = "rootfs"
+    queue_size = 256
+
+    [[devices]]
+    type = "can"
+    link = "uio:protocol=0xC024"
+    bus = "socketcan:can0"
+    fd = false
+    late_tx_ack = true
+
+Every error is one :class:`ConfigError` line naming the field (``devices[1].image: ...``), and
+validation only looks (``stat``, ``access``): no image is opened, least of all for writing,
+until the whole file is known to be good. Devices compare equal when their configuration is
+equal, which is what a SIGHUP reload uses to touch only the devices that changed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ivshmem_virtio.errors import ConfigError
+from ivshmem_virtio.spec import blk as B
+from ivshmem_virtio.spec import can as C
+from ivshmem_virtio.spec import ivshmem as H
+
+DEFAULT_PATH = "/etc/ivshmem-virtio/config.toml"
+MODES = ("block", "poll", "adaptive")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICE_TYPES = {"blk": B.DEVICE_ID, "can": C.VIRTIO_ID_CAN}
+
+_GLOBAL_KEYS = {"log_level", "log_json", "mode", "spin_us", "retry_interval", "devices"}
+_COMMON_KEYS = {"name", "type", "link", "queue_size", "mode", "spin_us"}
+_TYPE_KEYS = {"blk": {"image", "read_only", "serial"}, "can": {"bus", "fd", "late_tx_ack"}}
+_PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Where a device's link is: a sim hub socket, or a uio_ivshmem device chosen some way."""
+
+    text: str
+    kind: str  # "sim" or "uio"
+    path: str = ""  # sim socket, or /dev/uioN
+    pci: str = ""  # uio:pci=DDDD:BB:DD.F, normalised to lower case with a domain
+    protocol: int | None = None  # uio:auto and uio:protocol=... (always the device's protocol)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class BlkOptions:
+    image: str
+    read_only: bool = False
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class CanOptions:
+    bus: str
+    fd: bool = False
+    late_tx_ack: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One device; frozen and comparable, so a reload can tell what changed."""
+
+    name: str
+    type: str
+    link: LinkSpec
+    queue_size: int
+    mode: str
+    spin_us: float
+    blk: BlkOptions | None = None
+    can: CanOptions | None = None
+
+    @property
+    def device_id(self) -> int:
+        return DEVICE_TYPES[self.type]
+
+    @property
+    def protocol(self) -> int:
+        """The ivshmem protocol the root-cell (backend) side of this device's link carries."""
+        return H.backend_protocol(self.device_id)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    log_level: str = "info"
+    log_json: bool = False
+    retry_interval: float = 2.0
+    devices: tuple[DeviceConfig, ...] = ()
+
+    def device(self, name: str) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+
+# -- typed field readers: each raises one line naming the field -------------------------------
+
+def _bool(table: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    if key not in table:
+        if default is None:
+            raise ConfigError(f"{where}{key}: missing (required)")
+        return default
+    value = table[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
+    return value
+
+
+def _number(table: dict[str, Any], key: str, where: str, default: float, lo: float,
+            hi: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}{key}: {value} is outside {lo:g}..{hi:g}")
+    return float(value)
+
+
+def _choice(table: dict[str, Any], key: str, where: str, default: str,
+            choices: tuple[str, ...]) -> str:
+    value = _str(table, key, where, default)
+    if value not in choices:
+        raise ConfigError(f"{where}{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _queue_size(table: dict[str, Any], where: str) -> int:
+    value = table.get("queue_size", 256)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}queue_size: expected an integer, got {value!r}")
+    if value < 8 or value > 32768 or value & (value - 1):
+        raise ConfigError(f"{where}queue_size: {value} is not a power of two from 8 to 32768")
+    return value
+
+
+def _unknown_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"{where}{extra[0]}: unknown option (allowed: "
+                          f"{', '.join(sorted(allowed))})")
+
+
+# -- links, images, buses -----------------------------------------------------------------------
+
+def parse_link_spec(text: str, dtype: str, field: str) -> LinkSpec:
+    """Parse one ``link``; ``uio:protocol=`` must name the device type's backend protocol."""
+    kind, sep, arg = text.partition(":")
+    want = H.backend_protocol(DEVICE_TYPES[dtype])
+    usage = ("expected sim:SOCKET, uio:/dev/uioN, uio:auto, uio:pci=DDDD:BB:DD.F or "
+             "uio:protocol=0xC0NN")
+    if not sep or not arg or kind not in ("sim", "uio"):
+        raise ConfigError(f"{field}: {text!r}: {usage}")
+    if kind == "sim":
+        return LinkSpec(text, "sim", path=arg)
+    if arg == "auto":
+        return LinkSpec(text, "uio", protocol=want)
+    if arg.startswith("/"):
+        return LinkSpec(text, "uio", path=arg)
+    key, eq, value = arg.partition("=")
+    if eq and key == "pci":
+        m = _PCI_ADDR.match(value)
+        if not m:
+            raise ConfigError(f"{field}: {value!r} is not a PCI address like 0000:01:0c.0")
+        domain, bus, slot, fn = m.groups()
+        return LinkSpec(text, "uio", pci=f"{domain or '0000'}:{bus}:{slot}.{fn}".lower())
+    if eq and key == "protocol":
+        try:
+            proto = int(value, 0)
+        except ValueError:
+            raise ConfigError(f"{field}: protocol {value!r} is not a number") from None
+        if proto != want:
+            raise ConfigError(f"{field}: protocol {proto:#06x} is not the {dtype} backend "
+                              f"protocol {want:#06x}")
+        return LinkSpec(text, "uio", protocol=proto)
+    raise ConfigError(f"{field}: {text!r}: {usage}")
+
+
+def check_image(path: str, read_only: bool, field: str) -> None:
+    """Can ``path`` serve as a disk? Looks only: nothing is opened here."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{field}: {path}: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        if st.st_size < 512:
+            raise ConfigError(f"{field}: {path}: smaller than one 512-byte sector")
+    elif not stat.S_ISBLK(st.st_mode):
+        raise ConfigError(f"{field}: {path}: not a regular file or block device")
+    need = os.R_OK if read_only else os.R_OK | os.W_OK
+    if not os.access(path, need):
+        what = "readable" if read_only else "readable and writable"
+        raise ConfigError(f"{field}: {path}: not {what} by this user")
+
+
+def check_bus(spec: str, field: str) -> None:
+    """``IFACE:CHANNEL`` with an installed python-can interface (the bus is not opened)."""
+    iface, sep, channel = spec.partition(":")
+    if not sep or not iface or not channel:
+        raise ConfigError(f"{field}: {spec!r}: expected IFACE:CHANNEL, e.g. socketcan:can0")
+    from can.interfaces import VALID_INTERFACES
+
+    if iface not in VALID_INTERFACES:
+        raise ConfigError(f"{field}: {iface!r} is not an installed python-can interface")
+
+
+# -- the whole file -----------------------------------------------------------------------------
+
+def _device(raw: Any, index: int, defaults: dict[str, Any]) -> DeviceConfig:
+    where = f"devices[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(f"devices[{index}]: expected a table ([[devices]]), got {raw!r}")
+    dtype = _str(raw, "type", where)
+    if dtype not in DEVICE_TYPES:
+        raise ConfigError(f"{where}type: {dtype!r} is not one of {', '.join(DEVICE_TYPES)}")
+    _unknown_keys(raw, _COMMON_KEYS | _TYPE_KEYS[dtype], where)
+    link = parse_link_spec(_str(raw, "link", where), dtype, f"{where}link")
+    name = _str(raw, "name", where, link.text)
+    if not name.strip():
+        raise ConfigError(f"{where}name: must not be empty")
+    common = dict(name=name, type=dtype, link=link, queue_size=_queue_size(raw, where),
+                  mode=_choice(raw, "mode", where, defaults["mode"], MODES),
+                  spin_us=_number(raw, "spin_us", where, defaults["spin_us"], 0, 1e6))
+    if dtype == "blk":
+        image = _str(raw, "image", where)
+        read_only = _bool(raw, "read_only", where, False)
+        serial = _str(raw, "serial", where, "")
+        if len(serial.encode()) > B.ID_BYTES:
+            raise ConfigError(f"{where}serial: {serial!r} is longer than {B.ID_BYTES} bytes")
+        check_image(image, read_only, f"{where}image")
+        return DeviceConfig(**common, blk=BlkOptions(image, read_only, serial))
+    bus = _str(raw, "bus", where)
+    check_bus(bus, f"{where}bus")
+    return DeviceConfig(**common, can=CanOptions(bus, _bool(raw, "fd", where, False),
+                                                 _bool(raw, "late_tx_ack", where, True)))
+
+
+def _cross_checks(devices: list[DeviceConfig]) -> None:
+    """What no single device can see: duplicate names, links, images; ambiguous ``auto``."""
+    seen_names: dict[str, int] = {}
+    seen_links: dict[tuple, int] = {}
+    seen_images: dict[tuple[int, int], int] = {}
+    for i, d in enumerate(devices):
+        where = f"devices[{i}]."
+        if d.name in seen_names:
+            raise ConfigError(f"{where}name: {d.name!r} is also devices[{seen_names[d.name]}]")
+        seen_names[d.name] = i
+        lk = d.link
+        key = (lk.kind, lk.path, lk.pci, lk.protocol)
+        if lk.kind == "uio" and lk.protocol is not None:
+            key = ("uio-protocol", lk.protocol)
+        if key in seen_links:
+            other = seen_links[key]
+            why = ("both pick the only device of that protocol" if key[0] == "uio-protocol"
+                   else "the same link")
+            raise ConfigError(f"{where}link: {lk.text!r}: {why} as devices[{other}]; "
+                              "name the uio device by PCI address instead")
+        seen_links[key] = i
+        if d.blk is not None:
+            st = os.stat(d.blk.image)
+            ident = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else (-1, st.st_rdev)
+            if ident in seen_images:
+                raise ConfigError(f"{where}image: {d.blk.image} is also served by "
+                                  f"devices[{seen_images[ident]}]")
+            seen_images[ident] = i
+
+
+def parse_config(data: dict[str, Any]) -> ServeConfig:
+    """Validate a decoded TOML document into a :class:`ServeConfig`."""
+    _unknown_keys(data, _GLOBAL_KEYS, "")
+    defaults = {"mode": _choice(data, "mode", "", "adaptive", MODES),
+                "spin_us": _number(data, "spin_us", "", 50.0, 0, 1e6)}
+    level = _choice(data, "log_level", "", "info", LOG_LEVELS)
+    log_json = _bool(data, "log_json", "", False)
+    retry = _number(data, "retry_interval", "", 2.0, 0.05, 3600)
+    raw_devices = data.get("devices", [])
+    if not isinstance(raw_devices, list):
+        raise ConfigError("devices: expected a list of [[devices]] tables")
+    devices = [_device(raw, i, defaults) for i, raw in enumerate(raw_devices)]
+    _cross_checks(devices)
+    return ServeConfig(log_level=level, log_json=log_json, retry_interval=retry,
+                       devices=tuple(devices))
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read and validate ``path``; every problem is one ConfigError line."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not valid UTF-8") from None
+    return parse_config(data)
