@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=_int)
     n.add_argument("--timeout", type=float, default=30.0)
 
+    sv = sub.add_parser("serve", help="serve every device of a config file (blk and can)")
+    sv.add_argument("--config", default="/etc/ivshmem-virtio/config.toml")
+    sv.add_argument("--check", action="store_true", help="validate the config and exit")
+    sv.add_argument("--sysfs", default="/sys", help="sysfs root (tests use a fake tree)")
+
+    bd = sub.add_parser("bind", help="make uio_ivshmem claim the virtio backend protocols")
+    bd.add_argument("--list", action="store_true", help="which /dev/uioN serves which link")
+    bd.add_argument("--protocol", type=_int, action="append",
+                    help="repeatable; default 0xC002 (blk) and 0xC024 (can)")
+    bd.add_argument("--sysfs", default="/sys", help="sysfs root (tests use a fake tree)")
+
     bench = sub.add_parser("bench", help="latency and throughput benchmarks")
     bench.add_argument("suites", nargs="*")
     bench.add_argument("--quick", action="store_true")
@@ -149,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             from frontend.cli import run_nbd
 
             return _run(lambda stop: run_nbd(args, stop))
+        if args.command == "serve":
+            from backend.serve import run_serve
+
+            return _run(lambda stop: run_serve(args, stop))
+        if args.command == "bind":
+            from backend.bind import run_bind
+
+            return run_bind(args)
         if args.command == "demo":
             from .demo import run_demo
 
