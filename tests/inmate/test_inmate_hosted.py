@@ -30,15 +30,18 @@ from ivshmem_virtio.hwsim.spisock import SpiSocketServer
 
 REPO = Path(__file__).resolve().parents[2]
 INMATE = REPO / "rtos_inmate"
-BUILD = INMATE / "build"
 FAST_REPLY_BUDGET = 30
+# INMATE_SANITIZE=1 runs everything against an AddressSanitizer/UBSan build
+SANITIZE = os.environ.get("INMATE_SANITIZE") == "1"
+BUILD = INMATE / ("build/asan" if SANITIZE else "build")
 
 
 @pytest.fixture(scope="module")
 def hosted_build() -> Path:
-    res = subprocess.run(
-        ["make", "-C", str(INMATE), "hosted"], capture_output=True, text=True, timeout=300
-    )
+    args = ["make", "-C", str(INMATE), "hosted"]
+    if SANITIZE:
+        args += ["SANITIZE=1", "BUILD=build/asan"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return BUILD
 
