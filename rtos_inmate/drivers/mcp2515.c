@@ -471,6 +471,7 @@ static int service_status(struct mcp2515 *d, unsigned int last_buf)
 
 		if (rc != MCP2515_OK)
 			return rc;
+		d->status_due = false;
 		tx_check_done(d, st);
 		if (!running(d))
 			return events;
@@ -493,6 +494,8 @@ static int service_status(struct mcp2515 *d, unsigned int last_buf)
 		events++;
 		if (!running(d))
 			return events;
+		/* out of budget with frames maybe left: look again on the next poll */
+		d->status_due = i + 1u == STATUS_RX_BUDGET;
 	}
 	if (d->tx_busy) {
 		uint64_t step = d->min_frame_ns / 4u;
@@ -822,7 +825,7 @@ int mcp2515_poll(struct mcp2515 *d)
 		return events;
 
 	uint64_t now = hal_now_ns();
-	bool tx_due = d->tx_busy && now >= d->next_tx_poll_ns;
+	bool tx_due = (d->tx_busy && now >= d->next_tx_poll_ns) || d->status_due;
 	bool hk_due = now >= d->next_err_poll_ns;
 
 	/*
@@ -865,7 +868,7 @@ uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d)
 {
 	if (d == NULL || !d->initialised || !running(d))
 		return UINT64_MAX;
-	if (!d->tx_busy && (d->urgent_valid || d->txq_count > 0))
+	if (!d->int_ok || d->status_due || (!d->tx_busy && (d->urgent_valid || d->txq_count > 0)))
 		return 0;
 	uint64_t t = d->next_err_poll_ns;
 

@@ -138,7 +138,8 @@ struct mcp2515 {
 	struct mcp2515_stats stats;
 	enum mcp2515_state state;
 	bool initialised;
-	bool int_ok; /* INT pin seen high with all flags clear at start */
+	bool int_ok;     /* INT pin seen high with all flags clear at start */
+	bool status_due; /* RX budget ran out: READ STATUS on the next poll */
 
 	/* software TX FIFO */
 	struct mcp2515_txent txq[MCP2515_TXQ_LEN];
