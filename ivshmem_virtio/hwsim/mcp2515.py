@@ -27,6 +27,7 @@ Run as a process (the process owns both the socket and the CAN bus):
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 import time
 from collections import deque
@@ -939,15 +940,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0 = never)")
     args = ap.parse_args(argv)
     interface, channel = args.bus
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
     chip = Mcp2515(osc_hz=args.osc, rx_mode=args.rx_mode)
     with can.Bus(interface=interface, channel=channel) as bus:
         chip.attach_bus(bus)
         server = SpiSocketServer(chip, args.socket)
         server.start()
         try:
-            t_end = time.monotonic() + args.seconds if args.seconds > 0 else None
-            while t_end is None or time.monotonic() < t_end:
-                time.sleep(0.2)
+            stop.wait(args.seconds if args.seconds > 0 else None)
         except KeyboardInterrupt:
             pass
         finally:

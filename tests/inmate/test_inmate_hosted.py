@@ -12,6 +12,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -444,6 +445,58 @@ def test_rx_overflow_counted(tmp_path: Path, hosted_build: Path) -> None:
         assert r.chip.rx_count + r.chip.rx_overflows == 50
         assert r.chip.rx_overflows > 0 and r.chip.rx_count >= 2
         assert r.chip.violations == []
+
+
+# ---------------------------------------------------------------- simulator as a process
+
+
+def test_simulator_process_and_loopback(tmp_path: Path, hosted_build: Path) -> None:
+    """``python -m ivshmem_virtio.hwsim.mcp2515`` owns socket and bus; loopback mode
+    brings the inmate's own frame back through RX to the relay."""
+    sock = tmp_path / "sim.sock"
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ivshmem_virtio.hwsim.mcp2515",
+            "--socket",
+            str(sock),
+            "--bus",
+            f"virtual:cli-{uuid.uuid4().hex}",
+            "--osc",
+            "8000000",
+            "--seconds",
+            "60",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert sim.poll() is None, sim.stderr.read() if sim.stderr else ""
+            assert time.monotonic() < deadline, "simulator socket never appeared"
+            time.sleep(0.05)
+        r = Rig(chip=None, peer=None, sock=sock, build=hosted_build)  # type: ignore[arg-type]
+        inm = r.start("--mode", "loopback", osc=8_000_000, bitrate=250_000)
+        try:
+            assert "cnf1=00 cnf2=B5 cnf3=01" in inm.expect("READY")
+            inm.cmd("send 5A5 s 3 C0FFEE 7")
+            assert inm.expect("RELAY") == "RELAY id=5A5 ext=0 rtr=0 len=3 data=C0FFEE"
+            assert inm.expect("TXDONE") == "TXDONE tag=7 ok=1"
+        finally:
+            assert inm.close() == 0
+    finally:
+        sim.terminate()  # our own child, by its pid
+        try:
+            assert sim.wait(timeout=10) == 0
+        except subprocess.TimeoutExpired:
+            sim.kill()
+            sim.wait(timeout=5)
+            raise
+    assert not sock.exists()  # the server removed its socket on SIGTERM
 
 
 # ---------------------------------------------------------------- shared layouts
