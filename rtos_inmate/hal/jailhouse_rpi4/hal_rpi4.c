@@ -89,6 +89,8 @@ uint64_t hal_now_ns(void)
 {
 	uint64_t t = timer_get_ticks();
 
+	if (tick_hz == 0) /* before hal_rpi4_init: no division by zero */
+		return 0;
 	/* split so that nothing overflows: (t % f) * 1e9 < f * 1e9 < 2^64 */
 	return (t / tick_hz) * 1000000000ull + ((t % tick_hz) * 1000000000ull) / tick_hz;
 }
@@ -109,7 +111,7 @@ int hal_spi_transfer(const uint8_t *tx, uint8_t *rx, size_t n)
 	size_t ti = 0, ri = 0;
 	uint32_t cs;
 
-	if (tx == NULL || n == 0 || n > HAL_SPI_MAX_XFER || spi0 == NULL)
+	if (tx == NULL || n == 0 || n > HAL_SPI_MAX_XFER || spi0 == NULL || sclk_hz == 0)
 		return -1;
 	/* 4x the nominal wire time plus a fixed margin */
 	uint64_t wire_ns = ((uint64_t)n * 8u * 1000000000ull) / sclk_hz;
