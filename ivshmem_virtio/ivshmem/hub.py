@@ -282,26 +282,12 @@ class HubThread:
                 self._ready.set()
                 return
             self._ready.set()
-            await self._accept()
+            await self.hub.serve()
 
         try:
             asyncio.run(main())
         except BaseException:  # noqa: BLE001 - cancellation at stop
             pass
-
-    async def _accept(self) -> None:
-        hub = self.hub
-        loop = asyncio.get_running_loop()
-        assert hub._listener is not None
-        try:
-            while True:
-                conn, _ = await loop.sock_accept(hub._listener)
-                conn.setblocking(False)
-                task = asyncio.create_task(hub._serve_peer(conn))
-                hub._tasks.add(task)
-                task.add_done_callback(hub._tasks.discard)
-        finally:
-            hub.close()
 
     def __enter__(self) -> HubThread:
         self._thread.start()

@@ -180,11 +180,7 @@ class DeviceTransport:
                 if q is not None:
                     self._present_queue(sel)
                 return
-            q.size = hdr.u16(H.HDR_QUEUE_SIZE)
-            q.driver_vector = hdr.u16(H.HDR_QUEUE_DRIVER_VECTOR)
-            q.desc = hdr.u64(H.HDR_QUEUE_DESC)
-            q.driver = hdr.u64(H.HDR_QUEUE_DRIVER)
-            q.device = hdr.u64(H.HDR_QUEUE_DEVICE)
+            self._load_queue(q)
         elif off == H.HDR_QUEUE_ENABLE:
             self._queue_enable(sel, q, res)
         elif off == H.HDR_DEVICE_STATUS:
@@ -213,6 +209,15 @@ class DeviceTransport:
         hdr.set_u64(H.HDR_QUEUE_DRIVER, q.driver)
         hdr.set_u64(H.HDR_QUEUE_DEVICE, q.device)
 
+    def _load_queue(self, q: QueueState) -> None:
+        """Take the selected queue's fields the driver wrote into the header."""
+        hdr = self.hdr
+        q.size = hdr.u16(H.HDR_QUEUE_SIZE)
+        q.driver_vector = hdr.u16(H.HDR_QUEUE_DRIVER_VECTOR)
+        q.desc = hdr.u64(H.HDR_QUEUE_DESC)
+        q.driver = hdr.u64(H.HDR_QUEUE_DRIVER)
+        q.device = hdr.u64(H.HDR_QUEUE_DEVICE)
+
     def _queue_enable(self, sel: int, q: QueueState | None, res: StepResult) -> None:
         hdr = self.hdr
         value = hdr.u16(H.HDR_QUEUE_ENABLE)
@@ -229,11 +234,7 @@ class DeviceTransport:
             return
         if q.enabled:
             return
-        q.size = hdr.u16(H.HDR_QUEUE_SIZE)
-        q.driver_vector = hdr.u16(H.HDR_QUEUE_DRIVER_VECTOR)
-        q.desc = hdr.u64(H.HDR_QUEUE_DESC)
-        q.driver = hdr.u64(H.HDR_QUEUE_DRIVER)
-        q.device = hdr.u64(H.HDR_QUEUE_DEVICE)
+        self._load_queue(q)
         if q.size > q.max_size:
             hdr.set_u16(H.HDR_QUEUE_ENABLE, 0)
             raise RingError(f"queue {sel}: size {q.size} larger than offered {q.max_size}")
