@@ -274,9 +274,6 @@ def _cross_checks(devices: list[DeviceConfig]) -> None:
     seen_images: dict[tuple[int, int], int] = {}
     for i, d in enumerate(devices):
         where = f"devices[{i}]."
-        if d.name in seen_names:
-            raise ConfigError(f"{where}name: {d.name!r} is also devices[{seen_names[d.name]}]")
-        seen_names[d.name] = i
         lk = d.link
         key = (lk.kind, lk.path, lk.pci, lk.protocol)
         if lk.kind == "uio" and lk.protocol is not None:
@@ -288,6 +285,9 @@ def _cross_checks(devices: list[DeviceConfig]) -> None:
             raise ConfigError(f"{where}link: {lk.text!r}: {why} as devices[{other}]; "
                               "name the uio device by PCI address instead")
         seen_links[key] = i
+        if d.name in seen_names:  # after the links: a default name is the link text
+            raise ConfigError(f"{where}name: {d.name!r} is also devices[{seen_names[d.name]}]")
+        seen_names[d.name] = i
         if d.blk is not None:
             st = os.stat(d.blk.image)
             ident = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else (-1, st.st_rdev)
