@@ -391,7 +391,8 @@ class ServeDaemon:
         """Open the resources of ``devices``; ``strict`` (startup): all or nothing."""
         opened: list[DeviceSlot] = []
         index = {d.name: i for i, d in enumerate(self.config.devices)}
-        for cfg in devices:
+        # buses first: a bus that will not open must not leave an image opened for writing
+        for cfg in sorted(devices, key=lambda d: d.blk is not None):
             slot = DeviceSlot(cfg, self)
             try:
                 slot.open_resources(index.get(cfg.name, 0))
@@ -554,7 +555,11 @@ async def run_serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await daemon.start()
+        await daemon.start()  # a resource that will not open: ConfigError, nothing to stop
+    except BaseException:
+        loop.remove_signal_handler(signal.SIGHUP)
+        raise
+    try:
         await stop.wait()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
