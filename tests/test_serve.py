@@ -1,0 +1,561 @@
+"""`ivshmem-virtio serve`: many devices from one config, links that come and go, SIGHUP reload.
+
+The daemon runs as a process against sim hubs (one per link, as one Jailhouse link per device);
+the frontends are the Python drivers in this process, joining the hubs as ID 1. A hub stopped and
+started again is a guest cell destroyed and re-created. systemd's notification socket is a
+datagram socket of the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backend.config import ConfigError, parse_config
+from backend.serve import DeviceSlot, ServeDaemon, sd_notify
+from frontend.blk import BlkClient
+from ivshmem_virtio.errors import LinkError
+from ivshmem_virtio.ivshmem.sim import SimIvshmem
+from ivshmem_virtio.procs import Child, cli, run_cli
+from ivshmem_virtio.spec.can import CanFrame
+
+from .conftest import run
+from .test_bind import Fn, make_sysfs
+
+MiB = 1 << 20
+CAN_HUB = ("--protocols", "0xC024,0x8024", "--vectors", "4")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def write_config(path: Path, devices: list[dict], **options: object) -> Path:
+    lines = [f"{k} = {toml_value(v)}" for k, v in options.items()]
+    for d in devices:
+        lines.append("\n[[devices]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in d.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Notify:
+    """The systemd side of sd_notify: a datagram socket that collects what the daemon says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, field: str, timeout: float = 15.0) -> list[str]:
+        """Every message up to and including the first one holding ``field``."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.messages.append(msg)
+            seen.append(msg)
+            if field in msg.split("\n"):
+                return seen
+        raise AssertionError(f"no {field} from the daemon; got {seen}")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def wait_count(child: Child, text: str, n: int, timeout: float = 20.0) -> None:
+    """Wait until ``text`` occurs ``n`` times in the child's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.log().count(text) >= n:
+            return
+        if child.proc.poll() is not None:
+            raise AssertionError(f"{child.name} exited with {child.proc.returncode}:\n"
+                                 f"{child.log()}")
+        time.sleep(0.02)
+    raise AssertionError(f"{child.name}: {text!r} not seen {n}x:\n{child.log()}")
+
+
+async def await_count(child: Child, text: str, n: int, timeout: float = 20.0) -> None:
+    """:func:`wait_count` without blocking the loop the frontends run on."""
+    await asyncio.to_thread(wait_count, child, text, n, timeout)
+
+
+async def blk_client(sock: str) -> BlkClient:
+    client = BlkClient(SimIvshmem(sock, 1), timeout=10.0)
+    await client.start(timeout=10.0)
+    return client
+
+
+async def can_driver(sock: str):  # noqa: ANN201 - frontend.can is imported lazily
+    from frontend.can import CanDriver
+
+    drv = CanDriver(SimIvshmem(sock, 1), timeout=10.0)
+    await drv.start(timeout=10.0)
+    return drv
+
+
+async def leave(driver) -> None:  # noqa: ANN001
+    await driver.close()
+    driver.dev.close()
+
+
+class Keepalive:
+    """Runs ``op`` back to back and records the longest gap between two successes."""
+
+    def __init__(self, name: str, op: Callable[[int], object], pause: float = 0.0) -> None:
+        self.name = name
+        self.op = op
+        self.pause = pause
+        self.ops = 0
+        self.errors: list[str] = []
+        self.longest_gap = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(self.op(self.ops), 10.0)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
+                self.errors.append(repr(e))
+            else:
+                now = time.monotonic()
+                self.longest_gap = max(self.longest_gap, now - last)
+                last = now
+                self.ops += 1
+            await asyncio.sleep(self.pause)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def progressed(self, timeout: float = 10.0) -> None:
+        """Wait for a few more successful operations (the device is being served right now)."""
+        target = self.ops + 3
+        deadline = time.monotonic() + timeout
+        while self.ops < target:
+            assert time.monotonic() < deadline, f"{self.name} stalled: {self.errors[-3:]}"
+            await asyncio.sleep(0.02)
+
+
+# -- the whole daemon ---------------------------------------------------------------------------
+
+def test_serve_devices_survive_link_loss_and_reload(procs, tmp_path, image_factory):
+    socks = {k: str(tmp_path / f"{k}.sock") for k in "abcd"}
+    img_a = image_factory(8 * MiB, name="a.img")
+    img_b = image_factory(8 * MiB, name="b.img")
+    bus = f"virtual:serve-test-{os.getpid()}"
+    dev_a = {"name": "a", "type": "blk", "link": f"sim:{socks['a']}", "image": img_a,
+             "serial": "disk-a"}
+    dev_b = {"name": "b", "type": "blk", "link": f"sim:{socks['b']}", "image": img_b,
+             "serial": "disk-b", "queue_size": 64}
+    dev_c = {"name": "c", "type": "can", "link": f"sim:{socks['c']}", "bus": bus,
+             "queue_size": 64}
+    dev_d = {"name": "d", "type": "can", "link": f"sim:{socks['d']}", "bus": bus,
+             "queue_size": 64}
+    cfg = write_config(tmp_path / "config.toml", [dev_a, dev_b, dev_c], retry_interval=0.2)
+    procs.hub(socks["a"])
+    procs.hub(socks["b"])
+    procs.hub(socks["c"], *CAN_HUB)
+    notify = Notify(tmp_path / "notify")
+    try:
+        serve = Child("serve", cli("serve", "--config", str(cfg)), tmp_path,
+                      env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+        procs.children.append(serve)
+        first = notify.wait_for("READY=1")
+        assert any("STATUS=serving 3/3 devices" in m for m in first), first
+        run(_exercise(procs, serve, notify, socks, cfg, (dev_a, dev_b, dev_c, dev_d)),
+            timeout=150)
+        serve.signal(signal.SIGTERM)
+        assert serve.proc.wait(20) == 0, serve.log()
+        notify.wait_for("STOPPING=1")
+    finally:
+        notify.close()
+    log = serve.log()
+    assert "Traceback" not in log, log
+    assert log.count("link up device=b") == 1, log  # b was never restarted
+    assert log.count("link up device=c") == 1, log
+
+
+async def _exercise(procs, serve: Child, notify: Notify, socks: dict[str, str], cfg: Path,
+                    devices: tuple[dict, ...]) -> None:
+    dev_a, dev_b, dev_c, dev_d = devices
+    a = await blk_client(socks["a"])
+    b = await blk_client(socks["b"])
+    c = await can_driver(socks["c"])
+    assert await a.get_id() == "disk-a" and await b.get_id() == "disk-b"
+    payload_a = os.urandom(256 << 10)
+    await a.write(1 * MiB, payload_a)
+    await a.flush()
+
+    async def blk_op(i: int) -> None:
+        data = i.to_bytes(4, "little") * 1024
+        off = (i % 64) * 4096
+        await b.write(off, data)
+        assert await b.read(off, 4096) == data
+
+    async def can_op(i: int) -> None:
+        assert await c.send(CanFrame.data_frame(0x100 + i % 0x100, bytes([i & 0xFF]))) == 0
+
+    keep_b = Keepalive("blk b", blk_op)
+    keep_c = Keepalive("can c", can_op, pause=0.01)
+    keep_b.start()
+    keep_c.start()
+    try:
+        await keep_b.progressed()
+        await keep_c.progressed()
+
+        # cell behind link a destroyed: its hub goes away, the daemon waits for it
+        await leave(a)
+        hub_a = next(ch for ch in procs.children if ch.name == "hub-a")
+        hub_a.stop()
+        await await_count(serve, "link lost, waiting for it to come back device=a", 1)
+        await keep_b.progressed()
+        await keep_c.progressed()
+        # ... and re-created: same socket, fresh shared memory; the daemon re-attaches
+        procs.start("hub-a-again", "hub", "--socket", socks["a"], wait="hub listening")
+        await await_count(serve, "link up device=a", 2)
+        a = await blk_client(socks["a"])
+        assert await a.read(1 * MiB, len(payload_a)) == payload_a  # the image stayed open
+        await keep_b.progressed()
+
+        # a broken config on SIGHUP is rejected; everything keeps running on the old one
+        good = cfg.read_text()
+        cfg.write_text(good.replace('queue_size = 64', 'queue_size = 100', 1))
+        serve.signal(signal.SIGHUP)
+        await await_count(serve, "reload rejected", 1)
+        await asyncio.to_thread(notify.wait_for, "READY=1")
+        await keep_b.progressed()
+
+        # a real change: a's serial changes and a second can device (cell) joins the bus
+        procs.hub(socks["d"], *CAN_HUB)
+        write_config(cfg, [{**dev_a, "serial": "disk-a2"}, dev_b, dev_c, dev_d],
+                     retry_interval=0.2)
+        serve.signal(signal.SIGHUP)
+        msgs = await asyncio.to_thread(notify.wait_for, "READY=1")
+        assert "RELOADING=1" in msgs[0].split("\n"), msgs
+        assert any(line.startswith("MONOTONIC_USEC=") for line in msgs[0].split("\n"))
+        await await_count(serve, "config reloaded", 1)
+        log = serve.log()
+        assert "changed=['a']" in log and "added=['d']" in log, log
+        # the frontend of a saw its backend restart and came back by itself, with the new serial
+        await a.connected.wait()
+        assert await a.get_id() == "disk-a2"
+        assert a.bring_ups >= 2
+        d = await can_driver(socks["d"])
+        try:
+            frame = CanFrame.data_frame(0x321, b"to-d")
+            assert await d.send(CanFrame.data_frame(0x123, b"to-c")) == 0
+            got = await asyncio.wait_for(_recv_id(c, 0x123), 10)
+            assert got.data == b"to-c"
+            assert await c.send(frame) == 0
+            got = await asyncio.wait_for(_recv_id(d, 0x321), 10)
+            assert got.data == b"to-d"
+        finally:
+            await leave(d)
+        await keep_b.progressed()
+        await keep_c.progressed()
+    finally:
+        await keep_b.stop()
+        await keep_c.stop()
+    # b and c were served throughout: no error, never re-initialised, no long stall
+    assert keep_b.errors == [] and keep_c.errors == [], (keep_b.errors, keep_c.errors)
+    assert b.bring_ups == 1 and c.bring_ups == 1
+    assert keep_b.longest_gap < 3.0 and keep_c.longest_gap < 3.0
+    await leave(a)
+    await leave(b)
+    await leave(c)
+
+
+async def _recv_id(drv, can_id: int):  # noqa: ANN001, ANN202
+    """The next received frame with ``can_id`` (the others are c's own traffic to the bus)."""
+    while True:
+        rx = await drv.recv()
+        if rx.frame.can_id == can_id:
+            return rx.frame
+
+
+def test_shutdown_completes_requests_and_flushes(procs, tmp_path, image_factory):
+    """SIGTERM while a frontend writes: exit 0, and what was acknowledged is in the image."""
+    sock = str(tmp_path / "s.sock")
+    img = image_factory(8 * MiB)
+    cfg = write_config(tmp_path / "c.toml", [{"type": "blk", "link": f"sim:{sock}",
+                                              "image": img}])
+    procs.hub(sock)
+    serve = procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
+
+    async def body() -> bytes:
+        client = await blk_client(sock)
+        data = os.urandom(2 * MiB)
+        try:
+            await client.write(0, data)
+            await client.flush()
+        finally:
+            await leave(client)
+        return data
+
+    data = run(body(), timeout=60)
+    serve.signal(signal.SIGTERM)
+    assert serve.proc.wait(20) == 0, serve.log()
+    assert "stopped" in serve.log()
+    with open(img, "rb") as f:
+        assert f.read(len(data)) == data
+
+
+def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory):
+    """No hub at start, or the backend ID held by another process: READY anyway, and the daemon
+    attaches as soon as the link can be had."""
+    late, busy = str(tmp_path / "late.sock"), str(tmp_path / "busy.sock")
+    procs.hub(busy)
+    other = procs.blk(busy, image_factory(4 * MiB, name="other.img"), name="other-backend")
+    cfg = write_config(tmp_path / "c.toml", [
+        {"name": "late", "type": "blk", "link": f"sim:{late}",
+         "image": image_factory(4 * MiB, name="late.img")},
+        {"name": "busy", "type": "blk", "link": f"sim:{busy}",
+         "image": image_factory(2 * MiB, name="busy.img")}], retry_interval=0.1)
+    serve = procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
+    log = serve.log()
+    assert "link unavailable, retrying device=late" in log, log
+    assert "link unavailable, retrying device=busy" in log and "taken" in log, log
+    procs.hub(late)
+    wait_count(serve, "link up device=late", 1)
+    other.stop()  # the one-off backend leaves: the daemon takes the link over
+    wait_count(serve, "link up device=busy", 1)
+
+    async def capacity(sock: str) -> int:
+        client = await blk_client(sock)
+        try:
+            return client.capacity
+        finally:
+            await leave(client)
+
+    assert run(capacity(late), timeout=30) == 4 * MiB // 512
+    assert run(capacity(busy), timeout=30) == 2 * MiB // 512
+    assert serve.proc.poll() is None
+
+
+def test_check_validates_without_serving(tmp_path, image_factory):
+    cfg = write_config(tmp_path / "c.toml", [{"type": "blk", "link": "uio:auto",
+                                              "image": image_factory()}])
+    r = run_cli(["serve", "--config", str(cfg), "--check"], timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "OK, 1 device(s)" in r.stdout.decode()
+
+
+# -- bad configuration: one line naming the field, exit 2, images untouched ------------------
+
+BASE = [{"type": "blk", "link": "sim:/run/x-a.sock", "image": "@good"},
+        {"type": "blk", "link": "sim:/run/x-b.sock", "image": "@second", "read_only": True},
+        {"type": "can", "link": "sim:/run/x-c.sock", "bus": "virtual:x"}]
+
+BAD = [
+    # (global options, device index, field changes, expected text in the error)
+    ({}, 0, {"image": "@missing"}, "devices[0].image: "),
+    ({}, 1, {"image": "@good"}, "devices[1].image: "),
+    ({}, 0, {"image": "@tiny"}, "devices[0].image: "),
+    ({}, 0, {"image": "@dir"}, "devices[0].image: "),
+    ({}, 0, {"queue_size": 100}, "devices[0].queue_size: "),
+    ({}, 0, {"queue_size": 4}, "devices[0].queue_size: "),
+    ({}, 0, {"queue_size": "256"}, "devices[0].queue_size: "),
+    ({}, 0, {"serial": "x" * 21}, "devices[0].serial: "),
+    ({}, 0, {"read_only": "yes"}, "devices[0].read_only: "),
+    ({}, 0, {"type": "net"}, "devices[0].type: "),
+    ({}, 0, {"link": "tcp:1.2.3.4"}, "devices[0].link: "),
+    ({}, 0, {"link": "sim:"}, "devices[0].link: "),
+    ({}, 0, {"link": "uio:pci=00:zz.0"}, "devices[0].link: "),
+    ({}, 0, {"link": "uio:protocol=0xC024"}, "devices[0].link: "),
+    ({}, 0, {"link": "uio:protocol=banana"}, "devices[0].link: "),
+    ({}, 1, {"link": "sim:/run/x-a.sock"}, "devices[1].link: "),
+    ({}, 0, {"mode": "turbo"}, "devices[0].mode: "),
+    ({}, 0, {"spin_us": -1}, "devices[0].spin_us: "),
+    ({}, 0, {"imgae": "x"}, "devices[0].imgae: unknown option"),
+    ({}, 2, {"image": "@good"}, "devices[2].image: unknown option"),
+    ({}, 0, {"bus": "socketcan:can0"}, "devices[0].bus: unknown option"),
+    ({}, 2, {"bus": "can0"}, "devices[2].bus: "),
+    ({}, 2, {"bus": "nosuchiface:can0"}, "devices[2].bus: "),
+    ({}, 2, {"fd": 1}, "devices[2].fd: "),
+    ({}, 2, {"late_tx_ack": "no"}, "devices[2].late_tx_ack: "),
+    ({}, 1, {"name": "sim:/run/x-a.sock"}, "devices[1].name: "),  # device 0 default name
+    ({}, 0, {"link": None}, "devices[0].link: missing"),
+    ({"mode": "fast"}, None, {}, "mode: "),
+    ({"log_level": "loud"}, None, {}, "log_level: "),
+    ({"log_json": "yes"}, None, {}, "log_json: "),
+    ({"retry_interval": 0}, None, {}, "retry_interval: "),
+    ({"colour": "blue"}, None, {}, "colour: unknown option"),
+    ({"devices": "all"}, None, {}, "devices: "),
+]
+
+
+@pytest.fixture
+def images(tmp_path) -> dict[str, str]:
+    """The images a bad config names, with an old mtime so that any write would show."""
+    paths = {"@good": tmp_path / "good.img", "@second": tmp_path / "second.img",
+             "@tiny": tmp_path / "tiny.img", "@missing": tmp_path / "missing.img",
+             "@dir": tmp_path}
+    for key in ("@good", "@second"):
+        with open(paths[key], "wb") as f:
+            f.truncate(4 * MiB)
+    paths["@tiny"].write_bytes(b"x" * 100)
+    for key in ("@good", "@second", "@tiny"):
+        os.utime(paths[key], (1_000_000_000, 1_000_000_000))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _mtimes(images: dict[str, str]) -> dict[str, int]:
+    return {k: os.stat(v).st_mtime_ns for k, v in images.items()
+            if k in ("@good", "@second", "@tiny")}
+
+
+@pytest.mark.parametrize("options, index, change, needle", BAD,
+                         ids=[b[3].split(":")[0] + "-" + str(i) for i, b in enumerate(BAD)])
+def test_bad_config_value(tmp_path, images, options, index, change, needle):
+    devices = [dict(d) for d in BASE]
+    if index is not None:
+        devices[index].update(change)
+        devices[index] = {k: v for k, v in devices[index].items() if v is not None}
+    for d in devices:
+        if isinstance(d.get("image"), str) and d["image"].startswith("@"):
+            d["image"] = images[d["image"]]
+    opts = dict(options)
+    if "devices" in opts:  # a scalar where the device list should be
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"devices = {toml_value(opts['devices'])}\n")
+    else:
+        cfg = write_config(tmp_path / "c.toml", devices, **opts)
+    before = _mtimes(images)
+    r = run_cli(["serve", "--config", str(cfg)], timeout=30)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2, (r.returncode, err)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("ivshmem-virtio: error: ") and needle in err, err
+    assert _mtimes(images) == before
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[[devices]\ntype = 'blk'\n", "not valid TOML"),
+    (None, "No such file"),
+    (b"\xff\xfe", "not valid UTF-8"),
+])
+def test_unreadable_config(tmp_path, text, needle):
+    cfg = tmp_path / "c.toml"
+    if isinstance(text, str):
+        cfg.write_text(text)
+    elif isinstance(text, bytes):
+        cfg.write_bytes(text)
+    r = run_cli(["serve", "--config", str(cfg)], timeout=30)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert "--config" in err
+
+
+def test_bus_that_cannot_open_fails_before_any_image(tmp_path, images):
+    """Validation passed, but the CAN bus does not exist: exit 2 before any image is opened."""
+    devices = [dict(d) for d in BASE]
+    devices[2]["bus"] = "socketcan:nosuchcan0"
+    for d in devices[:2]:
+        d["image"] = images[d["image"]]
+    cfg = write_config(tmp_path / "c.toml", devices)
+    before = _mtimes(images)
+    r = run_cli(["serve", "--config", str(cfg)], timeout=30)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "devices[2].bus: socketcan:nosuchcan0: cannot open" in err, err
+    assert _mtimes(images) == before
+
+
+# -- pieces, in-process -----------------------------------------------------------------------
+
+def test_sd_notify(tmp_path, monkeypatch):
+    n = Notify(tmp_path / "n")
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(n.path))
+        assert sd_notify("READY=1", "STATUS=ok")
+        assert n.wait_for("READY=1") == ["READY=1\nSTATUS=ok"]
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        assert not sd_notify("READY=1")  # outside systemd: nothing, no error
+    finally:
+        n.close()
+
+
+def test_uio_links_resolve_through_sysfs(tmp_path):
+    root = make_sysfs(tmp_path / "sys", [
+        Fn("0000:01:0c.0", 0xFFC002, driver="uio_ivshmem", uio="uio0", msix=2),
+        Fn("0000:01:0e.0", 0xFFC002, driver="uio_ivshmem", uio="uio3", msix=2),
+        Fn("0000:01:0d.0", 0xFFC024, driver="uio_ivshmem", uio="uio1", msix=4),
+        Fn("0000:01:0f.0", 0xFFC024),
+    ])
+    def resolve(link: str, dtype: str = "blk") -> str:
+        from backend.config import DeviceConfig, parse_link_spec
+
+        cfg = DeviceConfig("x", dtype, parse_link_spec(link, dtype, "link"), 256, "block", 0)
+        daemon = ServeDaemon("c.toml", parse_config({}), sysfs=str(root))
+        return DeviceSlot(cfg, daemon)._resolve_uio()
+
+    assert resolve("uio:pci=0000:01:0c.0") == "/dev/uio0"
+    assert resolve("uio:pci=01:0E.0") == "/dev/uio3"  # domain optional, case-insensitive
+    assert resolve("uio:auto", "can") == "/dev/uio1"  # 01:0f.0 (unbound) does not count
+    assert resolve("uio:protocol=0xC024", "can") == "/dev/uio1"
+    with pytest.raises(LinkError, match="name one with uio:pci="):
+        resolve("uio:auto")  # two blk backends
+    with pytest.raises(LinkError, match="ivshmem-virtio bind"):
+        resolve("uio:pci=0000:01:0f.0", "can")
+    with pytest.raises(LinkError, match="no ivshmem PCI function"):
+        resolve("uio:pci=0000:01:1f.0")
+    with pytest.raises(LinkError, match="does not exist"):
+        resolve("uio:/dev/uio-not-there")
+
+
+def test_two_auto_links_of_one_type_are_ambiguous(tmp_path, image_factory):
+    devices = [{"type": "blk", "link": "uio:auto", "image": image_factory(name="1.img")},
+               {"type": "blk", "link": "uio:protocol=0xC002",
+                "image": image_factory(name="2.img")}]
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.link: .*name the uio device by PCI"):
+        parse_config({"devices": devices})
+
+
+def test_udev_events_reach_the_right_slots(tmp_path):
+    """``add`` retries every waiting uio device at once; ``remove`` stops the one it names."""
+    from backend.config import DeviceConfig, parse_link_spec
+
+    def slot(name: str, link: str) -> DeviceSlot:
+        cfg = DeviceConfig(name, "blk", parse_link_spec(link, "blk", "link"), 256, "block", 0)
+        s = DeviceSlot(cfg, daemon)
+        daemon.slots[name] = s
+        return s
+
+    daemon = ServeDaemon("c.toml", parse_config({}), sysfs=str(tmp_path))
+    u0, u1 = slot("u0", "uio:/dev/uio0"), slot("u1", "uio:pci=0000:01:0d.0")
+    sim = slot("s", f"sim:{tmp_path}/x.sock")
+    u0.devnode, u1.devnode = "/dev/uio0", "/dev/uio1"
+    daemon._uio_event("remove", "/dev/uio1")
+    assert u1._lost.is_set() and not u0._lost.is_set() and not sim._lost.is_set()
+    daemon._uio_event("add", "/dev/uio7")
+    assert u0._wake.is_set() and u1._wake.is_set() and not sim._wake.is_set()
