@@ -1,0 +1,152 @@
+"""The machine's own floor, measured in the same run as the project.
+
+``pingpong``: two-process round trips in C and in Python over a blocking eventfd and over a
+busy-polled shared-memory flag. ``disk``: single-process ``os.preadv`` of the test image from page
+cache (128 KiB sequential, 4 KiB random) and ``fio`` (psync engine, same file) when installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .core import Context, Measurement, summarize_ns
+
+HERE = Path(__file__).resolve().parent
+
+
+def compile_pingpong(ctx: Context) -> Path | None:
+    """Build pingpong.c with the system compiler into the work dir (None without a compiler)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    exe = ctx.workdir / "pingpong"
+    if not exe.exists():
+        r = subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-o", str(exe),
+                            str(HERE / "pingpong.c")], capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} pingpong.c failed:\n{r.stderr.decode(errors='replace')}")
+    return exe
+
+
+def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int) -> Measurement:
+    out = ctx.workdir / f"pingpong-{lang}-{mode}.u64"
+    warmup = max(100, rounds // 20)
+    ctx.progress.update(f"pingpong: {lang} {mode}, {rounds} round trips")
+    ctx.run(f"pingpong-{lang}-{mode}", [*argv0, mode, str(rounds), str(warmup), str(out)],
+            timeout=120)
+    samples = np.fromfile(out, dtype=np.uint64)
+    out.unlink()
+    what = "blocking eventfd" if mode == "eventfd" else "busy-polled shared-memory flag"
+    return ctx.add(Measurement(
+        f"baseline.pingpong.{lang}.{mode}", "pingpong",
+        f"{'C' if lang == 'c' else 'Python'} ping-pong, {what}",
+        params={"rounds": rounds, "warmup": warmup, "processes": 2},
+        latency_us=summarize_ns(samples), samples_ns=samples))
+
+
+def run_pingpong(ctx: Context) -> None:
+    """Round trips between two processes: C and Python, eventfd and spin."""
+    exe = compile_pingpong(ctx)
+    c_rounds = ctx.pick(20_000, 200_000)
+    py_rounds = ctx.pick(5_000, 50_000)
+    if exe is None:
+        ctx.unavailable["pingpong C"] = "no C compiler (cc/gcc) on PATH"
+    for mode in ("eventfd", "spin"):
+        if exe is not None:
+            _pingpong(ctx, "c", [str(exe)], mode, c_rounds)
+        _pingpong(ctx, "py", [sys.executable, "-m", "benchmarks.pingpong"], mode, py_rounds)
+
+
+# -- disk ------------------------------------------------------------------------------------------
+def _preadv(ctx: Context, fd: int, size: int, bs: int, random: bool, seconds: float) -> Measurement:
+    buf = bytearray(bs)
+    views = [memoryview(buf)]
+    blocks = size // bs
+    rng = np.random.default_rng(2)
+    offsets = (rng.integers(0, blocks, 1 << 16) * bs if random else np.arange(blocks) * bs).tolist()
+    m = len(offsets)
+    samples: list[int] = []
+    add = samples.append
+    now = time.perf_counter_ns
+    preadv = os.preadv
+    i = 0
+    t_start = t0 = now()
+    deadline = t_start + int(seconds * 1e9)
+    while t0 < deadline:
+        for _ in range(256):
+            preadv(fd, views, offsets[i])
+            i = i + 1 if i + 1 < m else 0
+            t1 = now()
+            add(t1 - t0)
+            t0 = t1
+    n = len(samples)
+    lat = np.array(samples, dtype=np.uint64)
+    elapsed = (t0 - t_start) / 1e9
+    kind = "random" if random else "sequential"
+    return ctx.add(Measurement(
+        f"baseline.preadv.{'rand4k' if random else 'seq128k'}", "disk",
+        f"os.preadv {bs >> 10} KiB {kind}, one process, page cache",
+        params={"block_bytes": bs, "pattern": kind, "seconds": round(elapsed, 2)},
+        latency_us=summarize_ns(lat), ops_per_s=n / elapsed, mb_per_s=n * bs / elapsed / 1e6,
+        samples_ns=lat))
+
+
+def _fio(ctx: Context, exe: str, image: Path, rw: str, bs: str, jobs: int,
+         seconds: float) -> Measurement:
+    name = f"fio-{rw}-{bs}-j{jobs}"
+    out = ctx.workdir / f"{name}.json"
+    ctx.progress.update(f"disk: fio {rw} {bs} psync, {jobs} job(s)")
+    ctx.run(name, [exe, f"--name={name}", f"--filename={image}", "--ioengine=psync",
+                   f"--rw={rw}", f"--bs={bs}", f"--numjobs={jobs}", "--group_reporting",
+                   "--invalidate=0", "--direct=0", "--time_based", f"--runtime={seconds:g}",
+                   "--percentile_list=50:90:99:99.9:100", "--output-format=json",
+                   f"--output={out}"], timeout=seconds + 60)
+    job = json.loads(out.read_text())["jobs"][0]
+    out.unlink()
+    r = job["read"]
+    pct = r["clat_ns"].get("percentile", {})
+
+    def p(q: str) -> float:
+        return round(float(pct.get(q, 0.0)) / 1e3, 3)
+
+    lat = {"n": int(r["total_ios"]), "min": round(r["clat_ns"]["min"] / 1e3, 3),
+           "mean": round(r["clat_ns"]["mean"] / 1e3, 3), "p50": p("50.000000"),
+           "p90": p("90.000000"), "p99": p("99.000000"), "p999": p("99.900000"),
+           "max": round(r["clat_ns"]["max"] / 1e3, 3)}
+    ops = float(r["iops"])
+    return ctx.add(Measurement(
+        f"baseline.fio.{rw}.{bs}.j{jobs}", "disk",
+        f"fio psync {rw} {bs}, {jobs} job{'s' if jobs > 1 else ''}, page cache",
+        params={"engine": "psync", "rw": rw, "bs": bs, "numjobs": jobs, "seconds": seconds,
+                "note": "completion latency (clat)"},
+        latency_us=lat, ops_per_s=ops, mb_per_s=float(r["bw_bytes"]) / 1e6))
+
+
+def run_disk(ctx: Context) -> None:
+    """preadv of the test image from page cache, and fio on the same file."""
+    image = ctx.image()
+    size = image.stat().st_size
+    seconds = ctx.pick(1.0, 3.0)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ctx.progress.update("disk: os.preadv 128 KiB sequential")
+        _preadv(ctx, fd, size, 128 << 10, False, seconds)
+        ctx.progress.update("disk: os.preadv 4 KiB random")
+        _preadv(ctx, fd, size, 4 << 10, True, seconds)
+    finally:
+        os.close(fd)
+    fio = shutil.which("fio")
+    if fio is None:
+        ctx.unavailable["fio"] = "fio is not installed (apt-get install fio)"
+        return
+    _fio(ctx, fio, image, "read", "128k", 1, seconds)
+    _fio(ctx, fio, image, "randread", "4k", 1, seconds)
+    _fio(ctx, fio, image, "randread", "4k", 2, seconds)

@@ -1,0 +1,266 @@
+"""virtio-blk suites: the backend ``ivshmem-virtio blk`` in its own process, BlkClient here.
+
+``blk-latency``: 512 B reads at QD1 in each notification mode (backend and frontend alike).
+``blk-seq``: 128 KiB sequential reads and writes, QD 1..32. ``blk-rand``: 4 KiB random reads and
+writes, QD 1..32. ``rss``: four devices (four backend processes), their resident memory at rest
+and over many requests. Every suite runs on its own hub(s) and image in the bench work dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ivshmem_virtio.procs import Child, cli
+
+from .core import Context, Measurement, pss_kb, rss_kb, summarize_ns
+
+MODES = ("block", "poll", "adaptive")
+QDS = (1, 2, 4, 8, 16, 32)
+DEFAULT_RW = 0xDF000  # the R/W section of a stock Jailhouse virtio-ivshmem link
+BIG_RW = 0x1000000  # 16 MiB: room for 32 x 128 KiB in flight in the bounce buffers
+
+
+def _run(coro: Awaitable[Any]) -> Any:  # noqa: ANN401 - whatever the coroutine returns
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def start_backend(ctx: Context, name: str, image: Path, *, mode: str = "adaptive",
+                  rw_size: int = DEFAULT_RW, spin_us: float = 50.0) -> tuple[str, Child]:
+    """Start a hub and a blk backend on it; returns the link name and the backend child."""
+    sock = str(ctx.workdir / f"{name}.sock")
+    hub = ctx.child(f"{name}-hub", cli("hub", "--socket", sock, "--rw-size", hex(rw_size)))
+    hub.wait_for("hub listening")
+    backend = ctx.child(f"{name}-backend",
+                        cli("blk", "--link", f"sim:{sock}", "--image", str(image), "--mode", mode,
+                            "--spin-us", str(spin_us)))
+    backend.wait_for("backend ready", timeout=15.0)
+    return f"sim:{sock}", backend
+
+
+async def connect(link: str, mode: str) -> Any:  # noqa: ANN401 - frontend.blk.BlkClient
+    from frontend.cli import connect_blk
+
+    return await connect_blk(link, 15.0, mode)
+
+
+async def disconnect(client: Any) -> None:  # noqa: ANN401
+    await client.close()
+    client.dev.close()
+
+
+# -- blk-latency -----------------------------------------------------------------------------------
+async def _qd1_reads(link: str, mode: str, n: int, warmup: int,
+                     span: int) -> tuple[np.ndarray, int]:
+    client = await connect(link, mode)
+    try:
+        offsets = ((np.arange(n + warmup) * 4096) % span).tolist()
+        now = time.perf_counter_ns
+        read = client.read
+        out = np.empty(n + warmup, dtype=np.uint64)
+        for i, off in enumerate(offsets):
+            t0 = now()
+            await read(off, 512)
+            out[i] = now() - t0
+        return out[warmup:], client.bring_ups - 1
+    finally:
+        await disconnect(client)
+
+
+def run_latency(ctx: Context) -> None:
+    """512 B read round trips at QD1, in block, poll and adaptive mode."""
+    image = ctx.image()
+    n = ctx.pick(3_000, 30_000)
+    warmup = max(200, n // 20)
+    for mode in MODES:
+        with ctx.children_scope():
+            link, _ = start_backend(ctx, f"lat-{mode}", image, mode=mode)
+            ctx.progress.update(f"blk-latency: {mode}, {n} reads of 512 B at QD1")
+            samples, resets = _run(_qd1_reads(link, mode, n, warmup, ctx.image_size))
+        if resets:
+            ctx.notes.append(f"blk-latency {mode}: the device went NEEDS_RESET during the run")
+        ctx.add(Measurement(f"blk-latency.{mode}", "blk-latency",
+                            f"blk 512 B read, QD1, {mode} mode",
+                            params={"mode": mode, "requests": n, "warmup": warmup,
+                                    "spin_us": 50.0, "rw_size": DEFAULT_RW, "bytes": 512},
+                            latency_us=summarize_ns(samples), samples_ns=samples,
+                            extra={"device_resets": resets} if resets else {}))
+
+
+# -- blk-seq / blk-rand --------------------------------------------------------------------------
+async def _point(client: Any, op: str, bs: int, qd: int, seconds: float,  # noqa: ANN401
+                 offset_at: Callable[[int], int]) -> tuple[int, float, np.ndarray]:
+    """Keep ``qd`` requests in flight for ``seconds``: (requests, elapsed, latencies in ns)."""
+    data = np.random.default_rng(qd).bytes(bs)
+    lat: list[int] = []
+    counter = [0]
+    now = time.perf_counter_ns
+    stop_at = now() + int(seconds * 1e9)
+
+    async def worker() -> None:
+        while True:
+            t0 = now()
+            if t0 >= stop_at:
+                return
+            i = counter[0]
+            counter[0] = i + 1
+            if op == "read":
+                await client.read(offset_at(i), bs)
+            else:
+                await client.write(offset_at(i), data)
+            lat.append(now() - t0)
+
+    t_start = now()
+    await asyncio.gather(*[worker() for _ in range(qd)])
+    return len(lat), (now() - t_start) / 1e9, np.array(lat, dtype=np.uint64)
+
+
+async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
+                 seconds: float) -> list[Measurement]:
+    client = await connect(link, "adaptive")
+    out = []
+    try:
+        blocks = ctx.image_size // bs
+        if random:
+            table = (np.random.default_rng(3).integers(0, blocks, 1 << 16) * bs).tolist()
+
+            def offset_at(i: int) -> int:
+                return table[i & 0xFFFF]
+        else:
+            def offset_at(i: int) -> int:
+                return (i % blocks) * bs
+
+        for op in ("read", "write"):
+            for qd in QDS:
+                ctx.progress.update(f"{suite}: {op} {bs >> 10} KiB QD{qd}")
+                await _point(client, op, bs, qd, min(0.2, seconds / 4), offset_at)  # warm-up
+                ups = client.bring_ups
+                n, elapsed, lat = await _point(client, op, bs, qd, seconds, offset_at)
+                resets = client.bring_ups - ups
+                if resets:
+                    ctx.notes.append(f"{suite} {op} QD{qd}: the device went NEEDS_RESET and was "
+                                     f"brought up again during the measurement; the point is "
+                                     f"not valid")
+                out.append(Measurement(
+                    f"{suite}.{op}.qd{qd}", suite,
+                    f"blk {bs >> 10} KiB {'random' if random else 'sequential'} {op}, QD{qd}",
+                    params={"op": op, "qd": qd, "bytes": bs, "seconds": round(elapsed, 2),
+                            "mode": "adaptive", "rw_size": BIG_RW,
+                            "pattern": "random" if random else "sequential"},
+                    latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
+                    mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat if qd == 1 else None,
+                    extra={"device_resets": resets} if resets else {}))
+    finally:
+        await disconnect(client)
+    return out
+
+
+def _run_sweep(ctx: Context, suite: str, bs: int, random: bool) -> None:
+    image = ctx.image()
+    seconds = ctx.pick(0.5, 2.0)
+    with ctx.children_scope():
+        link, _ = start_backend(ctx, suite, image, mode="adaptive", rw_size=BIG_RW)
+        for m in _run(_sweep(ctx, link, suite, bs, random, seconds)):
+            ctx.add(m)
+
+
+def run_seq(ctx: Context) -> None:
+    """128 KiB sequential read and write throughput against queue depth."""
+    _run_sweep(ctx, "blk-seq", 128 << 10, False)
+
+
+def run_rand(ctx: Context) -> None:
+    """4 KiB random read and write IOPS against queue depth."""
+    _run_sweep(ctx, "blk-rand", 4 << 10, True)
+
+
+# -- rss ----------------------------------------------------------------------------------------
+DEVICES = 4
+
+
+async def _rss_load(ctx: Context, links: list[str], pids: list[int], total: int,
+                    time_cap: float) -> dict[str, Any]:
+    """4 KiB random reads and writes spread over the devices, sampling the backends' RSS."""
+    clients = [await connect(link, "adaptive") for link in links]
+    try:
+        at_rest = [rss_kb(p) for p in pids]
+        qd = 8
+        blocks = ctx.image_size // 4096
+        table = (np.random.default_rng(4).integers(0, blocks, 1 << 16) * 4096).tolist()
+        data = bytes(4096)
+        done = [0]
+        warm = min(total // 10, 20_000)
+        samples: list[tuple[int, list[int]]] = []
+        every = max(1000, total // 50)
+        stop_at = time.monotonic() + time_cap
+        t0 = time.monotonic()
+
+        async def worker(client: Any, k: int) -> None:  # noqa: ANN401
+            i = k
+            while done[0] < total and time.monotonic() < stop_at:
+                off = table[i & 0xFFFF]
+                i += 7
+                if i & 1:
+                    await client.write(off, data)
+                else:
+                    await client.read(off, 4096)
+                done[0] += 1
+                if done[0] % every == 0:
+                    samples.append((done[0], [rss_kb(p) for p in pids]))
+                    rate = done[0] / (time.monotonic() - t0)
+                    ctx.progress.update(f"rss: {done[0]}/{total} requests, {rate:,.0f}/s, "
+                                        f"backend RSS {[s >> 10 for s in samples[-1][1]]} MiB")
+
+        await asyncio.gather(*[worker(c, k) for k, c in enumerate(clients) for _ in range(qd)])
+        elapsed = time.monotonic() - t0
+        end = [rss_kb(p) for p in pids]
+        pss = [pss_kb(p) for p in pids]
+        resets = [c.bring_ups - 1 for c in clients]
+    finally:
+        for c in clients:
+            await disconnect(c)
+    after_warm = next((s for n, s in samples if n >= warm), samples[0][1] if samples else end)
+    return {"at_rest_kb": at_rest, "after_warmup_kb": after_warm, "end_kb": end, "pss_kb": pss,
+            "requests": done[0], "seconds": elapsed, "device_resets": resets,
+            "qd_per_device": qd, "warmup": warm,
+            "samples": [{"requests": n, "rss_kb": s} for n, s in samples]}
+
+
+def run_rss(ctx: Context) -> None:
+    """Backend RSS serving four devices, at rest and over many requests."""
+    image = ctx.image()
+    total = ctx.pick(40_000, 1_000_000)
+    time_cap = ctx.pick(30.0, 240.0)
+    with ctx.children_scope():
+        links, pids = [], []
+        for k in range(DEVICES):
+            ctx.progress.update(f"rss: starting backend {k + 1}/{DEVICES}")
+            link, backend = start_backend(ctx, f"rss{k}", image, mode="adaptive")
+            links.append(link)
+            pids.append(backend.pid)
+        r = _run(_rss_load(ctx, links, pids, total, time_cap))
+    growth = [e - w for e, w in zip(r["end_kb"], r["after_warmup_kb"])]
+    ctx.add(Measurement(
+        "rss.backends", "rss", f"blk backend RSS, {DEVICES} devices ({DEVICES} processes)",
+        params={"devices": DEVICES, "processes": DEVICES, "requests_goal": total,
+                "requests": r["requests"], "time_cap_s": time_cap, "rw_size": DEFAULT_RW,
+                "load": "4 KiB random, half reads half writes", "qd_per_device": r["qd_per_device"],
+                "warmup_requests": r["warmup"]},
+        ops_per_s=r["requests"] / r["seconds"],
+        extra={"rss_at_rest_kb": r["at_rest_kb"], "rss_after_warmup_kb": r["after_warmup_kb"],
+               "rss_end_kb": r["end_kb"], "pss_end_kb": r["pss_kb"],
+               "rss_total_mb": round(sum(r["end_kb"]) / 1024, 1),
+               "pss_total_mb": round(sum(r["pss_kb"]) / 1024, 1),
+               "rss_max_process_mb": round(max(r["end_kb"]) / 1024, 1),
+               "rss_growth_kb": growth, "device_resets": r["device_resets"],
+               "rss_samples": r["samples"]}))
+    if any(r["device_resets"]):
+        ctx.notes.append(f"rss: devices went NEEDS_RESET and were brought up again during the "
+                         f"load ({r['device_resets']} per device); see the backend logs")

@@ -1,0 +1,123 @@
+/* Two-process ping-pong: the machine's floor for a cross-process round trip.
+ *
+ *   pingpong eventfd|spin ROUNDS WARMUP OUTFILE
+ *
+ * The parent pings, the forked child answers. "eventfd" blocks in read(2) on one eventfd per
+ * direction (the sim link's doorbell primitive); "spin" busy-polls a sequence number in a shared
+ * anonymous mapping (the polled-ring primitive). Every measured round trip is written to OUTFILE
+ * as a native uint64 in nanoseconds. Built at run time by benchmarks/baselines.py.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void efd_put(int fd)
+{
+	uint64_t one = 1;
+	if (write(fd, &one, sizeof one) != sizeof one) {
+		perror("eventfd write");
+		_exit(1);
+	}
+}
+
+static void efd_take(int fd)
+{
+	uint64_t v;
+	while (read(fd, &v, sizeof v) != sizeof v) {
+		if (errno != EINTR) {
+			perror("eventfd read");
+			_exit(1);
+		}
+	}
+}
+
+struct flags {
+	_Alignas(64) _Atomic uint64_t ping;
+	_Alignas(64) _Atomic uint64_t pong;
+};
+
+int main(int argc, char **argv)
+{
+	if (argc != 5) {
+		fprintf(stderr, "usage: %s eventfd|spin ROUNDS WARMUP OUTFILE\n", argv[0]);
+		return 2;
+	}
+	int spin = strcmp(argv[1], "spin") == 0;
+	if (!spin && strcmp(argv[1], "eventfd") != 0) {
+		fprintf(stderr, "unknown mode %s\n", argv[1]);
+		return 2;
+	}
+	long rounds = atol(argv[2]), warmup = atol(argv[3]);
+	if (rounds <= 0 || warmup < 0)
+		return 2;
+	uint64_t *lat = calloc((size_t)rounds, sizeof *lat);
+	int to_child = eventfd(0, EFD_CLOEXEC), to_parent = eventfd(0, EFD_CLOEXEC);
+	struct flags *f = mmap(NULL, sizeof *f, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			       -1, 0);
+	if (!lat || to_child < 0 || to_parent < 0 || f == MAP_FAILED) {
+		perror("setup");
+		return 1;
+	}
+	long total = rounds + warmup;
+	pid_t child = fork();
+	if (child < 0) {
+		perror("fork");
+		return 1;
+	}
+	if (child == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed parent while spinning */
+		if (getppid() == 1)
+			_exit(1);
+		for (long i = 1; i <= total; i++) {
+			if (spin) {
+				while (atomic_load_explicit(&f->ping, memory_order_acquire) != (uint64_t)i)
+					;
+				atomic_store_explicit(&f->pong, (uint64_t)i, memory_order_release);
+			} else {
+				efd_take(to_child);
+				efd_put(to_parent);
+			}
+		}
+		_exit(0);
+	}
+	for (long i = 1; i <= total; i++) {
+		uint64_t t0 = now_ns();
+		if (spin) {
+			atomic_store_explicit(&f->ping, (uint64_t)i, memory_order_release);
+			while (atomic_load_explicit(&f->pong, memory_order_acquire) != (uint64_t)i)
+				;
+		} else {
+			efd_put(to_child);
+			efd_take(to_parent);
+		}
+		uint64_t dt = now_ns() - t0;
+		if (i > warmup)
+			lat[i - warmup - 1] = dt;
+	}
+	int status = 0;
+	waitpid(child, &status, 0);
+	FILE *out = fopen(argv[4], "wb");
+	if (!out || fwrite(lat, sizeof *lat, (size_t)rounds, out) != (size_t)rounds || fclose(out)) {
+		perror(argv[4]);
+		return 1;
+	}
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}

@@ -1,0 +1,134 @@
+"""Turning a finished run into a terminal table, a JSON document and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core import Measurement
+
+SCHEMA = "ivshmem-virtio-bench/1"
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 10_000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def results_table(results: list[Measurement]) -> str:
+    """One line per measurement: latency percentiles in microseconds, then throughput."""
+    head = ("measurement", "p50", "p90", "p99", "p99.9", "max", "ops/s", "MB/s")
+    rows = [head]
+    for m in results:
+        lat = m.latency_us or {}
+        title = m.title + (" [DEVICE RESET]" if m.extra.get("device_resets") else "")
+        rows.append((title, _fmt(lat.get("p50"), 2), _fmt(lat.get("p90"), 2),
+                     _fmt(lat.get("p99"), 2), _fmt(lat.get("p999"), 2), _fmt(lat.get("max"), 1),
+                     _fmt(m.ops_per_s, 0), _fmt(m.mb_per_s, 1)))
+    return _grid(rows, "latency in us")
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    rows = [("target", "value", "goal", "met", "off by")]
+    for t in targets:
+        goal = "-" if t["goal"] is None else f"{t['op']} {_fmt(t['goal'], 2)}"
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        value = "not measured" if t["value"] is None else f"{_fmt(t['value'], 2)} {t['unit']}"
+        off = f"{t['off_by']:.2f}x" if t.get("off_by") is not None and t["met"] is False else ""
+        rows.append((t["name"], value, goal, met, off))
+    return _grid(rows)
+
+
+def _grid(rows: list[tuple[str, ...]], note: str = "") -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if note:
+        lines.append(f"({note})")
+    return "\n".join(lines)
+
+
+def document(machine: dict[str, Any], parameters: dict[str, Any], results: list[Measurement],
+             targets: list[dict[str, Any]], unavailable: dict[str, str], notes: list[str],
+             errors: dict[str, str]) -> dict[str, Any]:
+    """The JSON result: machine, parameters, every measurement with its percentiles, targets."""
+    return {"schema": SCHEMA, "machine": machine, "parameters": parameters,
+            "results": [m.as_dict() for m in results], "targets": targets,
+            "unavailable": unavailable, "notes": notes, "errors": errors}
+
+
+def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
+    """latency_cdf.png and throughput_qd.png; a reason string when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    cdf = [m for m in results if m.samples_ns is not None and m.samples_ns.size
+           and m.suite in ("pingpong", "doorbell", "blk-latency", "can")]
+    if cdf:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for m in cdf:
+            x = np.sort(m.samples_ns.astype(np.float64)) / 1e3
+            idx = np.unique(np.linspace(0, x.size - 1, min(x.size, 4000)).astype(int))
+            ax.plot(x[idx], (idx + 1) / x.size, label=m.title, linewidth=1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("round trip (us, log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title("Latency CDF: baselines, doorbell and blk 512 B reads at QD1")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / "latency_cdf.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    sweeps = {s: [m for m in results if m.suite == s] for s in ("blk-seq", "blk-rand")}
+    if any(sweeps.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, (suite, ms) in zip(axes, sweeps.items()):
+            seq = suite == "blk-seq"
+            for op in ("read", "write"):
+                pts = sorted((m.params["qd"], m.mb_per_s if seq else m.ops_per_s)
+                             for m in ms if m.params.get("op") == op)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"blk {op}")
+            for m in results:
+                if m.suite != "disk":
+                    continue
+                if seq and m.id in ("baseline.preadv.seq128k", "baseline.fio.read.128k.j1"):
+                    ax.axhline(m.mb_per_s or 0, linestyle="--", linewidth=1, label=m.title)
+                if not seq and m.id.startswith(("baseline.preadv.rand4k",
+                                                "baseline.fio.randread")):
+                    ax.axhline(m.ops_per_s or 0, linestyle="--", linewidth=1, label=m.title)
+            if not seq:
+                ax.axhline(100_000, color="red", linestyle=":", label="target 100,000 IOPS")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("queue depth")
+            ax.set_ylabel("MB/s" if seq else "IOPS")
+            ax.set_title("128 KiB sequential" if seq else "4 KiB random")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("virtio-blk throughput against queue depth (page-cache image)")
+        fig.tight_layout()
+        path = out_dir / "throughput_qd.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

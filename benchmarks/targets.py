@@ -1,0 +1,98 @@
+"""The issue's targets, evaluated as ratios between measurements of one run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .core import Context, Measurement
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda v, g: v <= g,
+    ">=": lambda v, g: v >= g,
+}
+
+
+def _p50(m: Measurement | None) -> float | None:
+    return None if m is None or not m.latency_us else m.latency_us.get("p50")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _target(name: str, value: float | None, op: str | None, goal: float | None, unit: str,
+            detail: str, needs: list[str], *inputs: Measurement | None) -> dict[str, Any]:
+    if any(m is not None and m.extra.get("device_resets") for m in inputs):
+        detail += "; a device reset happened during an input measurement: not valid"
+    met = None if value is None or op is None or goal is None else OPS[op](value, goal)
+    t: dict[str, Any] = {"name": name, "value": None if value is None else round(value, 4),
+                         "goal": goal, "op": op, "unit": unit, "met": met, "detail": detail}
+    if value is None:
+        t["missing"] = needs
+    elif goal is not None and value:
+        # how far from the goal: >1 means that factor away from meeting it
+        t["off_by"] = round(value / goal if op == "<=" else goal / value, 3)
+    return t
+
+
+def evaluate(ctx: Context) -> list[dict[str, Any]]:
+    """Every target of issue 5; a target whose inputs were not measured has ``met: null``."""
+    g = ctx.get
+    out = []
+
+    a, b = g("blk-latency.adaptive"), g("baseline.pingpong.py.spin")
+    out.append(_target(
+        "blk 512 B read QD1 adaptive p50 / Python busy-poll ping-pong p50",
+        _ratio(_p50(a), _p50(b)), "<=", 15.0, "x",
+        f"{_p50(a)} us / {_p50(b)} us", ["blk-latency", "pingpong"], a, b))
+
+    a, b = g("blk-latency.block"), g("baseline.pingpong.c.eventfd")
+    out.append(_target(
+        "blk 512 B read QD1 block p50 / C eventfd ping-pong p50",
+        _ratio(_p50(a), _p50(b)), "<=", 1.3, "x",
+        f"{_p50(a)} us / {_p50(b)} us", ["blk-latency", "pingpong"], a, b))
+
+    a, b = g("blk-seq.read.qd8"), g("baseline.preadv.seq128k")
+    out.append(_target(
+        "blk 128 KiB sequential read QD8 / single-process preadv",
+        _ratio(a and a.mb_per_s, b and b.mb_per_s), ">=", 0.6, "fraction",
+        f"{a and round(a.mb_per_s or 0)} MB/s / {b and round(b.mb_per_s or 0)} MB/s",
+        ["blk-seq", "disk"], a, b))
+
+    a = g("blk-rand.read.qd32")
+    out.append(_target(
+        "blk 4 KiB random read QD32 IOPS", a and a.ops_per_s, ">=", 100_000.0, "IOPS",
+        "4 KiB random reads, 32 in flight, adaptive mode", ["blk-rand"], a))
+
+    b = g("baseline.fio.randread.4k.j1")
+    out.append(_target(
+        "blk 4 KiB random read QD32 IOPS / fio psync randread 4k (1 job)",
+        _ratio(a and a.ops_per_s, b and b.ops_per_s), None, None, "fraction",
+        "reported, no goal", ["blk-rand", "disk (fio)"], a, b))
+
+    a = g("can.one-way")
+    out.append(_target(
+        "CAN frames/s frontend -> backend -> bus", a and a.ops_per_s, ">=", 100_000.0,
+        "frames/s", "sustained one-way send rate", ["can"]))
+
+    a, b = g("can.echo"), g("baseline.pingpong.py.spin")
+    out.append(_target(
+        "CAN echo round trip p50 / Python busy-poll ping-pong p50",
+        _ratio(_p50(a), _p50(b)), "<=", 15.0, "x",
+        f"{_p50(a)} us / {_p50(b)} us (the blk ratio)", ["can", "pingpong"]))
+
+    m = g("rss.backends")
+    total = m.extra.get("rss_total_mb") if m else None
+    out.append(_target(
+        "backend RSS serving 4 devices (sum of VmRSS)", total, "<=", 80.0, "MB",
+        "" if m is None else
+        f"{m.params['processes']} processes, per process {m.extra['rss_end_kb']} KiB, "
+        f"PSS total {m.extra['pss_total_mb']} MB", ["rss"]))
+
+    growth = max(m.extra["rss_growth_kb"]) if m else None
+    out.append(_target(
+        "backend RSS growth after warm-up (max per process)",
+        None if growth is None else growth / 1024, "<=", 1.0, "MB",
+        "" if m is None else f"over {m.params['requests']} requests", ["rss"]))
+    return out
