@@ -56,6 +56,9 @@ class BlkClient(VirtioDriver):
         self._space = asyncio.Condition()
         self._backlog: list[_Req] = []
         self.completed = 0
+        # requests added to the ring whose on_used has not run yet: they still hold bounce
+        # memory even after get_used() returned their descriptors to the free list
+        self._outstanding = 0
 
     # -- geometry from the device config ---------------------------------------------------------
     def on_queues_ready(self) -> None:
@@ -151,7 +154,7 @@ class BlkClient(VirtioDriver):
             try:
                 out, inn = self._place(req)
             except TransportError as e:
-                if vq.num_free == vq.size:  # nothing in flight will free memory for it
+                if self._outstanding == 0:  # nothing in flight will free memory for it
                     self._backlog.pop(0)
                     req.future.set_exception(BlkIOError(errno.ENOMEM, str(e)))
                     continue
@@ -161,6 +164,7 @@ class BlkClient(VirtioDriver):
                 break
             self._backlog.pop(0)
             vq.add(out, inn, req)
+            self._outstanding += 1
             added = True
         if added and vq.kick_needed():
             self.transport.kick(0)
@@ -207,6 +211,7 @@ class BlkClient(VirtioDriver):
     def on_used(self, index: int, token: object, length: int) -> None:
         req = token
         assert isinstance(req, _Req)
+        self._outstanding -= 1
         mem = self.transport.hdr
         status = mem.u8(req.status_addr)
         data = b""
@@ -246,4 +251,5 @@ class BlkClient(VirtioDriver):
 
     async def _bring_up(self, timeout: float | None = None) -> None:
         await super()._bring_up(timeout)
+        self._outstanding = 0  # a fresh ring: what was in flight is resubmitted or failed
         self._pump()
