@@ -85,6 +85,33 @@ class Progress:
             self._open = False
 
 
+class PipedChild(Child):
+    """A :class:`Child` whose stdin is a pipe (for programs that read commands and quit on EOF)."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: str | Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the child
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.PIPE)
+        self.pid = self.proc.pid
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()  # EOF: the program's own clean exit
+                self.proc.wait(min(timeout, 2.0))
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return super().stop(timeout)
+
+
 @dataclass
 class Context:
     """One bench run: where temp files go, how long to measure, what came out."""
@@ -105,9 +132,9 @@ class Context:
     def get(self, mid: str) -> Measurement | None:
         return next((m for m in self.results if m.id == mid), None)
 
-    def child(self, name: str, argv: list[str]) -> Child:
+    def child(self, name: str, argv: list[str], stdin_pipe: bool = False) -> Child:
         """Start a child logging into the work dir; stopped by pid at the end at the latest."""
-        c = Child(name, argv, self.workdir)
+        c = PipedChild(name, argv, self.workdir) if stdin_pipe else Child(name, argv, self.workdir)
         self.children.append(c)
         return c
 

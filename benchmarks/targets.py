@@ -95,4 +95,15 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         "backend RSS growth after warm-up (max per process)",
         None if growth is None else growth / 1024, "<=", 1.0, "MB",
         "" if m is None else f"over {m.params['requests']} requests", ["rss"]))
+
+    m = g("inmate.fast-reply.decision")
+    spi = m.extra["spi_bytes_from_int_seen"] if m else {}
+    raw = m.extra["spi_bytes_from_int_fall"] if m else {}
+    out.append(_target(
+        "inmate fast reply SPI bytes, INT -> RTS (max over replies)", spi.get("max"), "<=",
+        30.0, "bytes",
+        "" if m is None else
+        f"p50 {spi.get('p50')} bytes from the driver seeing INT; from the pin falling p50 "
+        f"{raw.get('p50')}, max {raw.get('max')}; {spi.get('max', 0) * 0.8:.1f} us of SPI at "
+        f"10 MHz (issue 4)", ["inmate"]))
     return out
