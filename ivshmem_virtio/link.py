@@ -84,7 +84,9 @@ class IrqWaiter:
                 if deadline is not None and time.perf_counter() > deadline:
                     break
                 await asyncio.sleep(0)
-        if not self._event.is_set():
+        # re-check before sleeping: with EVENT_IDX a peer may have published work before it saw
+        # our new used_event/avail_event and decided no interrupt was needed
+        if not self._event.is_set() and not has_work():
             try:
                 if timeout is None:
                     await self._event.wait()
