@@ -559,3 +559,38 @@ def test_udev_events_reach_the_right_slots(tmp_path):
     assert u1._lost.is_set() and not u0._lost.is_set() and not sim._lost.is_set()
     daemon._uio_event("add", "/dev/uio7")
     assert u0._wake.is_set() and u1._wake.is_set() and not sim._wake.is_set()
+
+
+# -- what ships: the sample config and the systemd unit ---------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sample_config_is_valid(tmp_path):
+    """packaging/config.toml parses as it is, once its image paths exist."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "packaging" / "config.toml").read_text())
+    for d in data["devices"]:
+        if "image" in d:
+            path = tmp_path / Path(d["image"]).name
+            with open(path, "wb") as f:
+                f.truncate(MiB)
+            d["image"] = str(path)
+    config = parse_config(data)
+    assert [d.type for d in config.devices].count("blk") == 2
+    assert [d.type for d in config.devices].count("can") == 1
+    assert all(d.link.kind == "uio" for d in config.devices)
+
+
+def test_systemd_unit():
+    """Type=notify with readiness from the daemon, restart on failure, reload by SIGHUP."""
+    keys: dict[str, list[str]] = {}
+    for line in (ROOT / "packaging" / "ivshmem-virtio.service").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    assert keys["Type"] == ["notify"] and keys["Restart"] == ["on-failure"]
+    assert any(v.endswith("kill -HUP $MAINPID") for v in keys["ExecReload"])
+    assert any(" serve --config " in v and "--check" not in v for v in keys["ExecStart"])
+    assert keys["RestartPreventExitStatus"] == ["2"]
