@@ -14,6 +14,7 @@ import mmap
 import os
 import platform
 import struct
+import sys
 import threading
 from typing import Protocol, TypeAlias
 
@@ -28,6 +29,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+_LE = sys.byteorder == "little"
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _fence_lock = threading.Lock()
 
@@ -93,17 +95,29 @@ class Region:
         self.check(off, 1)
         self._mv[off] = value & 0xFF
 
+    # Stores go through a one-item memoryview cast: that is a single fixed-size memcpy in C, i.e.
+    # one store. struct.pack_into writes byte by byte, so a peer could read a torn index
+    # (avail->idx 0x00FF -> 0x0100 passes through 0x0000, a jump of 65281 entries).
     def set_u16(self, off: int, value: int) -> None:
         self.check(off, 2)
-        _U16.pack_into(self._mv, off, value & 0xFFFF)
+        if _LE:
+            self._mv[off:off + 2].cast("H")[0] = value & 0xFFFF
+        else:  # pragma: no cover - every supported host is little endian
+            _U16.pack_into(self._mv, off, value & 0xFFFF)
 
     def set_u32(self, off: int, value: int) -> None:
         self.check(off, 4)
-        _U32.pack_into(self._mv, off, value & 0xFFFFFFFF)
+        if _LE:
+            self._mv[off:off + 4].cast("I")[0] = value & 0xFFFFFFFF
+        else:  # pragma: no cover
+            _U32.pack_into(self._mv, off, value & 0xFFFFFFFF)
 
     def set_u64(self, off: int, value: int) -> None:
         self.check(off, 8)
-        _U64.pack_into(self._mv, off, value & 0xFFFFFFFFFFFFFFFF)
+        if _LE:
+            self._mv[off:off + 8].cast("Q")[0] = value & 0xFFFFFFFFFFFFFFFF
+        else:  # pragma: no cover
+            _U64.pack_into(self._mv, off, value & 0xFFFFFFFFFFFFFFFF)
 
     def unpack(self, st: struct.Struct, off: int) -> tuple:
         """Unpack a precompiled struct at ``off`` (one bounds check for the whole record)."""
