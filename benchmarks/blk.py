@@ -91,7 +91,7 @@ def run_latency(ctx: Context) -> None:
                             params={"mode": mode, "requests": n, "warmup": warmup,
                                     "spin_us": 50.0, "rw_size": DEFAULT_RW, "bytes": 512},
                             latency_us=summarize_ns(samples), samples_ns=samples,
-                            extra={"device_resets": resets} if resets else {}))
+                            extra=_reset_extra(resets)))
 
 
 # -- blk-seq / blk-rand --------------------------------------------------------------------------
@@ -141,13 +141,18 @@ async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
             for qd in QDS:
                 ctx.progress.update(f"{suite}: {op} {bs >> 10} KiB QD{qd}")
                 await _point(client, op, bs, qd, min(0.2, seconds / 4), offset_at)  # warm-up
-                ups = client.bring_ups
-                n, elapsed, lat = await _point(client, op, bs, qd, seconds, offset_at)
-                resets = client.bring_ups - ups
-                if resets:
-                    ctx.notes.append(f"{suite} {op} QD{qd}: the device went NEEDS_RESET and was "
-                                     f"brought up again during the measurement; the point is "
-                                     f"not valid")
+                resets = 0
+                for _attempt in range(2):  # one retry when the device reset under the load
+                    ups = client.bring_ups
+                    n, elapsed, lat = await _point(client, op, bs, qd, seconds, offset_at)
+                    if client.bring_ups == ups:
+                        break
+                    resets += client.bring_ups - ups
+                    ctx.notes.append(f"{suite} {op} QD{qd}: the device went NEEDS_RESET and "
+                                     f"was brought up again during the measurement"
+                                     f"{'; measured again' if _attempt == 0 else ''}")
+                else:
+                    resets = -resets  # still reset on the retry: the point is not valid
                 out.append(Measurement(
                     f"{suite}.{op}.qd{qd}", suite,
                     f"blk {bs >> 10} KiB {'random' if random else 'sequential'} {op}, QD{qd}",
@@ -156,10 +161,17 @@ async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                             "pattern": "random" if random else "sequential"},
                     latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
                     mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat if qd == 1 else None,
-                    extra={"device_resets": resets} if resets else {}))
+                    extra=_reset_extra(resets)))
     finally:
         await disconnect(client)
     return out
+
+
+def _reset_extra(resets: int) -> dict[str, Any]:
+    """``device_resets`` marks an invalid point; ``retried_after_reset`` a valid retry."""
+    if resets < 0:
+        return {"device_resets": -resets}
+    return {"retried_after_reset": resets} if resets else {}
 
 
 def _run_sweep(ctx: Context, suite: str, bs: int, random: bool) -> None:

@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--out", help="keep the raw profiles in this directory")
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -150,7 +151,9 @@ def main(argv: list[str]) -> int:
         rw = DEFAULT_RW if args.workload == "blk-latency" else BIG_RW
         link, backend = start_backend(ctx, "profile", image, mode=args.mode, rw_size=rw)
         raw = out / f"backend-{args.workload}-{args.mode}.pyspy.txt"
-        spy = ctx.child("py-spy", [pyspy, "record", "--pid", str(backend.pid), "--nonblocking",
+        # --native needs py-spy to stop the process while it unwinds C frames
+        how = ["--native"] if args.native else ["--nonblocking"]
+        spy = ctx.child("py-spy", [pyspy, "record", "--pid", str(backend.pid), *how,
                                    "--rate", str(args.rate), "--format", "raw", "--output",
                                    str(raw), "--duration", str(int(args.seconds + 3))])
         time.sleep(1.0)  # py-spy attaches
@@ -164,7 +167,11 @@ def main(argv: list[str]) -> int:
         session = prof.stop()
         be_cpu, fe_cpu = cpu_seconds(backend.pid) - be0, time.process_time() - fe0
         spy.proc.wait(args.seconds + 30)
+        spy_log = spy.log()
         ctx.stop(spy)
+        if not raw.exists():
+            print(f"py-spy wrote no profile:\n{spy_log}", file=sys.stderr)
+            return 1
         (out / f"frontend-{args.workload}-{args.mode}.pyinstrument.txt").write_text(
             prof.output_text(unicode=False, color=False, show_all=False))
         total, self_fn, self_line, incl_fn = parse_collapsed(raw.read_text())
