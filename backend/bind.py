@@ -162,7 +162,8 @@ def format_table(functions: list[IvshmemFunction]) -> list[str]:
     lines = [f"{'DEVICE':<12} {'PCI':<14} {'PROTOCOL':<8} {'IRQ':<9} {'R/W':<9} "
              "DRIVER / ROLE"]
     for f in functions:
-        irq = f"MSI-X {f.vectors}" if f.vectors else "INTx"
+        # msi_irqs exists only while a driver has the vectors: unbound says nothing about INTx
+        irq = f"MSI-X {f.vectors}" if f.vectors else ("INTx" if f.driver else "-")
         rw = hex(f.rw_size) if f.rw_size else "-"
         lines.append(f"{f.uio or '-':<12} {f.pci:<14} {f.protocol:#06x}   {irq:<9} {rw:<9} "
                      f"{f.driver or 'unbound'} / {describe(f.protocol)}")
