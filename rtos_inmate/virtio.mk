@@ -12,6 +12,10 @@
 #                  then checks that only hal_* (and mem*) symbols stay undefined
 #   virtio-layout  include/shared_layout.h equals the Python generator's output
 #   virtio-test    the pytest files of this side (end to end over the sim link)
+#   virtio-jailhouse-check JAILHOUSE_DIR=...
+#                  compiles hal/jailhouse_rpi4/ivshmem_rpi4.c (the link HAL on the
+#                  Jailhouse ivshmem device) against a Jailhouse tree's inmate
+#                  headers, without a kernel tree; the real build is `make jailhouse`
 
 V_HOSTCC  ?= gcc
 V_CROSS   ?= aarch64-linux-gnu-
@@ -32,7 +36,7 @@ V_CROSS_CFLAGS := -std=c11 -O2 -ffreestanding -fno-builtin -nostdlib \
                   -fno-stack-protector -fno-pic $(V_WARN) $(V_INC)
 V_CROSS_OBJ    := $(patsubst %.c,$(V_BUILD)/cross/%.o,$(V_PORTABLE))
 
-.PHONY: virtio-hosted virtio-cross virtio-layout virtio-test virtio-clean
+.PHONY: virtio-hosted virtio-cross virtio-layout virtio-test virtio-clean virtio-jailhouse-check
 
 virtio-hosted: $(V_BUILD)/hosted_inmate
 
@@ -64,6 +68,20 @@ virtio-test: virtio-hosted
 
 virtio-clean:
 	rm -rf $(V_BUILD)
+
+V_JH := $(JAILHOUSE_DIR)
+virtio-jailhouse-check:
+	@if [ ! -f "$(V_JH)/inmates/lib/arm-common/include/inmate.h" ]; then \
+	  echo "usage: make -f virtio.mk virtio-jailhouse-check JAILHOUSE_DIR=/path/to/jailhouse"; exit 2; fi
+	@mkdir -p $(V_BUILD)/jailhouse
+	$(V_CROSS)gcc -std=gnu11 -O2 -ffreestanding -nostdinc -fno-pic -fno-stack-protector \
+	  -isystem $$($(V_CROSS)gcc -print-file-name=include) $(V_WARN) \
+	  -I$(V_JH)/inmates/lib/arm64/include -I$(V_JH)/inmates/lib/arm-common/include \
+	  -I$(V_JH)/include/arch/arm64 -I$(V_JH)/inmates/lib/include -I$(V_JH)/include \
+	  $(V_INC) -Ihal/jailhouse_rpi4 -c hal/jailhouse_rpi4/ivshmem_rpi4.c \
+	  -o $(V_BUILD)/jailhouse/ivshmem_rpi4.o
+	@echo "virtio-jailhouse-check: ivshmem_rpi4.c builds against $(V_JH); it needs:"
+	@$(V_CROSS)nm -u $(V_BUILD)/jailhouse/ivshmem_rpi4.o | awk '{print "  " $$2}'
 
 -include $(shell find $(V_BUILD) -name '*.d' 2>/dev/null)
 
