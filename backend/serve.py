@@ -153,6 +153,8 @@ class DeviceSlot:
             try:
                 if not image.read_only:
                     await asyncio.to_thread(image.flush)
+            except OSError as e:
+                log.error("flush failed", device=self.name, error=str(e))
             finally:
                 image.close()
         if self.group is not None:
@@ -203,13 +205,17 @@ class DeviceSlot:
                 await self._pause(self.daemon.config.retry_interval)
                 continue
             last_error = ""
-            failed = False
+            failed = True
             try:
-                failed = await self._serve(dev)
+                if not self._stopping:  # stop() came while the link was opening
+                    failed = await self._serve(dev)
+            except Exception as e:  # noqa: BLE001 - one device's bug must not end the daemon
+                log.error("device failed", device=self.name, link=dev.name, error=repr(e))
             finally:
                 dev.close()
                 self.devnode = ""
                 self._lost.clear()
+                self.attempted.set()
             if not self._stopping:
                 self._set_state("waiting")
                 # a runner that crashed waits a full interval; a link that went away retries soon
@@ -299,8 +305,13 @@ class DeviceSlot:
         """Run one runner until the link goes or we stop; True if it failed on its own."""
         cfg = self.cfg
         service = self._service(dev)
-        runner = LinkRunner(dev, service, mode=cfg.mode, spin_us=cfg.spin_us,  # type: ignore[arg-type]
-                            queue_size=cfg.queue_size, workers=2 if cfg.blk else 1)
+        try:
+            runner = LinkRunner(dev, service,  # type: ignore[arg-type]
+                                mode=cfg.mode, spin_us=cfg.spin_us, queue_size=cfg.queue_size,
+                                workers=2 if cfg.blk else 1)
+        except BaseException:
+            await self._release_service(service)
+            raise
         if cfg.can is not None:
             service.bind(runner)  # type: ignore[attr-defined]
         self.runner = runner
