@@ -334,13 +334,17 @@ def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory
     """No hub at start, or the backend ID held by another process: READY anyway, and the daemon
     attaches as soon as the link can be had."""
     late, busy = str(tmp_path / "late.sock"), str(tmp_path / "busy.sock")
+    wrong = str(tmp_path / "wrong.sock")
     procs.hub(busy)
+    procs.hub(wrong, *CAN_HUB)  # a CAN link named as a disk's: refused, retried, logged once
     other = procs.blk(busy, image_factory(4 * MiB, name="other.img"), name="other-backend")
     cfg = write_config(tmp_path / "c.toml", [
         {"name": "late", "type": "blk", "link": f"sim:{late}",
          "image": image_factory(4 * MiB, name="late.img")},
         {"name": "busy", "type": "blk", "link": f"sim:{busy}",
-         "image": image_factory(2 * MiB, name="busy.img")}], retry_interval=0.1)
+         "image": image_factory(2 * MiB, name="busy.img")},
+        {"name": "wrong", "type": "blk", "link": f"sim:{wrong}",
+         "image": image_factory(2 * MiB, name="wrong.img")}], retry_interval=0.1)
     serve = procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
     log = serve.log()
     assert "link unavailable, retrying device=late" in log, log
@@ -359,6 +363,9 @@ def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory
 
     assert run(capacity(late), timeout=30) == 4 * MiB // 512
     assert run(capacity(busy), timeout=30) == 2 * MiB // 512
+    log = serve.log()
+    assert log.count("link unavailable, retrying device=wrong") == 1, log
+    assert "the link's protocol is 0xc024, a blk backend needs 0xc002" in log, log
     assert serve.proc.poll() is None
 
 
