@@ -83,11 +83,13 @@ class DriverTransport:
         if self.hdr.size < 2 * H.PAGE_SIZE:
             raise TransportError(f"{dev.name}: R/W section smaller than two pages")
         dev.set_int_control(False)
-        if dev.own_state != H.STATE_RESET:
-            # we were attached: the backend must see us leave and come back with a fresh
-            # header, so its current READY is stale until it has dropped to RESET once
+        if dev.own_state != H.STATE_RESET and not self.backend_ready():
+            # we were attached and the backend left: it waits for our RESET before it
+            # re-initializes the header and comes back READY
             dev.set_state(H.STATE_RESET)
-            await self._wait_backend_not_ready(timeout)
+        # (a backend still READY is in our session: it stays so only while we are READY, and the
+        # status-0 reset of negotiate() restarts the device. Dropping to RESET here instead
+        # would make it go RESET -> READY within one step, a blip we could miss and wait out)
         await self.wait_backend_ready(timeout)
         hdr = self.hdr
         if hdr.u32(H.HDR_REVISION) < 1:
