@@ -7,7 +7,9 @@
 # targets hosted, cross and test build and check these too.
 #
 #   virtio-hosted  build/virtio/hosted_inmate: the whole cell as a Linux
-#                  process (MCP2515 simulator + sim hub), -Wall -Wextra -Werror
+#                  process (MCP2515 simulator + sim hub), -Wall -Wextra -Werror;
+#                  SANITIZE=1 builds build/virtio-asan/hosted_inmate with ASan +
+#                  UBSan (INMATE_SANITIZE=1 runs the tests against it)
 #   virtio-cross   core/ and drivers/ for aarch64, freestanding, no libc,
 #                  then checks that only hal_* (and mem*) symbols stay undefined
 #   virtio-layout  include/shared_layout.h equals the Python generator's output
@@ -20,7 +22,8 @@
 V_HOSTCC  ?= gcc
 V_CROSS   ?= aarch64-linux-gnu-
 V_PYTHON  ?= $(if $(wildcard ../.venv/bin/python),../.venv/bin/python,python3)
-V_BUILD   := build/virtio
+V_SANITIZE ?= $(if $(SANITIZE),$(SANITIZE),0)
+V_BUILD   := $(if $(filter 1,$(V_SANITIZE)),build/virtio-asan,build/virtio)
 
 V_WARN := -Wall -Wextra -Werror -Wstrict-prototypes -Wmissing-prototypes \
           -Wmissing-declarations -Wshadow -Wpointer-arith -Wvla -Wundef
@@ -30,6 +33,12 @@ V_PORTABLE   := $(wildcard core/*.c) $(wildcard drivers/*.c)
 V_HOSTED_SRC := hal/hosted/hal_hosted.c hal/hosted/simlink.c hal/hosted/inmate_main.c
 
 V_HOSTED_CFLAGS := -std=c11 -O2 -g $(V_WARN) $(V_INC) -Ihal/hosted
+V_HOSTED_LDFLAGS :=
+ifeq ($(V_SANITIZE),1)
+# SANITIZE=1: AddressSanitizer + UBSan into build/virtio-asan, abort on any report
+V_HOSTED_CFLAGS  += -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+V_HOSTED_LDFLAGS += -fsanitize=address,undefined
+endif
 V_HOSTED_OBJ    := $(patsubst %.c,$(V_BUILD)/hosted/%.o,$(V_PORTABLE) $(V_HOSTED_SRC))
 
 V_CROSS_CFLAGS := -std=c11 -O2 -ffreestanding -fno-builtin -nostdlib \
@@ -41,7 +50,7 @@ V_CROSS_OBJ    := $(patsubst %.c,$(V_BUILD)/cross/%.o,$(V_PORTABLE))
 virtio-hosted: $(V_BUILD)/hosted_inmate
 
 $(V_BUILD)/hosted_inmate: $(V_HOSTED_OBJ)
-	$(V_HOSTCC) -o $@ $^
+	$(V_HOSTCC) $(V_HOSTED_LDFLAGS) -o $@ $^
 
 $(V_BUILD)/hosted/%.o: %.c
 	@mkdir -p $(dir $@)

@@ -28,7 +28,7 @@
 
 #include "ivshmem_link.h"
 
-#define VQ_MAX_SIZE 256u /* largest queue this driver sets up */
+#define VQ_MAX_SIZE 128u /* largest queue this driver sets up (bounds its bss) */
 #define VQ_MAX_CHAIN 4u  /* most descriptors in one chain */
 
 enum vq_rc {

@@ -45,7 +45,9 @@ frontend, close_frontend, wait_until = helpers.frontend, helpers.close_frontend,
 
 REPO = Path(__file__).resolve().parents[2]
 INMATE_DIR = REPO / "rtos_inmate"
-BINARY = INMATE_DIR / "build" / "virtio" / "hosted_inmate"
+# INMATE_SANITIZE=1 runs everything against an AddressSanitizer/UBSan build
+SANITIZE = os.environ.get("INMATE_SANITIZE") == "1"
+BINARY = INMATE_DIR / "build" / ("virtio-asan" if SANITIZE else "virtio") / "hosted_inmate"
 OSC, BITRATE = 16_000_000, 500_000
 # one fast-reply rule: a data frame 0x100 starting with 0x11 is answered with 0x101 [0x22, byte0]
 RULE = "100:11->101:22$0"
@@ -53,8 +55,10 @@ RULE = "100:11->101:22$0"
 
 @pytest.fixture(scope="module")
 def inmate_binary() -> Path:
-    res = subprocess.run(["make", "-C", str(INMATE_DIR), "-f", "virtio.mk", "virtio-hosted"],
-                         capture_output=True, text=True, timeout=300)
+    args = ["make", "-C", str(INMATE_DIR), "-f", "virtio.mk", "virtio-hosted"]
+    if SANITIZE:
+        args.append("SANITIZE=1")
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return BINARY
 
