@@ -47,6 +47,12 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
     samples_ns: np.ndarray | None = None  # kept for plots, never written to JSON
 
+    @property
+    def invalid(self) -> bool:
+        """A device reset happened during the measurement (and was not measured again)."""
+        r = self.extra.get("device_resets")
+        return any(r) if isinstance(r, list) else bool(r)
+
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "suite": self.suite, "title": self.title,
                              "params": self.params}

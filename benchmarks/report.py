@@ -26,7 +26,7 @@ def results_table(results: list[Measurement]) -> str:
     rows = [head]
     for m in results:
         lat = m.latency_us or {}
-        title = m.title + (" [DEVICE RESET]" if m.extra.get("device_resets") else "")
+        title = m.title + (" [DEVICE RESET]" if m.invalid else "")
         rows.append((title, _fmt(lat.get("p50"), 2), _fmt(lat.get("p90"), 2),
                      _fmt(lat.get("p99"), 2), _fmt(lat.get("p999"), 2), _fmt(lat.get("max"), 1),
                      _fmt(m.ops_per_s, 0), _fmt(m.mb_per_s, 1)))

@@ -23,7 +23,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _target(name: str, value: float | None, op: str | None, goal: float | None, unit: str,
             detail: str, needs: list[str], *inputs: Measurement | None) -> dict[str, Any]:
-    if any(m is not None and m.extra.get("device_resets") for m in inputs):
+    if any(m is not None and m.invalid for m in inputs):
         detail += "; a device reset happened during an input measurement: not valid"
     met = None if value is None or op is None or goal is None else OPS[op](value, goal)
     t: dict[str, Any] = {"name": name, "value": None if value is None else round(value, 4),
@@ -88,13 +88,13 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         "backend RSS serving 4 devices (sum of VmRSS)", total, "<=", 80.0, "MB",
         "" if m is None else
         f"{m.params['processes']} processes, per process {m.extra['rss_end_kb']} KiB, "
-        f"PSS total {m.extra['pss_total_mb']} MB", ["rss"]))
+        f"PSS total {m.extra['pss_total_mb']} MB", ["rss"], m))
 
     growth = max(m.extra["rss_growth_kb"]) if m else None
     out.append(_target(
         "backend RSS growth after warm-up (max per process)",
         None if growth is None else growth / 1024, "<=", 1.0, "MB",
-        "" if m is None else f"over {m.params['requests']} requests", ["rss"]))
+        "" if m is None else f"over {m.params['requests']} requests", ["rss"], m))
 
     m = g("inmate.fast-reply.decision")
     spi = m.extra["spi_bytes_from_int_seen"] if m else {}
