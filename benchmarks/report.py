@@ -89,7 +89,7 @@ def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
         ax.set_xscale("log")
         ax.set_xlabel("round trip (us, log scale)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title("Latency CDF: baselines, doorbell and blk 512 B reads at QD1")
+        ax.set_title("Latency CDF: baselines, doorbell, blk 512 B reads at QD1, CAN echo")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
@@ -108,14 +108,12 @@ def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
                              for m in ms if m.params.get("op") == op)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"blk {op}")
-            for m in results:
-                if m.suite != "disk":
-                    continue
-                if seq and m.id in ("baseline.preadv.seq128k", "baseline.fio.read.128k.j1"):
-                    ax.axhline(m.mb_per_s or 0, linestyle="--", linewidth=1, label=m.title)
-                if not seq and m.id.startswith(("baseline.preadv.rand4k",
-                                                "baseline.fio.randread")):
-                    ax.axhline(m.ops_per_s or 0, linestyle="--", linewidth=1, label=m.title)
+            base = [m for m in results if m.suite == "disk" and (
+                m.id in ("baseline.preadv.seq128k", "baseline.fio.read.128k.j1") if seq
+                else m.id.startswith(("baseline.preadv.rand4k", "baseline.fio.randread")))]
+            for m, color in zip(base, ("tab:green", "tab:purple", "tab:brown")):
+                value = (m.mb_per_s if seq else m.ops_per_s) or 0
+                ax.axhline(value, color=color, linestyle="--", linewidth=1, label=m.title)
             if not seq:
                 ax.axhline(100_000, color="red", linestyle=":", label="target 100,000 IOPS")
             ax.set_xscale("log", base=2)
