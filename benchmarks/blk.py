@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,12 @@ import numpy as np
 
 from ivshmem_virtio.procs import Child, cli
 
-from .core import Context, Measurement, pss_kb, rss_kb, summarize_ns
+from .core import Context, Measurement, pss_kb, rss_kb, run_loop, summarize_ns
 
 MODES = ("block", "poll", "adaptive")
 QDS = (1, 2, 4, 8, 16, 32)
 DEFAULT_RW = 0xDF000  # the R/W section of a stock Jailhouse virtio-ivshmem link
 BIG_RW = 0x1000000  # 16 MiB: room for 32 x 128 KiB in flight in the bounce buffers
-
-
-def _run(coro: Awaitable[Any]) -> Any:  # noqa: ANN401 - whatever the coroutine returns
-    import uvloop
-
-    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def start_backend(ctx: Context, name: str, image: Path, *, mode: str = "adaptive",
@@ -83,7 +77,8 @@ def run_latency(ctx: Context) -> None:
         with ctx.children_scope():
             link, _ = start_backend(ctx, f"lat-{mode}", image, mode=mode)
             ctx.progress.update(f"blk-latency: {mode}, {n} reads of 512 B at QD1")
-            samples, resets = _run(_qd1_reads(link, mode, n, warmup, ctx.image_size))
+            samples, resets = run_loop(_qd1_reads(link, mode, n, warmup, ctx.image_size),
+                                       timeout=60 + (n + warmup) * 0.005)
         if resets:
             ctx.notes.append(f"blk-latency {mode}: the device went NEEDS_RESET during the run")
         ctx.add(Measurement(f"blk-latency.{mode}", "blk-latency",
@@ -179,7 +174,8 @@ def _run_sweep(ctx: Context, suite: str, bs: int, random: bool) -> None:
     seconds = ctx.pick(0.5, 2.0)
     with ctx.children_scope():
         link, _ = start_backend(ctx, suite, image, mode="adaptive", rw_size=BIG_RW)
-        for m in _run(_sweep(ctx, link, suite, bs, random, seconds)):
+        deadline = 90 + 2 * len(QDS) * 2 * (seconds + 0.2) * 2  # + one retry per point
+        for m in run_loop(_sweep(ctx, link, suite, bs, random, seconds), timeout=deadline):
             ctx.add(m)
 
 
@@ -257,7 +253,7 @@ def run_rss(ctx: Context) -> None:
             link, backend = start_backend(ctx, f"rss{k}", image, mode="adaptive")
             links.append(link)
             pids.append(backend.pid)
-        r = _run(_rss_load(ctx, links, pids, total, time_cap))
+        r = run_loop(_rss_load(ctx, links, pids, total, time_cap), timeout=time_cap + 120)
     growth = [e - w for e, w in zip(r["end_kb"], r["after_warmup_kb"])]
     ctx.add(Measurement(
         "rss.backends", "rss", f"blk backend RSS, {DEVICES} devices ({DEVICES} processes)",

@@ -21,7 +21,7 @@ import numpy as np
 
 from ivshmem_virtio.procs import cli
 
-from .core import Context, Measurement, summarize_ns
+from .core import Context, Measurement, run_loop, summarize_ns
 
 RW_SIZE = 0x40000
 WINDOW = 64  # frames in flight one way (the TX queue holds 256)
@@ -113,7 +113,6 @@ def run_can(ctx: Context) -> None:
     if why is not None:
         ctx.unavailable["can"] = why
         return
-    import uvloop
 
     from ivshmem_virtio.spec import can as wire
 
@@ -136,7 +135,8 @@ def run_can(ctx: Context) -> None:
                 raise RuntimeError(f"can backend not ready:\n{backend.log()}")
             time.sleep(0.02)
         ctx.progress.update(f"can: {frames} frames one way, {WINDOW} in flight")
-        n, failed, elapsed = uvloop.run(_one_way(f"sim:{socks[0]}", frames))
+        n, failed, elapsed = run_loop(_one_way(f"sim:{socks[0]}", frames),
+                                      timeout=60 + frames / 1000)
         ctx.add(Measurement(
             "can.one-way", "can", "CAN classic 8 B frames, frontend -> backend -> bus",
             params={"frames": n, "window": WINDOW, "late_tx_ack": True, "bus": "virtual",
@@ -146,7 +146,8 @@ def run_can(ctx: Context) -> None:
                                       f"sim:{socks[1]}"])
         echo.wait_for("echo ready", timeout=20)
         ctx.progress.update(f"can: {rounds} echo round trips")
-        samples = uvloop.run(_echo_rtt(f"sim:{socks[0]}", rounds, max(50, rounds // 20)))
+        samples = run_loop(_echo_rtt(f"sim:{socks[0]}", rounds, max(50, rounds // 20)),
+                           timeout=60 + rounds * 0.01)
         ctx.add(Measurement(
             "can.echo", "can", "CAN echo round trip (link 0 -> switch -> link 1 -> back)",
             params={"rounds": rounds, "mode": "adaptive", "processes": 3},

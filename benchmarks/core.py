@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,22 @@ from typing import Any, TextIO
 import numpy as np
 
 from ivshmem_virtio.procs import Child
+
+
+def run_loop(coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:  # noqa: ANN401
+    """Run a coroutine on a fresh uvloop, cancelled past ``timeout`` seconds (never hangs)."""
+    import asyncio
+
+    import uvloop
+
+    async def guarded() -> Any:  # noqa: ANN401
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no result within {timeout:.0f} s") from None
+
+    return uvloop.run(guarded())
+
 
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
 

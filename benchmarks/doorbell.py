@@ -20,7 +20,7 @@ import numpy as np
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import cli
 
-from .core import Context, Measurement, summarize_ns
+from .core import Context, Measurement, run_loop, summarize_ns
 
 VECTOR = 1
 VARIANTS = ("raw", "irqwaiter")
@@ -30,9 +30,10 @@ def _vector_fd(dev: SimIvshmem) -> int:
     return dev.interrupt_fds()[VECTOR]
 
 
-def _raw_wait(poller: select.poll, fd: int) -> None:
+def _raw_wait(poller: select.poll, fd: int, timeout_ms: int | None = None) -> None:
     while True:
-        poller.poll()
+        if not poller.poll(timeout_ms) and timeout_ms is not None:
+            raise TimeoutError("the echo peer did not ring back")
         try:
             os.read(fd, 8)
             return
@@ -75,7 +76,7 @@ def _ping_raw(dev: SimIvshmem, rounds: int) -> np.ndarray:
     for i in range(rounds):
         t0 = now()
         dev.doorbell(1, VECTOR)
-        _raw_wait(poller, fd)
+        _raw_wait(poller, fd, 5000)
         out[i] = now() - t0
     return out
 
@@ -90,17 +91,13 @@ async def _ping_waiter(dev: SimIvshmem, rounds: int) -> np.ndarray:
         for i in range(rounds):
             t0 = now()
             dev.doorbell(1, VECTOR)
-            await waiter.wait(_never)
+            await waiter.wait(_never, timeout=5.0)
             out[i] = now() - t0
+            if out[i] >= 5_000_000_000:
+                raise TimeoutError("the echo peer did not ring back")
     finally:
         waiter.close()
     return out
-
-
-def _run_async(coro: object) -> np.ndarray:
-    import uvloop
-
-    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def run_doorbell(ctx: Context) -> None:
@@ -123,7 +120,8 @@ def run_doorbell(ctx: Context) -> None:
                 if variant == "raw":
                     samples = _ping_raw(dev, rounds + warmup)[warmup:]
                 else:
-                    samples = _run_async(_ping_waiter(dev, rounds + warmup))[warmup:]
+                    samples = run_loop(_ping_waiter(dev, rounds + warmup),
+                                       timeout=60 + rounds * 0.01)[warmup:]
             finally:
                 dev.close()
         title = ("doorbell round trip, sim link, poll(2)+read" if variant == "raw" else
@@ -144,7 +142,7 @@ def main(argv: list[str]) -> int:
     if args.variant == "raw":
         echo_raw(dev)
     else:
-        _run_async(echo_waiter(dev))
+        run_loop(echo_waiter(dev), timeout=None)
     return 0
 
 
