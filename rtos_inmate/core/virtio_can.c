@@ -613,7 +613,9 @@ static int service(struct vcan *vc, uint64_t now)
 		vc->start_due = false;
 		n++;
 	}
-	if (vc->report_busoff && !vc->start_due && send_ctl(vc, VCAN_CTRL_IVV_BUSOFF) == 0) {
+	/* after a pending START (so it cannot clear the report), unless the MCP2515 is still off */
+	if (vc->report_busoff && (!vc->start_due || vc->can_state == MCP2515_BUS_OFF) &&
+	    send_ctl(vc, VCAN_CTRL_IVV_BUSOFF) == 0) {
 		vc->report_busoff = false;
 		n++;
 	}

@@ -150,3 +150,225 @@ def test_header_is_freestanding_for_the_target(tmp_path: Path) -> None:
 def test_generator_refuses_a_misaligned_layout() -> None:
     with pytest.raises(ValueError, match="naturally aligned"):
         cgen._from_struct(struct.Struct("<BI"), ["a", "b"])
+
+
+# --- geometry the C core computes, against the Python transport -----------------------------
+GEOMETRY_C = r"""
+#define _POSIX_C_SOURCE 200809L
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "hal.h"
+#include "shared_layout.h"
+#include "virtio_ivshmem.h"
+#include "virtqueue.h"
+
+/* the few hal.h functions the core uses */
+int hal_spi_transfer(const uint8_t *tx, uint8_t *rx, size_t n)
+{ (void)tx; (void)rx; (void)n; return -1; }
+bool hal_int_asserted(void) { return false; }
+bool hal_int_wait(uint64_t t) { (void)t; return false; }
+uint64_t hal_now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec; }
+void hal_delay_us(uint32_t us) { (void)us; }
+void hal_log(const char *fmt, ...) { (void)fmt; }
+
+static uint32_t states[2];
+static void set_state(void *c, uint32_t v) { (void)c; states[1] = v; }
+static void doorbell(void *c, uint32_t p, uint32_t v) { (void)c; (void)p; (void)v; }
+static void int_control(void *c, bool e) { (void)c; (void)e; }
+static int wait_(void *c, uint64_t t) { (void)c; (void)t; return 0; }
+static const struct ivshmem_link_ops ops = { set_state, doorbell, int_control, wait_ };
+
+/* fuzz SEED N: a device that is mostly right and sometimes writes garbage into the used
+ * ring; every completion the driver accepts must be a chain in flight with a length within
+ * its writable bytes, and every garbage entry must break the queue. */
+static uint32_t rnd_state;
+static uint32_t rnd(void)
+{
+	rnd_state = rnd_state * 1103515245u + 12345u;
+	return rnd_state >> 8;
+}
+
+static int fuzz(uint32_t seed, uint32_t rounds)
+{
+	enum { N = 16, BUF = 64 };
+	static uint8_t mem[65536];
+	struct shm_region r = { mem, sizeof(mem) };
+	struct virtqueue vq;
+	uint32_t writable[N], inflight[N], accepted = 0, faults = 0;
+	uint16_t dev_last = 0, used_idx = 0;
+
+	rnd_state = seed;
+	if (vq_init(&vq, &r, N, 0, 0x1000, 0x2000))
+		return 3;
+	memset(inflight, 0, sizeof(inflight));
+	for (uint32_t round = 0; round < rounds; round++) {
+		/* driver: make chains available while there is room */
+		while (vq_num_free(&vq) >= 3 && rnd() % 4) {
+			struct vq_buf out = { 0x4000 + (rnd() % 64) * BUF, 1 + rnd() % BUF };
+			struct vq_buf in[2] = { { 0x8000 + (rnd() % 64) * BUF, 1 + rnd() % BUF },
+						{ 0x8000 + (rnd() % 64) * BUF, 1 + rnd() % BUF } };
+			unsigned int nin = rnd() % 3;
+			uint32_t cookie = rnd();
+			int head = vq_add(&vq, &out, 1, in, nin, cookie);
+
+			if (head < 0 || head >= N || inflight[head])
+				abort();
+			inflight[head] = cookie | 1u;
+			writable[head] = (nin > 0 ? in[0].len : 0) + (nin > 1 ? in[1].len : 0);
+		}
+		/* device: complete what the avail ring shows, or write garbage */
+		uint16_t avail = (uint16_t)(mem[0x1000 + 2] | mem[0x1000 + 3] << 8);
+		int garbage = rnd() % 8 == 0;
+
+		if (dev_last != avail || garbage) {
+			uint32_t id, len;
+
+			if (garbage) {
+				id = rnd() % 3 == 0 ? rnd() : rnd() % N;
+				len = rnd() % 3 == 0 ? rnd() : rnd() % 200;
+			} else {
+				id = (uint32_t)(mem[0x1000 + 4 + 2 * (dev_last % N)] |
+						mem[0x1000 + 5 + 2 * (dev_last % N)] << 8);
+				dev_last++;
+				len = writable[id % N] ? rnd() % (writable[id % N] + 1) : 0;
+			}
+			uint32_t e = 0x2000 + 4 + 8 * (used_idx % N);
+
+			memcpy(&mem[e], &id, 4);
+			memcpy(&mem[e + 4], &len, 4);
+			used_idx = (uint16_t)(used_idx + (garbage && rnd() % 4 == 0 ? rnd() % 40000 : 1));
+			memcpy(&mem[0x2000 + 2], &used_idx, 2);
+		}
+		/* driver: collect */
+		uint32_t cookie, len;
+		int rc;
+
+		while ((rc = vq_get_used(&vq, &cookie, &len)) == 1) {
+			int found = -1;
+
+			for (int i = 0; i < N; i++)
+				if (inflight[i] == (cookie | 1u) && len <= writable[i])
+					found = i;
+			if (found < 0)
+				abort(); /* accepted something that was not in flight */
+			inflight[found] = 0;
+			accepted++;
+		}
+		if (rc == VQ_E_BROKEN) {
+			faults++;
+			if (vq_init(&vq, &r, N, 0, 0x1000, 0x2000))
+				return 3;
+			memset(inflight, 0, sizeof(inflight));
+			dev_last = used_idx = 0;
+		} else if (rc != 0) {
+			return 4;
+		}
+	}
+	printf("accepted %u faults %u\n", accepted, faults);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 4 && strcmp(argv[1], "fuzz") == 0)
+		return fuzz((uint32_t)strtoul(argv[2], NULL, 0), (uint32_t)strtoul(argv[3], NULL, 0));
+	if (argc >= 2 && strcmp(argv[1], "ring") == 0) {
+		for (uint32_t n = 1; n <= 32768; n *= 2) {
+			uint32_t a, u;
+			vq_ring_layout(n, IVV_VRING_ALIGN, &a, &u);
+			printf("%u %u %u %u\n", n, vq_ring_bytes(n, IVV_VRING_ALIGN), a, u);
+		}
+		return 0;
+	}
+	/* alloc RW HEADER SIZE... : offsets (or -1) of each allocation */
+	uint32_t rw = (uint32_t)strtoul(argv[2], NULL, 0), header = (uint32_t)strtoul(argv[3], NULL, 0);
+	uint8_t *mem = calloc(1, rw);
+	struct ivshmem_link l = { .id = 1, .max_peers = 2, .vectors = 1, .protocol = 0x8024,
+		.state_table = { (volatile uint8_t *)states, sizeof(states) },
+		.rw = { mem, rw }, .ops = &ops };
+	struct vio_dev d;
+	states[0] = IVV_STATE_READY;
+	memcpy(mem + IVV_HDR_SIZE, &header, 4);
+	uint32_t one = 1;
+	memcpy(mem + IVV_HDR_REVISION, &one, 4);
+	if (vio_init(&d, &l, 0, NULL, NULL) || vio_probe(&d))
+		return 2;
+	printf("chunk %u nchunks %u header_chunks %u\n", d.chunk, d.nchunks, d.header_chunks);
+	for (int i = 4; i < argc; i++) {
+		uint32_t off;
+		int rc = vio_alloc(&d, (uint32_t)strtoul(argv[i], NULL, 0), &off);
+		printf("%lld\n", rc == VIO_OK ? (long long)off : -1ll);
+	}
+	free(mem);
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def geometry_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("no host C compiler")
+    work = tmp_path_factory.mktemp("geometry")
+    src = work / "geometry.c"
+    src.write_text(GEOMETRY_C)
+    exe = work / "geometry"
+    inmate = REPO / "rtos_inmate"
+    res = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror",
+                          "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                          f"-I{inmate / 'include'}", f"-I{inmate / 'core'}",
+                          f"-I{inmate / 'drivers'}", str(src),
+                          str(inmate / "core" / "virtio_ivshmem.c"),
+                          str(inmate / "core" / "virtqueue.c"), str(inmate / "core" / "util.c"),
+                          "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def test_ring_layout_matches_python(geometry_exe: Path) -> None:
+    out = subprocess.run([str(geometry_exe), "ring"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    for line in out.splitlines():
+        n, size, avail, used = map(int, line.split())
+        assert size == ring.vring_size(n, ivshmem.VRING_ALIGN)
+        assert (0, avail, used) == ring.vring_layout(n, ivshmem.VRING_ALIGN)
+
+
+@pytest.mark.parametrize("rw,header", [(0xDF000, 0x50), (0xF000, 0x58), (0x40000, 0x50),
+                                       (0x2000, 0x50), (0x1F000, 0x1000)])
+def test_allocator_places_like_the_python_frontend(geometry_exe: Path, rw: int,
+                                                   header: int) -> None:
+    """Same chunk size, same reserved header, same first-fit aligned placements (3.7)."""
+    from ivshmem_virtio.transport.allocator import ChunkAllocator, SharedMemoryFull
+
+    sizes = [262, 2310, 3398, 64, 1, 4096, 24 * 64, 7000, 100, 65, 128 * 32, 1 << 20, 300]
+    out = subprocess.run([str(geometry_exe), "alloc", hex(rw), hex(header),
+                          *map(str, sizes)], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    py = ChunkAllocator(rw, header)
+    assert lines[0] == (f"chunk {py.chunk} nchunks {py.nchunks} "
+                        f"header_chunks {py.header_chunks}")
+    expected = []
+    for size in sizes:
+        try:
+            expected.append(py.alloc(size))
+        except SharedMemoryFull:
+            expected.append(-1)
+    assert [int(x) for x in lines[1:]] == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 0xC0FFEE])
+def test_virtqueue_accepts_only_chains_in_flight(geometry_exe: Path, seed: int) -> None:
+    """A device that sometimes writes garbage: the driver never accepts a chain that is not in
+    flight or a length beyond its writable bytes, and every garbage entry breaks the queue
+    (the C program aborts otherwise; ASan/UBSan watch every access)."""
+    out = subprocess.run([str(geometry_exe), "fuzz", str(seed), "20000"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    accepted, faults = (int(x) for x in out.stdout.split()[1::2])
+    assert accepted > 1000 and faults > 100, out.stdout
