@@ -148,5 +148,6 @@ def run_bench(args: argparse.Namespace) -> int:
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json_out).write_text(text + "\n")
     return 1 if errors else 0
