@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
@@ -42,10 +42,10 @@ from .bind import DRIVER, list_functions
 from .config import DeviceConfig, ServeConfig, load_config
 from .devices.blk_service import BlkService
 from .resources.image import BlockImage
-from .runner import LinkRunner
+from .runner import LinkRunner, Service
 
 if TYPE_CHECKING:
-    from .devices.can_service import CanBackend
+    from .devices.can_service import CanBackend, CanLinkService
 
 log = structlog.get_logger("ivshmem_virtio.serve")
 
@@ -292,7 +292,7 @@ class DeviceSlot:
         return bool(self.devnode) and not os.path.exists(self.devnode)
 
     # -- serving one life of the link ---------------------------------------------------------
-    def _service(self, dev: IvshmemDevice) -> BlkService | object:
+    def _service(self, dev: IvshmemDevice) -> Service:
         cfg = self.cfg
         if cfg.blk is not None:
             assert self.image is not None
@@ -306,14 +306,13 @@ class DeviceSlot:
         cfg = self.cfg
         service = self._service(dev)
         try:
-            runner = LinkRunner(dev, service,  # type: ignore[arg-type]
-                                mode=cfg.mode, spin_us=cfg.spin_us, queue_size=cfg.queue_size,
-                                workers=2 if cfg.blk else 1)
+            runner = LinkRunner(dev, service, mode=cfg.mode, spin_us=cfg.spin_us,
+                                queue_size=cfg.queue_size, workers=2 if cfg.blk else 1)
         except BaseException:
             await self._release_service(service)
             raise
         if cfg.can is not None:
-            service.bind(runner)  # type: ignore[attr-defined]
+            cast("CanLinkService", service).bind(runner)
         self.runner = runner
         task = asyncio.create_task(runner.run(), name=f"runner {self.name}")
         self.incarnations += 1
@@ -350,7 +349,7 @@ class DeviceSlot:
                and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
 
-    async def _release_service(self, service: object) -> None:
+    async def _release_service(self, service: Service) -> None:
         if self.cfg.blk is not None:
             if self.image is not None and not self.image.read_only:
                 try:
@@ -358,7 +357,7 @@ class DeviceSlot:
                 except OSError as e:
                     log.error("flush failed", device=self.name, error=str(e))
         else:
-            service.close()  # type: ignore[attr-defined]  # detaches the link from the switch
+            service.close()  # a can link: detaches it from the switch, the bus stays
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
