@@ -580,3 +580,14 @@ def test_frontend_reconnects_after_backend_restart(tmp_path: Path) -> None:
                 await close_frontend(drv)
 
     run(body())
+
+
+# --- the demo step -------------------------------------------------------------------------------
+def test_demo_can_round_trip(tmp_path: Path) -> None:
+    from ivshmem_virtio import can_demo
+    from ivshmem_virtio.demo import EXTRA_STEPS
+
+    assert [t for t, _ in EXTRA_STEPS].count(can_demo.TITLE) == 1
+    rep = can_demo.can_round_trip(str(tmp_path), count=40)
+    assert rep["ok"] and rep["frames"] == 40 and rep["mismatches"] == 0, rep
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".sock"]
