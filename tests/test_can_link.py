@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .can_helpers import (
     ProcStack,
     assert_silent,
     close_frontend,
+    ensure_interfaces,
     frontend,
     frontends,
     inprocess_stack,
@@ -457,6 +459,46 @@ def test_can_logger_records_frames_from_another_frontend(stack: ProcStack, tmp_p
         logger.stop(5)
     logged = [wire.frame_from_message(m) for m in can.LogReader(str(out))]
     assert logged == frames
+
+    # and can.player replays the recording from another frontend on the switch
+    async def replay() -> None:
+        async with frontends((stack.links[0], FULL)) as (a,):
+            player = Child("can-player", [sys.executable, "-m", "can.player", "-i", "ivshmem",
+                                          "-c", stack.links[3], "--ignore-timestamps",
+                                          str(out)], tmp_path, env=plugin_env(tmp_path))
+            try:
+                code = await asyncio.get_running_loop().run_in_executor(
+                    None, player.proc.wait, 30)
+                assert code == 0, player.log()
+            finally:
+                player.stop(5)
+            assert await recv_n(a, len(frames)) == frames
+
+    run(replay())
+
+
+def test_python_can_bus_reports_and_recovers_bus_off(stack: ProcStack) -> None:
+    """The ``ivshmem`` interface: NOT_OK becomes CanOperationError, state ERROR, ACTIVE restarts."""
+    ensure_interfaces()
+    bus = can.Bus(interface="ivshmem", channel=stack.links[2])
+    try:
+        assert bus.state == can.BusState.ACTIVE and bus.protocol == can.CanProtocol.CAN_FD
+        stack.fault("fail", True)
+        with pytest.raises(can.CanOperationError):
+            bus.send(can.Message(arbitration_id=0x5, data=b"x", is_extended_id=False))
+        stack.fault("fail", False)
+        deadline = time.monotonic() + 10
+        while bus.state != can.BusState.ERROR and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bus.state == can.BusState.ERROR
+        with pytest.raises(can.CanOperationError, match="bus-off|stopped"):
+            bus.send(can.Message(arbitration_id=0x6, data=b"x", is_extended_id=False))
+        bus.state = can.BusState.ACTIVE  # START, as `ip link set up` after a bus-off
+        assert bus.state == can.BusState.ACTIVE
+        bus.send(can.Message(arbitration_id=0x7, data=b"x", is_extended_id=False))
+    finally:
+        stack.fault("fail", False)
+        bus.shutdown()
 
 
 # --- command line ---------------------------------------------------------------------------------
