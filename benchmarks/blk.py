@@ -2,8 +2,9 @@
 
 ``blk-latency``: 512 B reads at QD1 in each notification mode (backend and frontend alike).
 ``blk-seq``: 128 KiB sequential reads and writes, QD 1..32. ``blk-rand``: 4 KiB random reads and
-writes, QD 1..32. ``rss``: four devices (four backend processes), their resident memory at rest
-and over many requests. Every suite runs on its own hub(s) and image in the bench work dir.
+writes, QD 1..32. ``rss``: four devices served by one ``ivshmem-virtio serve`` (and, to compare,
+four ``blk`` processes), their resident memory at rest and over many requests. Every suite runs
+on its own hub(s) and image in the bench work dir.
 """
 
 from __future__ import annotations
@@ -191,17 +192,18 @@ def run_rand(ctx: Context) -> None:
 
 # -- rss ----------------------------------------------------------------------------------------
 DEVICES = 4
+RSS_IMAGE = 64 << 20
 
 
-async def _rss_load(ctx: Context, links: list[str], pids: list[int], total: int,
+async def _rss_load(ctx: Context, label: str, links: list[str], pids: list[int], total: int,
                     time_cap: float) -> dict[str, Any]:
     """4 KiB random reads and writes spread over the devices, sampling the backends' RSS."""
     clients = [await connect(link, "adaptive") for link in links]
     try:
         at_rest = [rss_kb(p) for p in pids]
         qd = 8
-        blocks = ctx.image_size // 4096
-        table = (np.random.default_rng(4).integers(0, blocks, 1 << 16) * 4096).tolist()
+        table = (np.random.default_rng(4).integers(0, RSS_IMAGE // 4096, 1 << 16)
+                 * 4096).tolist()
         data = bytes(4096)
         done = [0]
         warm = min(total // 10, 20_000)
@@ -223,8 +225,9 @@ async def _rss_load(ctx: Context, links: list[str], pids: list[int], total: int,
                 if done[0] % every == 0:
                     samples.append((done[0], [rss_kb(p) for p in pids]))
                     rate = done[0] / (time.monotonic() - t0)
-                    ctx.progress.update(f"rss: {done[0]}/{total} requests, {rate:,.0f}/s, "
-                                        f"backend RSS {[s >> 10 for s in samples[-1][1]]} MiB")
+                    ctx.progress.update(f"rss ({label}): {done[0]}/{total} requests, "
+                                        f"{rate:,.0f}/s, RSS "
+                                        f"{[s >> 10 for s in samples[-1][1]]} MiB")
 
         await asyncio.gather(*[worker(c, k) for k, c in enumerate(clients) for _ in range(qd)])
         elapsed = time.monotonic() - t0
@@ -241,23 +244,12 @@ async def _rss_load(ctx: Context, links: list[str], pids: list[int], total: int,
             "samples": [{"requests": n, "rss_kb": s} for n, s in samples]}
 
 
-def run_rss(ctx: Context) -> None:
-    """Backend RSS serving four devices, at rest and over many requests."""
-    image = ctx.image()
-    total = ctx.pick(40_000, 1_000_000)
-    time_cap = ctx.pick(30.0, 240.0)
-    with ctx.children_scope():
-        links, pids = [], []
-        for k in range(DEVICES):
-            ctx.progress.update(f"rss: starting backend {k + 1}/{DEVICES}")
-            link, backend = start_backend(ctx, f"rss{k}", image, mode="adaptive")
-            links.append(link)
-            pids.append(backend.pid)
-        r = run_loop(_rss_load(ctx, links, pids, total, time_cap), timeout=time_cap + 120)
+def _rss_measurement(ctx: Context, mid: str, title: str, r: dict[str, Any], processes: int,
+                     total: int, time_cap: float) -> None:
     growth = [e - w for e, w in zip(r["end_kb"], r["after_warmup_kb"])]
     ctx.add(Measurement(
-        "rss.backends", "rss", f"blk backend RSS, {DEVICES} devices ({DEVICES} processes)",
-        params={"devices": DEVICES, "processes": DEVICES, "requests_goal": total,
+        mid, "rss", title,
+        params={"devices": DEVICES, "processes": processes, "requests_goal": total,
                 "requests": r["requests"], "time_cap_s": time_cap, "rw_size": DEFAULT_RW,
                 "load": "4 KiB random, half reads half writes", "qd_per_device": r["qd_per_device"],
                 "warmup_requests": r["warmup"]},
@@ -270,5 +262,64 @@ def run_rss(ctx: Context) -> None:
                "rss_growth_kb": growth, "device_resets": r["device_resets"],
                "rss_samples": r["samples"]}))
     if any(r["device_resets"]):
-        ctx.notes.append(f"rss: devices went NEEDS_RESET and were brought up again during the "
+        ctx.notes.append(f"{mid}: devices went NEEDS_RESET and were brought up again during the "
                          f"load ({r['device_resets']} per device); see the backend logs")
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def run_rss(ctx: Context) -> None:
+    """Backend RSS serving four devices, at rest and over many requests.
+
+    The target is the root-cell daemon ``ivshmem-virtio serve`` with four blk devices in one
+    process; four ``ivshmem-virtio blk`` processes are measured too, for comparison.
+    """
+    total = ctx.pick(40_000, 1_000_000)
+    time_cap = ctx.pick(30.0, 240.0)
+    images = []
+    for k in range(DEVICES):
+        path = ctx.workdir / f"rss{k}.img"
+        with open(path, "wb") as f:
+            f.truncate(RSS_IMAGE)
+        images.append(path)
+    with ctx.children_scope():
+        socks = [str(ctx.workdir / f"rss-serve{k}.sock") for k in range(DEVICES)]
+        for k, sock in enumerate(socks):
+            hub = ctx.child(f"rss-serve-hub{k}", cli("hub", "--socket", sock))
+            hub.wait_for("hub listening")
+        cfg = ctx.workdir / "serve.toml"
+        lines = ['mode = "adaptive"']
+        for k, sock in enumerate(socks):
+            dev = {"name": f"disk{k}", "type": "blk", "link": f"sim:{sock}",
+                   "image": str(images[k])}
+            lines += ["", "[[devices]]", *(f"{key} = {_toml(v)}" for key, v in dev.items())]
+        cfg.write_text("\n".join(lines) + "\n")
+        ctx.progress.update(f"rss: ivshmem-virtio serve with {DEVICES} blk devices")
+        serve = ctx.child("rss-serve", cli("serve", "--config", str(cfg)))
+        deadline = time.monotonic() + 20
+        while serve.log().count("backend ready") < DEVICES:
+            if serve.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve not ready:\n{serve.log()}")
+            time.sleep(0.02)
+        r = run_loop(_rss_load(ctx, "serve", [f"sim:{s}" for s in socks], [serve.pid], total,
+                               time_cap), timeout=time_cap + 120)
+    _rss_measurement(ctx, "rss.serve", f"ivshmem-virtio serve RSS, {DEVICES} blk devices, "
+                     "1 process", r, 1, total, time_cap)
+
+    small = ctx.pick(10_000, 40_000)
+    with ctx.children_scope():
+        links, pids = [], []
+        for k in range(DEVICES):
+            ctx.progress.update(f"rss: starting ivshmem-virtio blk {k + 1}/{DEVICES}")
+            link, backend = start_backend(ctx, f"rss{k}", images[k], mode="adaptive")
+            links.append(link)
+            pids.append(backend.pid)
+        r = run_loop(_rss_load(ctx, "blk x4", links, pids, small, 30.0), timeout=150)
+    _rss_measurement(ctx, "rss.blk-processes", f"ivshmem-virtio blk RSS, {DEVICES} devices, "
+                     f"{DEVICES} processes", r, DEVICES, small, 30.0)
