@@ -318,7 +318,9 @@ def test_ten_thousand_mixed_frames_in_order(tmp_path: Path, inmate_binary: Path)
         assert stats["relay_dropped"] == "0" and stats["relay_fails"] == "0", stats
         assert int(stats["relay"]) == len(up_sent) and int(stats["rx"]) == len(down_sent)
         assert stats["overflows"] == "0", stats
-        print(f"10000 mixed frames in {elapsed:.1f} s ({total / elapsed:.0f} frames/s)")
+        # the fast path keeps its SPI budget while the link is busy (issue 4: <= 30 bytes)
+        assert 0 < int(stats["fast_max"]) <= 30, stats
+        print(f"10000 mixed frames in {elapsed:.1f} s ({total / elapsed:.0f} frames/s)", stats)
 
 
 # --- a hostile backend, a lost backend ------------------------------------------------------

@@ -74,7 +74,8 @@ static void print_stats(void)
 	       "relay_fails=%u relay_dropped=%u rx=%u rx_invalid=%u rx_empty=%u rx_sent=%u "
 	       "rx_send_fails=%u ctl=%u ctl_fails=%u busoff_reports=%u can_restarts=%u "
 	       "transactions=%u timeouts=%u can_state=%s can_rx=%u can_tx=%u urgent=%u "
-	       "overflows=%u busoff=%u matched=%u replied=%u hub_joins=%u hub_leaves=%u\n",
+	       "overflows=%u busoff=%u matched=%u replied=%u fast_max=%u fast_timed=%u "
+	       "hub_joins=%u hub_leaves=%u\n",
 	       vcan_state_name(vc.state), (unsigned int)v->attaches, (unsigned int)v->detaches,
 	       (unsigned int)v->resets, (unsigned int)v->ring_faults,
 	       (unsigned int)v->relay_count, (unsigned int)v->relay_fails,
@@ -86,7 +87,9 @@ static void print_stats(void)
 	       (unsigned int)vc.vio.stats.timeouts, mcp2515_state_name(br.can.state),
 	       (unsigned int)c->rx_frames, (unsigned int)c->tx_frames, (unsigned int)c->tx_urgent,
 	       (unsigned int)c->rx_overflows, (unsigned int)c->bus_off, (unsigned int)matched,
-	       (unsigned int)replied, (unsigned int)link_.joins, (unsigned int)link_.leaves);
+	       (unsigned int)replied, (unsigned int)c->fast_spi_bytes_max,
+	       (unsigned int)c->fast_replies_timed, (unsigned int)link_.joins,
+	       (unsigned int)link_.leaves);
 	fflush(stdout);
 }
 
