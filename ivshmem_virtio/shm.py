@@ -49,7 +49,7 @@ def fence() -> None:
 class Region:
     """A bounds-checked window ``[0, size)`` onto a buffer (mmap, bytearray, ...)."""
 
-    __slots__ = ("name", "size", "base", "_mv")
+    __slots__ = ("name", "size", "base", "_mv", "_h", "_i", "_q")
 
     def __init__(self, buf: Buffer, offset: int = 0, size: int | None = None,
                  name: str = "region") -> None:
@@ -63,6 +63,7 @@ class Region:
         self.size = size
         self.base = offset  # offset of this window inside the underlying buffer (for tests/logs)
         self._mv = mv[offset:offset + size]
+        self._typed()
 
     # -- bounds -------------------------------------------------------------------------------
     def contains(self, off: int, length: int) -> bool:
@@ -75,48 +76,62 @@ class Region:
                 f"{self.name}: access {off:#x}+{length:#x} outside {self.size:#x} bytes")
 
     # -- scalar access (little endian, as the wire is) ------------------------------------------
+    # Aligned scalars go through typed views of the whole region (``memoryview.cast``): one
+    # fixed-size load or store in C. struct's '<' codecs move one byte at a time, so a peer could
+    # see a torn index (avail->idx 0x00FF -> 0x0100 passing through 0x0000 or 0x01FF). Unaligned
+    # offsets (never used for shared indices) fall back to struct.
+    def _typed(self) -> None:
+        n = self.size
+        mv = self._mv
+        self._h = mv[: n - n % 2].cast("H") if _LE else None
+        self._i = mv[: n - n % 4].cast("I") if _LE else None
+        self._q = mv[: n - n % 8].cast("Q") if _LE else None
+
     def u8(self, off: int) -> int:
         self.check(off, 1)
         return self._mv[off]
 
     def u16(self, off: int) -> int:
         self.check(off, 2)
+        if not off & 1 and self._h is not None:
+            return self._h[off >> 1]
         return _U16.unpack_from(self._mv, off)[0]
 
     def u32(self, off: int) -> int:
         self.check(off, 4)
+        if not off & 3 and self._i is not None:
+            return self._i[off >> 2]
         return _U32.unpack_from(self._mv, off)[0]
 
     def u64(self, off: int) -> int:
         self.check(off, 8)
+        if not off & 7 and self._q is not None and off + 8 <= len(self._q) * 8:
+            return self._q[off >> 3]
         return _U64.unpack_from(self._mv, off)[0]
 
     def set_u8(self, off: int, value: int) -> None:
         self.check(off, 1)
         self._mv[off] = value & 0xFF
 
-    # Stores go through a one-item memoryview cast: that is a single fixed-size memcpy in C, i.e.
-    # one store. struct.pack_into writes byte by byte, so a peer could read a torn index
-    # (avail->idx 0x00FF -> 0x0100 passes through 0x0000, a jump of 65281 entries).
     def set_u16(self, off: int, value: int) -> None:
         self.check(off, 2)
-        if _LE:
-            self._mv[off:off + 2].cast("H")[0] = value & 0xFFFF
-        else:  # pragma: no cover - every supported host is little endian
+        if not off & 1 and self._h is not None:
+            self._h[off >> 1] = value & 0xFFFF
+        else:
             _U16.pack_into(self._mv, off, value & 0xFFFF)
 
     def set_u32(self, off: int, value: int) -> None:
         self.check(off, 4)
-        if _LE:
-            self._mv[off:off + 4].cast("I")[0] = value & 0xFFFFFFFF
-        else:  # pragma: no cover
+        if not off & 3 and self._i is not None:
+            self._i[off >> 2] = value & 0xFFFFFFFF
+        else:
             _U32.pack_into(self._mv, off, value & 0xFFFFFFFF)
 
     def set_u64(self, off: int, value: int) -> None:
         self.check(off, 8)
-        if _LE:
-            self._mv[off:off + 8].cast("Q")[0] = value & 0xFFFFFFFFFFFFFFFF
-        else:  # pragma: no cover
+        if not off & 7 and self._q is not None and off + 8 <= len(self._q) * 8:
+            self._q[off >> 3] = value & 0xFFFFFFFFFFFFFFFF
+        else:
             _U64.pack_into(self._mv, off, value & 0xFFFFFFFFFFFFFFFF)
 
     def unpack(self, st: struct.Struct, off: int) -> tuple:
