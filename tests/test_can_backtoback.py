@@ -164,10 +164,11 @@ def test_filters(make_bus: MakeBus) -> None:
                                              "extended": False}])
     for can_id in (0x205, 0x105, 0x10F, 0x110):
         a.send(msg(can_id, b"f", is_extended_id=False))
-    got = []
-    while (m := b.recv(0.3)) is not None:
-        got.append(m.arbitration_id)
+    got = [m.arbitration_id for m in recv_all(b, 2)]
     assert got == [0x105, 0x10F]
+    a.send(msg(0x101, b"last", is_extended_id=False))  # all sent before it were delivered
+    last = b.recv(10)
+    assert last is not None and last.arbitration_id == 0x101
 
 
 def test_iteration(make_bus: MakeBus) -> None:
