@@ -78,7 +78,7 @@ class LinkRunner:
                 self._control()
                 if t.serving:
                     self._serve_queues()
-                await waiter.wait(self._has_work)
+                await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
         finally:
             await self._drain_pending()
             waiter.close()
@@ -135,12 +135,22 @@ class LinkRunner:
                         self._control()  # keep the control path prompt between batches
                         if t.vqs[index] is not vq:
                             break
-                    if n == 0 and not vq.enable_notifications():
-                        break
+                    if n == 0:
+                        break  # kicks stay off while we spin; prepare_block turns them on
             except PEER_FAULTS as e:
                 t.mark_needs_reset(f"queue {index}: {e}")
                 self.generation += 1
                 return
+
+    def _enable_notifications(self) -> bool:
+        """Before sleeping: ask for kicks again, and report work that slipped in meanwhile."""
+        t = self.transport
+        if not t.serving:
+            return False
+        try:
+            return any([vq.enable_notifications() for vq in t.vqs if vq is not None])
+        except RingError:
+            return True
 
     def defer(self, index: int, head: int, work: Callable[[], int]) -> None:
         """Run slow ``work`` (returning the used length) off the loop; complete it later."""

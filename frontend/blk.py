@@ -87,9 +87,10 @@ class BlkClient(VirtioDriver):
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (both multiples of 512); split into requests."""
         self._check_range(offset, length)
-        parts = []
-        for off, n in self._chunks(offset, length):
-            parts.append(self._submit(_Req(B.T_IN, off // 512, in_len=n)))
+        chunks = self._chunks(offset, length)
+        if len(chunks) == 1:  # the common case: no gather, no extra task
+            return await self._submit(_Req(B.T_IN, offset // 512, in_len=length))
+        parts = [self._submit(_Req(B.T_IN, off // 512, in_len=n)) for off, n in chunks]
         return b"".join(await asyncio.gather(*parts))
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -97,11 +98,13 @@ class BlkClient(VirtioDriver):
         self._check_range(offset, len(data))
         if self.read_only:
             raise BlkIOError(errno.EROFS, "read-only device")
-        parts = []
-        for off, n in self._chunks(offset, len(data)):
-            parts.append(self._submit(_Req(B.T_OUT, off // 512,
-                                           out=data[off - offset: off - offset + n])))
-        await asyncio.gather(*parts)
+        chunks = self._chunks(offset, len(data))
+        if len(chunks) == 1:
+            await self._submit(_Req(B.T_OUT, offset // 512, out=data))
+            return
+        await asyncio.gather(*[self._submit(_Req(B.T_OUT, off // 512,
+                                                 out=data[off - offset: off - offset + n]))
+                               for off, n in chunks])
 
     async def flush(self) -> None:
         await self._submit(_Req(B.T_FLUSH, 0))

@@ -62,10 +62,16 @@ class IrqWaiter:
         self.close()
         self._fds = list(self.dev.interrupt_fds())
         for fd in self._fds:
-            self._loop.add_reader(fd, self._event.set)
+            self._loop.add_reader(fd, self._fire, fd)
 
-    def _ack(self) -> None:
-        self.dev.ack_interrupts()
+    def _fire(self, fd: int) -> None:
+        """An fd became readable: consume just that interrupt and remember the wake-up.
+
+        Consuming it here, not later, matters: a readable fd that nobody reads (a hub socket at
+        EOF, an eventfd while the owner is busy reconnecting) would spin the event loop.
+        """
+        self.dev.ack_fd(fd)
+        self._event.set()
         if self.dev.interrupt_fds() != self._fds:
             self.refresh()
 
@@ -73,17 +79,23 @@ class IrqWaiter:
         """Wake the waiter from inside the process (new work submitted, shutdown)."""
         self._event.set()
 
-    async def wait(self, has_work: Callable[[], bool], timeout: float | None = None) -> None:
-        """Return when an interrupt arrived or ``has_work()`` became true."""
+    async def wait(self, has_work: Callable[[], bool], timeout: float | None = None,
+                   prepare_block: Callable[[], bool] | None = None) -> None:
+        """Return when an interrupt arrived or ``has_work()`` became true.
+
+        ``prepare_block`` runs once before sleeping (re-enable the peer's notifications, which
+        are left off while we spin) and returns True if work showed up meanwhile.
+        """
         if self.mode != "block":
             deadline = None if self.mode == "poll" else time.perf_counter() + self.spin
             while not self._event.is_set():
                 if has_work():
-                    self._ack()
                     return
                 if deadline is not None and time.perf_counter() > deadline:
                     break
                 await asyncio.sleep(0)
+        if prepare_block is not None and not self._event.is_set() and prepare_block():
+            return
         # re-check before sleeping: with EVENT_IDX a peer may have published work before it saw
         # our new used_event/avail_event and decided no interrupt was needed
         if not self._event.is_set() and not has_work():
@@ -96,7 +108,6 @@ class IrqWaiter:
                 pass
         self._event.clear()
         self.wakeups += 1
-        self._ack()
 
     def close(self) -> None:
         for fd in self._fds:

@@ -55,5 +55,9 @@ class IvshmemDevice(abc.ABC):
     def ack_interrupts(self) -> int:
         """Consume pending interrupts without blocking and re-arm; returns how many were seen."""
 
+    def ack_fd(self, fd: int) -> int:
+        """Consume the interrupt behind one readable fd (default: all of them)."""
+        return self.ack_interrupts()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device (state returns to 0 for the peers, as closing /dev/uioN does)."""

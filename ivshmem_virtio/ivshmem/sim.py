@@ -198,6 +198,16 @@ class SimIvshmem(IvshmemDevice):
                 pass
         return n
 
+    def ack_fd(self, fd: int) -> int:
+        if self._hub_open and fd == self._sock.fileno():
+            self.process_hub_messages()
+            return 0
+        try:
+            n = int.from_bytes(os.read(fd, 8), "little")
+        except (BlockingIOError, OSError):
+            return 0
+        return n if self._int_control else 0
+
     def ack_interrupts(self) -> int:
         self.process_hub_messages()
         n = self._drain()

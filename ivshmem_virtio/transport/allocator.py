@@ -27,6 +27,11 @@ class ChunkAllocator:
         self.header_chunks = -(-header_size // self.chunk)
         self._used[: self.header_chunks] = True
         self._orders: dict[int, int] = {}  # offset -> order of live allocations
+        # Recently freed blocks per order, still marked used in the bitmap: a request's buffers
+        # come and go at a high rate, and a LIFO hit costs a list pop instead of a bitmap scan.
+        self._cache: dict[int, list[int]] = {}
+        self._cached = 0
+        self.cache_limit = 64
 
     def order_for(self, size: int) -> int:
         chunks = max(1, -(-size // self.chunk))
@@ -35,6 +40,30 @@ class ChunkAllocator:
     def alloc(self, size: int) -> int:
         """Offset of a free region of at least ``size`` bytes."""
         order = self.order_for(size)
+        cached = self._cache.get(order)
+        if cached:
+            off = cached.pop()
+            self._cached -= 1
+            self._orders[off] = order
+            return off
+        try:
+            return self._scan(order)
+        except SharedMemoryFull:
+            if not self._cached:
+                raise
+            self._drop_cache()  # give cached blocks back so they can coalesce, then retry
+            return self._scan(order)
+
+    def _drop_cache(self) -> None:
+        for order, offs in self._cache.items():
+            for off in offs:
+                first = off // self.chunk
+                self._used[first:first + (1 << order)] = False
+        self._cache.clear()
+        self._cached = 0
+
+    def _scan(self, order: int) -> int:
+        size = (1 << order) * self.chunk
         n = 1 << order
         usable = self.nchunks - self.nchunks % n
         if usable == 0:
@@ -51,9 +80,14 @@ class ChunkAllocator:
 
     def free(self, off: int) -> None:
         order = self._orders.pop(off)
+        if self._cached < self.cache_limit:
+            self._cache.setdefault(order, []).append(off)
+            self._cached += 1
+            return
         first = off // self.chunk
         self._used[first:first + (1 << order)] = False
 
     @property
     def free_bytes(self) -> int:
-        return int((~self._used).sum()) * self.chunk
+        cached = sum(len(v) << k for k, v in self._cache.items()) * self.chunk
+        return int((~self._used).sum()) * self.chunk + cached
