@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 
-from .procs import Child, cli, run_cli
+from .procs import Child, cli
 
 # Extra demo steps (the CAN round trip registers itself here): (title, fn(workdir) -> report)
 EXTRA_STEPS: list[tuple[str, Callable[[str], dict]]] = []
@@ -31,17 +33,30 @@ def _blk_demo(work: str, children: list[Child]) -> dict:
                                        "--serial", "ivshmem-demo"), work)
     children.append(backend)
     backend.wait_for("backend ready")
-    r = run_cli(["blk-client", "--link", f"sim:{sock}", "verify", "--size", str(32 << 20),
-                 "--depth", "16"], timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"frontend failed ({r.returncode}):\n{r.stderr.decode()}")
-    result = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    frontend = Child("blk-frontend", cli("--log-level", "warning", "blk-client", "--link",
+                                         f"sim:{sock}", "verify", "--size", str(32 << 20),
+                                         "--depth", "16"), work)
+    children.append(frontend)
+    try:
+        code = frontend.proc.wait(120)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("the frontend did not finish within 120 s") from None
+    if code != 0:
+        raise RuntimeError(f"frontend failed ({code}):\n{frontend.log()}")
+    lines = [ln for ln in frontend.log().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the frontend printed no result:\n{frontend.log()}")
+    result = json.loads(lines[-1])
     # the image itself must hold what the frontend wrote: check the backend's file directly
     result["image_bytes"] = os.path.getsize(image)
     return result
 
 
 def run_demo() -> int:
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)  # stop our children by pid on the way out
     work = tempfile.mkdtemp(prefix="ivshmem-virtio-demo-")
     children: list[Child] = []
     t0 = time.monotonic()
@@ -52,7 +67,7 @@ def run_demo() -> int:
         blk = _blk_demo(work, children)
         ok &= bool(blk["verified"])
         print(f"  processes: hub pid {children[0].pid}, backend pid {children[1].pid}, "
-              "frontend (blk-client verify)")
+              f"frontend pid {children[2].pid} (blk-client verify)")
         print(f"  disk id {blk['id']!r}, {blk['capacity_sectors']} sectors; "
               f"wrote and read back {blk['bytes'] >> 20} MiB with {blk['depth']} "
               f"requests in flight: {'verified' if blk['verified'] else 'MISMATCH'}")
@@ -63,7 +78,7 @@ def run_demo() -> int:
             rep = step(work)
             ok &= bool(rep.get("ok"))
             print(f"  {title}: {rep.get('summary', rep)}")
-    except Exception as e:  # noqa: BLE001 - the demo reports, then fails
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the demo reports, then fails
         print(f"demo failed: {e}")
         ok = False
     finally:

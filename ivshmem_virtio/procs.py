@@ -13,6 +13,18 @@ import sys
 import time
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so no process outlives its owner."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
 
 def cli(*args: str) -> list[str]:
     """argv for ``ivshmem-virtio ARGS`` run by this interpreter (works without installing)."""
@@ -33,7 +45,8 @@ class Child:
         child_env["PYTHONPATH"] = root + os.pathsep + child_env.get("PYTHONPATH", "")
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=child_env)
+                                     stdin=subprocess.DEVNULL, env=child_env,
+                                     preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
 
     def log(self) -> str:
@@ -82,4 +95,4 @@ def run_cli(args: list[str], timeout: float, log_dir: str | Path | None = None,
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(cli(*args), capture_output=True, timeout=timeout, env=env,
-                          input=input)
+                          input=input, preexec_fn=_die_with_parent)

@@ -137,3 +137,31 @@ def test_sigterm_shuts_down_cleanly(procs, tmp_path, image_factory):
     assert "stopped" in backend.log()
     assert hub.stop() == 0
     assert not os.path.exists(sock)
+
+
+def test_frontend_drops_a_dead_hub_socket_from_its_wait_set(procs, tmp_path, image_factory):
+    """A readable fd nobody consumes spins the event loop: the hub socket at EOF must go."""
+    sock = str(tmp_path / "blk.sock")
+    image = image_factory(1 * MiB)
+    hub = procs.hub(sock)
+    backend = procs.blk(sock, image)
+
+    async def body():
+        c = await connect(sock)
+        try:
+            hub_fd = c.dev._sock.fileno()
+            assert hub_fd in c._waiter._fds
+            backend.kill()
+            hub.stop()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if hub_fd not in c._waiter._fds:
+                    break
+            assert hub_fd not in c._waiter._fds
+            assert c.dev.interrupt_fds() == c._waiter._fds or not c.connected.is_set()
+        finally:
+            c.reconnect = False
+            c.closed = True
+            await leave(c)
+
+    run(body())
