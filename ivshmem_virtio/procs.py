@@ -6,6 +6,7 @@ then SIGKILL after a grace period), never by name; nothing is left running or li
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -14,16 +15,16 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+try:  # resolved in the parent: nothing may be imported or looked up between fork and exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
 
 
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the parent dies, so no process outlives its owner."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def cli(*args: str) -> list[str]:
