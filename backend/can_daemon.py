@@ -27,7 +27,7 @@ log = structlog.get_logger("ivshmem_virtio.backend")
 def can_features(fd: bool, late_tx_ack: bool) -> int:
     """The virtio-can features every link offers: classic and RTR always, FD on request."""
     return (wire.F_CAN_CLASSIC | wire.F_RTR_FRAMES | (wire.F_CAN_FD if fd else 0)
-            | (wire.F_LATE_TX_ACK if late_tx_ack else 0))
+            | (wire.F_LATE_TX_ACK if late_tx_ack else 0) | wire.F_IVV_BUSOFF_REPORT)
 
 
 def check_can_args(args: argparse.Namespace) -> list[str]:

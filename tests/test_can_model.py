@@ -608,3 +608,21 @@ def test_message_conversion_details() -> None:
         wire.frame_from_message(can.Message(is_fd=True, data=bytes(10)))
     out = wire.frame_to_message(CanFrame.data_frame(3, b"x"), channel="vcan0", timestamp=1.5)
     assert (out.channel, out.timestamp, out.is_rx) == ("vcan0", 1.5, True)
+
+
+def test_bus_off_report_extension_needs_its_feature():
+    """Project extension 0x02F0: only a driver that negotiated bit 23 may report a bus-off."""
+    import struct
+
+    from backend.devices.can import CanLinkModel
+    from ivshmem_virtio.spec import can as w
+
+    req = struct.pack("<H", w.VIRTIO_CAN_IVV_BUSOFF_REPORT)
+    plain = CanLinkModel(w.F_CAN_CLASSIC | w.F_IVV_BUSOFF_REPORT)
+    assert plain.set_features(w.F_CAN_CLASSIC)
+    assert plain.handle_control(req) == w.VIRTIO_CAN_RESULT_NOT_OK
+    assert plain.bus_off_reports == 0
+    ext = CanLinkModel(w.F_CAN_CLASSIC | w.F_IVV_BUSOFF_REPORT)
+    assert ext.set_features(w.F_CAN_CLASSIC | w.F_IVV_BUSOFF_REPORT)
+    assert ext.handle_control(req) == w.VIRTIO_CAN_RESULT_OK
+    assert ext.bus_off_reports == 1

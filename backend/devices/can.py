@@ -116,6 +116,7 @@ class CanLinkModel:
             raise ValueError(f"invalid offered virtio-can features: {problem}")
         self._offered = offered_features
         self._negotiated = 0
+        self.bus_off_reports = 0  # driver-side controller bus-offs reported (extension)
         self._state = ControllerState.STOPPED
         self._status = 0
         self.metrics = CanLinkMetrics()
@@ -194,6 +195,10 @@ class CanLinkModel:
             return wire.VIRTIO_CAN_RESULT_OK
         if msg_type == wire.VIRTIO_CAN_SET_CTRL_MODE_STOP:
             self._state = ControllerState.STOPPED
+            return wire.VIRTIO_CAN_RESULT_OK
+        if msg_type == wire.VIRTIO_CAN_IVV_BUSOFF_REPORT and \
+                self._negotiated & wire.F_IVV_BUSOFF_REPORT:
+            self.bus_off_reports += 1  # the runner turns it into the switch-wide bus-off flow
             return wire.VIRTIO_CAN_RESULT_OK
         self.metrics.control_fails += 1
         return wire.VIRTIO_CAN_RESULT_NOT_OK

@@ -305,8 +305,14 @@ class CanLinkService:
                 self._answer(vq, chain.head, result_addr, wire.VIRTIO_CAN_RESULT_NOT_OK)
                 continue
             status = self.model.status
+            reports = self.model.bus_off_reports
             result = self.model.handle_control(
                 _gather(mem, chain.readable, wire.CONTROL_REQUEST.size))
+            if self.model.bus_off_reports != reports:
+                # answer first, so the reporting driver is not left waiting behind the flow
+                self._answer(vq, chain.head, result_addr, result)
+                self.backend.bus_error(f"link {self.link_id} reports its controller bus-off")
+                continue
             if not self.model.started:
                 self.fail_pending()
             if self.model.status != status:

@@ -37,8 +37,15 @@ F_CAN_CLASSIC: Final = 1 << VIRTIO_CAN_F_CAN_CLASSIC
 F_CAN_FD: Final = 1 << VIRTIO_CAN_F_CAN_FD
 F_RTR_FRAMES: Final = 1 << VIRTIO_CAN_F_RTR_FRAMES
 F_LATE_TX_ACK: Final = 1 << VIRTIO_CAN_F_LATE_TX_ACK
+#: Project extension (rtos_inmate/README-virtio.md): a driver whose own CAN controller sits
+#: behind it (the RTOS inmate's MCP2515) may report that controller's bus-off to the device with
+#: the control request VIRTIO_CAN_IVV_BUSOFF_REPORT. Bit 23: the top of the device-specific range,
+#: far from any bit the OASIS spec may assign next.
+VIRTIO_CAN_F_IVV_BUSOFF_REPORT: Final = 23
+F_IVV_BUSOFF_REPORT: Final = 1 << VIRTIO_CAN_F_IVV_BUSOFF_REPORT
 #: Every device-specific feature this module knows.
-F_ALL: Final = F_CAN_CLASSIC | F_CAN_FD | F_RTR_FRAMES | F_LATE_TX_ACK
+F_ALL: Final = (F_CAN_CLASSIC | F_CAN_FD | F_RTR_FRAMES | F_LATE_TX_ACK
+                | F_IVV_BUSOFF_REPORT)
 #: virtio reserves bits 0..23 for device-specific features; transport bits sit above.
 DEVICE_FEATURE_MASK: Final = (1 << 24) - 1
 
@@ -47,6 +54,9 @@ VIRTIO_CAN_TX: Final = 0x0001
 VIRTIO_CAN_RX: Final = 0x0101
 VIRTIO_CAN_SET_CTRL_MODE_START: Final = 0x0201
 VIRTIO_CAN_SET_CTRL_MODE_STOP: Final = 0x0202
+#: Project extension, only with F_IVV_BUSOFF_REPORT: "the controller behind this driver is
+#: bus-off"; the device runs its bus-off flow for the whole switch.
+VIRTIO_CAN_IVV_BUSOFF_REPORT: Final = 0x02F0
 
 # --- Frame flags ----------------------------------------------------------------------------
 VIRTIO_CAN_FLAGS_EXTENDED: Final = 0x8000

@@ -114,11 +114,13 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 #define IVV_CAN_F_CAN_FD               1u
 #define IVV_CAN_F_RTR_FRAMES           2u
 #define IVV_CAN_F_LATE_TX_ACK          3u
+#define IVV_CAN_F_IVV_BUSOFF_REPORT    23u
 #define IVV_CAN_DEVICE_FEATURE_MASK    0xFFFFFFu
 #define IVV_CAN_MSG_TX                 0x1u
 #define IVV_CAN_MSG_RX                 0x101u
 #define IVV_CAN_SET_CTRL_MODE_START    0x201u
 #define IVV_CAN_SET_CTRL_MODE_STOP     0x202u
+#define IVV_CAN_IVV_BUSOFF_REPORT      0x2F0u
 #define IVV_CAN_FLAGS_EXTENDED         0x8000u
 #define IVV_CAN_FLAGS_FD               0x4000u
 #define IVV_CAN_FLAGS_RTR              0x2000u
