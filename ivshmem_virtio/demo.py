@@ -62,8 +62,8 @@ def run_demo() -> int:
     t0 = time.monotonic()
     ok = True
     try:
-        print("ivshmem-virtio demo: hub + virtio-blk backend + Python frontend, "
-              "as separate processes on a simulated ivshmem link")
+        print("ivshmem-virtio demo: virtio-blk and virtio-can, hubs + backends + Python "
+              "frontends as separate processes on simulated ivshmem links")
         blk = _blk_demo(work, children)
         ok &= bool(blk["verified"])
         print(f"  processes: hub pid {children[0].pid}, backend pid {children[1].pid}, "
@@ -74,6 +74,8 @@ def run_demo() -> int:
         print(f"  write {blk['write_MBps']} MB/s, read {blk['read_MBps']} MB/s; "
               f"512 B read latency p50 {blk['read512_p50_us']} us, "
               f"p99 {blk['read512_p99_us']} us")
+        from . import can_demo  # noqa: F401 - registers the CAN round trip step
+
         for title, step in EXTRA_STEPS:
             rep = step(work)
             ok &= bool(rep.get("ok"))
