@@ -18,6 +18,7 @@ from ivshmem_virtio.spec import virtio as V
 
 from .driver import VirtioDriver
 
+_DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
 WANTED = (V.bit(B.F_SIZE_MAX) | V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
           | V.bit(B.F_RO) | V.bit(B.F_DISCARD) | V.bit(B.F_WRITE_ZEROES))
 
@@ -173,31 +174,28 @@ class BlkClient(VirtioDriver):
             self.transport.kick(0)
 
     def _place(self, req: _Req) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Bounce one request through ONE allocation: header, status byte, then the data.
+
+        ``[outhdr 16][status 1][pad to 64][data]``: the data stays cache-line aligned and a
+        request costs one allocator call however many descriptors it spans.
+        """
         alloc = self.transport.allocator
         assert alloc is not None
         mem = self.transport.hdr
-        req.allocs = []
-        try:
-            hdr = alloc.alloc(B.OUTHDR_SIZE + 1)
-            req.allocs.append(hdr)
-            mem.pack(B.OUTHDR, hdr, req.type, 0, req.sector)
-            req.status_addr = hdr + B.OUTHDR_SIZE
-            mem.set_u8(req.status_addr, 0xFF)
-            out = [(hdr, B.OUTHDR_SIZE)]
-            # one contiguous bounce buffer per direction, cut into size_max descriptors
-            if req.out:
-                a = alloc.alloc(len(req.out))
-                req.allocs.append(a)
-                mem.write(a, req.out)
-                out += self._segments(a, len(req.out))
-            req.in_segs = []
-            if req.in_len:
-                a = alloc.alloc(req.in_len)
-                req.allocs.append(a)
-                req.in_segs = self._segments(a, req.in_len)
-        except TransportError:
-            self._free(req)
-            raise
+        n = len(req.out) or req.in_len
+        base = alloc.alloc(_DATA_OFF + n)
+        req.allocs = [base]
+        mem.pack(B.OUTHDR, base, req.type, 0, req.sector)
+        req.status_addr = base + B.OUTHDR_SIZE
+        mem.set_u8(req.status_addr, 0xFF)
+        out = [(base, B.OUTHDR_SIZE)]
+        data = base + _DATA_OFF
+        req.in_segs = []
+        if req.out:
+            mem.write(data, req.out)
+            out += self._segments(data, len(req.out))
+        elif req.in_len:
+            req.in_segs = self._segments(data, req.in_len)
         return out, [*req.in_segs, (req.status_addr, 1)]
 
     def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:

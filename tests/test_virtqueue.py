@@ -42,12 +42,17 @@ def make(event_idx: bool = False, indirect: bool = False, size: int = N):
 @pytest.mark.parametrize("indirect", [False, True])
 def test_round_trip_many_wraps(event_idx, indirect):
     mem, drv, dev = make(event_idx, indirect)
+    inn = [(0x200 + 0x200 * i, 512) for i in range(5)] + [(0x1000, 1)]  # long: indirect if on
     for k in range(70000 // 50):  # wraps the 16-bit indices
-        drv.add([(0x100, 16)], [(0x200, 512), (0x400, 1)], token=k)
+        short = k % 2 == 0
+        drv.add([(0x100, 16)], [(0x200, 512), (0x400, 1)] if short else inn, token=k)
+        head = dev.mem.u16(dev.avail + 4 + 2 * (dev.last_avail % N))
+        flags = dev.mem.u16(dev.desc + 16 * head + 12)
+        assert bool(flags & R.DESC_F_INDIRECT) == (indirect and not short)
         chain = dev.pop()
         assert chain is not None and chain.error is None
         assert chain.readable == [(0x100, 16)]
-        assert chain.writable == [(0x200, 512), (0x400, 1)]
+        assert chain.writable == ([(0x200, 512), (0x400, 1)] if short else inn)
         dev.push(chain.head, 513)
         dev.publish()
         assert drv.get_used() == [(k, 513)]

@@ -31,7 +31,7 @@ class ChunkAllocator:
         # come and go at a high rate, and a LIFO hit costs a list pop instead of a bitmap scan.
         self._cache: dict[int, list[int]] = {}
         self._cached = 0
-        self.cache_limit = 64
+        self.cache_limit = 1024
 
     def order_for(self, size: int) -> int:
         chunks = max(1, -(-size // self.chunk))

@@ -16,6 +16,7 @@ from ..spec import ring as R
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
 
+INDIRECT_MIN = 4  # chains longer than this go through an indirect table when negotiated
 Buffers = Sequence[tuple[int, int]]  # (addr, len) pairs, addresses relative to the region
 
 
@@ -65,7 +66,10 @@ class DriverQueue:
         total = len(out) + len(inn)
         if total == 0:
             raise ValueError("empty chain")
-        if self.indirect and total > 1 and self.num_free >= 1:
+        # indirect when the chain is long or the table is short of descriptors: a 3-descriptor
+        # request is cheaper direct than with a table to allocate and free
+        if self.indirect and total > 1 and self.num_free >= 1 and (
+                total > INDIRECT_MIN or self.num_free < total):
             return self._add_indirect(out, inn, token, total)
         if self.num_free < total:
             raise RingError("virtqueue full")
