@@ -188,7 +188,8 @@ class Observer:
         with self._cond:
             return [wire.frame_from_message(m) for m in self.msgs]
 
-    def wait_count(self, n: int, timeout: float = 20.0) -> list[CanFrame]:
+    def wait_messages(self, n: int, timeout: float = 20.0) -> list[can.Message]:
+        """The first ``n`` (or more) messages seen, waiting up to ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self.msgs) < n:
@@ -196,7 +197,10 @@ class Observer:
                 if left <= 0:
                     raise TimeoutError(f"bus saw {len(self.msgs)} of {n} frames")
                 self._cond.wait(left)
-        return self.frames()
+            return list(self.msgs)
+
+    def wait_count(self, n: int, timeout: float = 20.0) -> list[CanFrame]:
+        return [wire.frame_from_message(m) for m in self.wait_messages(n, timeout)]
 
     async def await_count(self, n: int, timeout: float = 20.0) -> list[CanFrame]:
         return await asyncio.get_running_loop().run_in_executor(None, self.wait_count, n,

@@ -134,40 +134,19 @@ class Wire:
         self.node = can.Bus(interface="virtual", channel=channel)
         self.server = SpiSocketServer(self.chip, spi_sock)
         self.server.start()
-        self.seen: list[can.Message] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            msg = self.node.recv(0.05)
-            if msg is not None:
-                with self._cond:
-                    self.seen.append(msg)
-                    self._cond.notify_all()
+        self._observer = Observer(self.node)  # drains the node on a thread
 
     def send(self, can_id: int, data: bytes, *, extended: bool = False) -> None:
         self.node.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=extended))
 
     def wait_count(self, n: int, timeout: float = 10.0) -> list[can.Message]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.seen) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"the wire saw {len(self.seen)} of {n} frames")
-                self._cond.wait(left)
-            return list(self.seen)
+        return self._observer.wait_messages(n, timeout)
 
     def close(self) -> None:
-        self._stop = True
-        self._thread.join(5)
+        self._observer.close()  # shuts the node down too
         self.server.stop()
         self.chip.close()
         self._chip_bus.shutdown()
-        self.node.shutdown()
 
 
 @dataclass
