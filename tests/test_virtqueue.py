@@ -246,3 +246,52 @@ def test_fuzz_random_rings_never_escape(data: bytes, event_idx: bool, indirect: 
             assert len(chain.readable) + len(chain.writable) <= max(N, R.MAX_QUEUE_SIZE)
     except RingError:
         pass
+
+
+def long_table(mem: Region, entries: list[tuple[int, int, int]], table: int = 0x8000,
+               nexts: list[int] | None = None) -> None:
+    """An indirect table of len(entries) descriptors, chained in order unless ``nexts``."""
+    n = len(entries)
+    for i, (addr, length, flags) in enumerate(entries):
+        nxt = (nexts[i] if nexts else i + 1) if i < n - 1 else 0
+        mem.pack(R.DESC, table + 16 * i, addr, length,
+                 flags | (R.DESC_F_NEXT if i < n - 1 else 0), nxt)
+    raw(mem, [(table, 16 * n, R.DESC_F_INDIRECT, 0)], [0])
+
+
+@pytest.mark.parametrize("n", [8, 40])
+def test_long_indirect_tables_fast_walk(n):
+    mem, _, dev = make(indirect=True)
+    entries = [(0x100, 16, 0)] + [(0x1000 + 0x100 * i, 0x100, R.DESC_F_WRITE)
+                                  for i in range(n - 1)]
+    long_table(mem, entries)
+    chain = dev.pop()
+    assert chain.error is None
+    assert chain.readable == [(0x100, 16)]
+    assert chain.writable == [(a, ln) for a, ln, _f in entries[1:]]
+
+
+@pytest.mark.parametrize("bad", [(MEM - 8, 16), (MEM, 1), (2**64 - 8, 16), (0, 2**32 - 1)])
+def test_long_indirect_table_with_a_bad_buffer(bad):
+    mem, _, dev = make(indirect=True)
+    entries = [(0x100, 16, 0)] + [(0x1000, 0x100, R.DESC_F_WRITE)] * 9
+    entries[4] = (bad[0], bad[1], R.DESC_F_WRITE)
+    long_table(mem, entries)
+    chain = dev.pop()
+    assert chain.error and "outside" in chain.error
+    assert chain.writable[-1] == (0x1000, 0x100)  # the status byte is still reachable
+
+
+def test_long_indirect_table_out_of_order_and_loops():
+    mem, _, dev = make(indirect=True)
+    entries = [(0x100, 16, 0)] + [(0x1000, 0x100, R.DESC_F_WRITE)] * 9
+    entries[5] = (0x200, 8, 0)  # readable after writable
+    long_table(mem, entries)
+    chain = dev.pop()
+    assert chain.error == "readable descriptor after a writable one"
+    assert chain.writable[-1] == (0x1000, 0x100) and (0x200, 8) in chain.readable
+    mem2, _, dev2 = make(indirect=True)
+    nexts = [1, 2, 3, 4, 5, 1, 7, 8, 9]  # jumps back: a loop inside the table
+    long_table(mem2, [(0x1000, 16, R.DESC_F_WRITE)] * 10, nexts=nexts)
+    with pytest.raises(RingError):
+        dev2.pop()

@@ -125,19 +125,26 @@ class DeviceQueue:
     def _walk(self, head: int) -> Chain:
         mem = self.mem
         chain = Chain(head)
-        table, count = self.desc, self.size
+        readable, writable = chain.readable, chain.writable
+        size = mem.size
+        # the direct table is read one descriptor at a time; an indirect table is unpacked at
+        # once (one bounds check and one C loop instead of one unpack call per descriptor)
+        table: list[tuple[int, int, int, int]] | None = None
+        count = self.size
         index = head
         budget = self.size  # a chain can never hold more descriptors than the table
-        in_indirect = False
         seen_writable = False
         while True:
             if budget <= 0:
                 raise RingError(f"descriptor chain from head {head} loops or is longer than the "
                                 "table")
             budget -= 1
-            addr, length, flags, nxt = mem.unpack(_DESC, table + 16 * index)
+            if table is None:
+                addr, length, flags, nxt = mem.unpack(_DESC, self.desc + 16 * index)
+            else:
+                addr, length, flags, nxt = table[index]
             if flags & R.DESC_F_INDIRECT:
-                if in_indirect:
+                if table is not None:
                     raise RingError("nested indirect descriptor table")
                 if not self.indirect:
                     raise RingError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
@@ -147,18 +154,18 @@ class DeviceQueue:
                     raise RingError(f"indirect table length {length} is not a multiple of 16")
                 if addr % 16 or not mem.contains(addr, length):
                     raise RingError(f"indirect table {addr:#x}+{length:#x} outside the section")
-                table, count, index = addr, length // 16, 0
-                budget = count
-                in_indirect = True
+                table = list(_DESC.iter_unpack(mem.view(addr, length)))
+                count = budget = len(table)
+                index = 0
                 continue
             if flags & R.DESC_F_WRITE:
                 seen_writable = True
-                chain.writable.append((addr, length))
+                writable.append((addr, length))
             else:
                 if seen_writable and chain.error is None:
                     chain.error = "readable descriptor after a writable one"
-                chain.readable.append((addr, length))
-            if chain.error is None and not mem.contains(addr, length):
+                readable.append((addr, length))
+            if chain.error is None and not (addr <= size and length <= size - addr):
                 chain.error = f"buffer {addr:#x}+{length:#x} outside the shared section"
             if not flags & R.DESC_F_NEXT:
                 return chain
