@@ -141,6 +141,11 @@ class LinkRunner:
                 t.mark_needs_reset(f"queue {index}: {e}")
                 self.generation += 1
                 return
+            except Exception as e:  # noqa: BLE001 - a bug of ours must not take the daemon down
+                log.exception("device fault", link=self.dev.name, queue=index)
+                t.mark_needs_reset(f"queue {index}: internal error {e!r}")
+                self.generation += 1
+                return
 
     def _enable_notifications(self) -> bool:
         """Before sleeping: ask for kicks again, and report work that slipped in meanwhile."""

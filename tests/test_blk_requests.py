@@ -181,3 +181,28 @@ def test_request_limits_fit_the_bounce_pool(rw):
     size_max, seg_max = request_limits(rw)
     assert size_max == 4096 and 1 <= seg_max <= 126
     assert size_max * seg_max <= max(4096, rw // 4)
+
+
+def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image_factory):
+    """A bug in a device model (any exception) costs that device a reset, never the daemon."""
+    image = image_factory(1 * MiB)
+
+    async def body():
+        async with blk_stack(str(tmp_path / "l.sock"), image) as s:
+            model = s.runner.service.model
+            real = model.parse
+            calls = {"n": 0}
+
+            def broken(mem, chain):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise ValueError("simulated bug")
+                return real(mem, chain)
+
+            model.parse = broken
+            await s.client.write(0, b"z" * 512)  # resubmitted after the automatic recovery
+            assert calls["n"] >= 2
+            assert s.runner.transport.metrics["needs_reset_count"] == 1
+            assert await s.client.read(0, 512) == b"z" * 512
+
+    run(body())
