@@ -46,15 +46,20 @@ def open_backend_link(spec: str, device_id: int) -> IvshmemDevice:
     return dev
 
 
-async def serve(runners: list[LinkRunner], stop: asyncio.Event) -> None:
-    """Run every runner until ``stop``; a crashed runner is logged, the others go on."""
+async def serve(runners: list[LinkRunner], stop: asyncio.Event) -> int:
+    """Run every runner until ``stop``; a crashed runner is logged, the others go on.
+
+    Returns how many runners failed, so a daemon can exit non-zero for a supervisor to see.
+    """
     tasks = {asyncio.create_task(r.run()): r for r in runners}
     stopper = asyncio.create_task(stop.wait())
     pending = set(tasks) | {stopper}
+    failed = 0
     while not stop.is_set() and len(pending) > 1:
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
             if t is not stopper and t.exception() is not None:
+                failed += 1
                 log.error("device runner failed", link=tasks[t].dev.name,
                           error=repr(t.exception()))
     for r in runners:
@@ -63,6 +68,7 @@ async def serve(runners: list[LinkRunner], stop: asyncio.Event) -> None:
         with contextlib.suppress(Exception):
             await t
     stopper.cancel()
+    return failed
 
 
 async def run_blk(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -82,9 +88,9 @@ async def run_blk(args: argparse.Namespace, stop: asyncio.Event) -> int:
     log.info("virtio-blk backend", image=args.image, sectors=image.sectors,
              read_only=args.read_only, link=args.link)
     try:
-        await serve([runner], stop)
+        failed = await serve([runner], stop)
     finally:
         service.close()
         dev.close()
     log.info("stopped", link=args.link)
-    return 0
+    return 1 if failed else 0
