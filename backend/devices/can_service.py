@@ -4,10 +4,12 @@ the pure model (:mod:`backend.devices.can`) and the bus bridge.
 One :class:`CanBackend` owns the switch and the bus; each link gets a :class:`CanLinkService`
 (the runner's ``Service``). Everything runs on the one event loop of the daemon:
 
-* TX: a request is validated by the model; a frame that passes goes to the bridge's writer
-  (FIFO on the wire). Without LATE_TX_ACK it completes OK at once; with it, only when the bus
-  accepted the frame. The other links receive it when the bus accepted it, as on a real wire,
-  and never its sender (spec §8.7).
+* TX: a request is validated by the model; a frame that passes goes to the bridge (FIFO on the
+  wire), which usually sends it before returning and otherwise queues it for its writer thread.
+  Without LATE_TX_ACK it completes OK at once; with it, only when the bus accepted the frame.
+  The other links receive it when the bus accepted it, as on a real wire, and never its sender
+  (spec §8.7). Completions and deliveries are published once per batch (one used-index update
+  and at most one notification per queue), not once per frame.
 * RX: buffers the driver posts are taken off the ring and kept per link, filled in FIFO order as
   frames arrive. A link with no buffer drops the frame (counted): it never holds up the bus or
   the other links.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -168,25 +169,40 @@ class CanLinkService:
 
     # -- TX ---------------------------------------------------------------------------------------
     def _serve_tx(self, vq: DeviceQueue, runner: LinkRunner) -> int:
+        """One batch of TX requests; the runner publishes the answers given here afterwards."""
         mem = vq.mem
+        model = self.model
+        backend = self.backend
         chains = vq.pop_all(runner.batch)
-        for chain in chains:
-            result_addr = _result_addr(chain, mem)
-            if chain.error is not None:
-                self.metrics.tx_bad_buffers += 1
-                self.model.metrics.tx_fails += 1
-                self._note("TX request refused", chain.error)
-                self._answer(vq, chain.head, result_addr, wire.VIRTIO_CAN_RESULT_NOT_OK)
-                continue
-            decision = self.model.handle_tx(_gather(mem, chain.readable, TX_READ_LIMIT))
-            if isinstance(decision, TxReject):
-                self._answer(vq, chain.head, result_addr, decision.result)
-                continue
-            ticket = self.backend.transmit(self, decision.frame)
-            if decision.late_ack:
-                self.pending[ticket] = _PendingTx(chain.head, result_addr, vq, runner.generation)
-            else:
-                self._answer(vq, chain.head, result_addr, wire.VIRTIO_CAN_RESULT_OK)
+        try:
+            for chain in chains:
+                result_addr = _result_addr(chain, mem)
+                if chain.error is not None:
+                    self.metrics.tx_bad_buffers += 1
+                    model.metrics.tx_fails += 1
+                    self._note("TX request refused", chain.error)
+                    self._answer(vq, chain.head, result_addr, wire.VIRTIO_CAN_RESULT_NOT_OK)
+                    continue
+                decision = model.handle_tx(_gather(mem, chain.readable, TX_READ_LIMIT))
+                if isinstance(decision, TxReject):
+                    self._answer(vq, chain.head, result_addr, decision.result)
+                    continue
+                outcome = backend.transmit(self, decision.frame)
+                if outcome is True or not decision.late_ack:
+                    if outcome is False:
+                        self.metrics.tx_bus_fails += 1
+                    result = wire.VIRTIO_CAN_RESULT_OK
+                elif outcome is False:  # a bus error (already reported: this link is stopped)
+                    self.metrics.tx_bus_fails += 1
+                    model.metrics.tx_fails += 1
+                    result = wire.VIRTIO_CAN_RESULT_NOT_OK
+                else:  # the writer thread has it: answered when the bus took it
+                    self.pending[outcome] = _PendingTx(chain.head, result_addr, vq,
+                                                       runner.generation)
+                    continue
+                self._answer(vq, chain.head, result_addr, result)
+        finally:
+            backend.flush_rx()  # what the other links received from this batch, at once
         return len(chains)
 
     @staticmethod
@@ -194,13 +210,15 @@ class CanLinkService:
         vq.mem.set_u8(result_addr, result)
         vq.push(head, wire.RESULT_SIZE)
 
-    def tx_finished(self, ticket: TxTicket, ok: bool) -> None:
-        """The bus took (or refused) a frame of this link: answer a LATE_TX_ACK request."""
+    def tx_finished(self, ticket: TxTicket, ok: bool) -> bool:
+        """The bus took (or refused) a queued frame of this link: answer a LATE_TX_ACK request.
+
+        True when an answer was pushed: call :meth:`publish_tx` once the batch is done.
+        """
         if not ok and not ticket.cancelled:  # a cancelled one was counted when cancelled
             self.metrics.tx_bus_fails += 1
         entry = self.pending.pop(ticket, None)
-        if entry is not None:
-            self._complete(entry, ok)
+        return entry is not None and self._complete(entry, ok)
 
     def fail_pending(self) -> None:
         """Entering STOPPED (STOP, bus-off) cancels the pending TX with NOT_OK.
@@ -208,24 +226,42 @@ class CanLinkService:
         A frame the bus is already transmitting cannot be recalled; its request stays pending
         and completes with the bus's answer (NOT_OK only ever means "not sent").
         """
+        answered = False
         for ticket in list(self.pending):
             if ticket.cancel():
                 self.metrics.tx_bus_fails += 1
-                self._complete(self.pending.pop(ticket), False)
+                answered |= self._complete(self.pending.pop(ticket), False)
+        if answered:
+            self.publish_tx()
 
-    def _complete(self, entry: _PendingTx, ok: bool) -> None:
+    def _complete(self, entry: _PendingTx, ok: bool) -> bool:
+        """Push the answer of a pending request (not yet published); False if its ring is gone."""
         runner = self.runner
         if runner is None or runner.generation != entry.generation:
-            return  # the ring this request came from was reset
-        t = runner.transport
-        if t.vqs[wire.TXQ] is not entry.vq:
-            return
+            return False  # the ring this request came from was reset
+        if runner.transport.vqs[wire.TXQ] is not entry.vq:
+            return False
         if not ok:
             self.model.metrics.tx_fails += 1
         result = wire.VIRTIO_CAN_RESULT_OK if ok else wire.VIRTIO_CAN_RESULT_NOT_OK
         try:
             self._answer(entry.vq, entry.head, entry.result_addr, result)
-            if entry.vq.publish():
+        except (RingError, MemoryAccessError) as e:
+            self._broken(f"queue {wire.TXQ}: {e}")
+            return False
+        return True
+
+    def publish_tx(self) -> None:
+        """Publish the TX answers pushed outside the runner's serve path; notify once."""
+        runner = self.runner
+        if runner is None:
+            return
+        t = runner.transport
+        vq = t.vqs[wire.TXQ] if t.vqs else None
+        if vq is None:
+            return
+        try:
+            if vq.publish():
                 t.notify_queue(wire.TXQ)
         except (RingError, MemoryAccessError) as e:
             self._broken(f"queue {wire.TXQ}: {e}")
@@ -366,6 +402,7 @@ class CanBackend:
         self.switch = CanSwitch(has_bus=bridge is not None)
         self.links: dict[str, CanLinkService] = {}
         self.bus_off_count = 0
+        self._touched: dict[str, CanLinkService] = {}  # links with deliveries not yet flushed
 
     def add_link(self, link_id: str) -> CanLinkService:
         model = CanLinkModel(self.features)
@@ -381,7 +418,7 @@ class CanBackend:
     def start(self) -> None:
         """Start the bus bridge; call from the daemon's event loop."""
         if self.bridge is not None:
-            self.bridge.start(self.from_bus, self.bus_error)
+            self.bridge.start(self.from_bus, self.bus_error, self._tx_done)
 
     def close(self) -> None:
         for service in list(self.links.values()):
@@ -390,41 +427,60 @@ class CanBackend:
             self.bridge.close()
 
     # -- routing --------------------------------------------------------------------------------
-    def transmit(self, sender: CanLinkService, frame: CanFrame) -> TxTicket:
-        """Put a frame of ``sender`` on the wire; the other links get it once the bus has it."""
+    def transmit(self, sender: CanLinkService, frame: CanFrame) -> TxTicket | bool:
+        """Put a frame of ``sender`` on the wire; the other links get it once the bus has it.
+
+        True: on the bus now, and delivered to the other links (call :meth:`flush_rx` after the
+        batch). False: refused now; the bus error was reported, so every link is bus-off. A
+        ticket: queued; :meth:`_tx_done` routes it and answers ``sender`` later.
+        """
         if self.bridge is not None:
-            return self.bridge.send(frame, lambda ticket, ok: self._sent(sender, ticket, ok))
-        from ..resources.canbus import TxTicket
+            outcome = self.bridge.send(frame, sender)
+            if outcome is not True:
+                return outcome
+        if self.links.get(sender.link_id) is sender:
+            self._route(sender, frame)
+        return True
 
-        ticket = TxTicket(frame, 0, None)
-        self._sent(sender, ticket, True)
-        return ticket
+    def _tx_done(self, results: list[tuple[TxTicket, bool]]) -> None:
+        """Outcomes of queued frames (in wire order): deliver, answer, then publish once each."""
+        answered: dict[str, CanLinkService] = {}
+        for ticket, ok in results:
+            sender: CanLinkService = ticket.tag  # type: ignore[assignment]
+            if ok and self.links.get(sender.link_id) is sender:
+                self._route(sender, ticket.frame)
+            if sender.tx_finished(ticket, ok):
+                answered[sender.link_id] = sender
+        self.flush_rx()
+        for sender in answered.values():
+            sender.publish_tx()
 
-    def _sent(self, sender: CanLinkService, ticket: TxTicket, ok: bool) -> None:
-        if ok and sender.link_id in self.links:
-            self._route((dest for dest, _ in self.switch.from_link(sender.link_id, ticket.frame)
-                         if dest is not BUS), ticket.frame)
-        sender.tx_finished(ticket, ok)
+    def _route(self, sender: CanLinkService, frame: CanFrame) -> None:
+        """Deliver a frame the bus accepted to every other accepting link (unpublished)."""
+        touched = self._touched
+        for dest, _ in self.switch.from_link(sender.link_id, frame):
+            if dest is BUS:
+                continue
+            service = self.links[str(dest)]
+            service.deliver(frame)
+            touched[service.link_id] = service
+
+    def flush_rx(self) -> None:
+        """Publish the deliveries made since the last flush: one notification per link."""
+        touched = self._touched
+        while touched:
+            _, service = touched.popitem()
+            service.flush_rx()
 
     def from_bus(self, frames: list[CanFrame]) -> None:
         """A batch read from the bus: every accepting link, then one notification per link."""
-        touched: dict[str, CanLinkService] = {}
+        touched = self._touched
         for frame in frames:
             for link_id in self.switch.from_bus(frame):
                 service = self.links[str(link_id)]
                 service.deliver(frame)
                 touched[service.link_id] = service
-        for service in touched.values():
-            service.flush_rx()
-
-    def _route(self, link_ids: Iterable[Hashable], frame: CanFrame) -> None:
-        touched = []
-        for link_id in link_ids:
-            service = self.links[str(link_id)]
-            service.deliver(frame)
-            touched.append(service)
-        for service in touched:
-            service.flush_rx()
+        self.flush_rx()
 
     def bus_error(self, reason: str) -> None:
         """The shared controller went bus-off: every link sees it (spec §1 bus-off flow)."""

@@ -6,9 +6,14 @@ SocketCAN TX queue, a vendor driver). The event loop that serves the links must 
 * frames from the bus arrive through ``loop.add_reader`` on the bus's own ``fileno()`` where it
   has a real one (socketcan, udp_multicast), else from a reader thread that hands batches over
   with ``call_soon_threadsafe`` (virtual and most vendor interfaces);
-* frames to the bus go through one writer thread, in submission order (FIFO on the wire), and
-  each one's outcome comes back to the loop, so LATE_TX_ACK can complete a request only once the
-  bus accepted the frame.
+* frames to the bus go out in submission order (FIFO on the wire), and each one's outcome reaches
+  the owner, so LATE_TX_ACK can complete a request only once the bus accepted the frame. Where
+  the interface is known to answer at once without waiting (python-can's ``virtual`` while every
+  receiver's queue is unbounded; ``socketcan`` with ``timeout=0``, which either hands the frame
+  to the kernel or refuses it whole) and nothing is queued ahead, the loop sends the frame itself
+  and knows the outcome on return: no thread hand-off either way, which is most of the cost of a
+  frame. Everything else, and every frame behind one that had to wait, goes through one writer
+  thread, and its outcome comes back to the loop in batches.
 
 A bus error (``send``/``recv`` raising, or a SocketCAN bus-off error frame) is reported to the
 owner, which turns it into the virtio-can bus-off flow; frames still queued for the writer when
@@ -31,7 +36,7 @@ import structlog
 
 from ivshmem_virtio.errors import ConfigError
 from ivshmem_virtio.log import RateLimiter
-from ivshmem_virtio.spec.can import CanFrame, CanFrameError, frame_from_message, frame_to_message
+from ivshmem_virtio.spec.can import CanFrame, CanFrameError, frame_from_message
 
 log = structlog.get_logger("ivshmem_virtio.backend.canbus")
 
@@ -44,7 +49,10 @@ ERROR_BACKOFF: Final = 0.5
 
 FramesCallback = Callable[[list[CanFrame]], None]
 ErrorCallback = Callable[[str], None]
-TxDone = Callable[["TxTicket", bool], None]
+TxDoneCallback = Callable[[list[tuple["TxTicket", bool]]], None]
+#: ``try_send(msg)``: True once the bus took ``msg``, False when it would have to wait (nothing
+#: was sent); raises on a bus error.
+DirectSend = Callable[[can.Message], bool]
 
 
 def parse_bus_spec(spec: str) -> tuple[str, str]:
@@ -75,20 +83,76 @@ def open_bus(spec: str, *, fd: bool = False) -> can.BusABC:
         raise ConfigError(f"--bus {spec}: cannot open: {e}") from e
 
 
+def to_message(frame: CanFrame) -> can.Message:
+    """The python-can message for a frame going to the bus (already validated: no re-check)."""
+    return can.Message(timestamp=time.time(), arbitration_id=frame.can_id,
+                       is_extended_id=frame.extended, is_remote_frame=frame.rtr, is_fd=frame.fd,
+                       dlc=frame.dlc, data=None if frame.rtr else frame.data, is_rx=False,
+                       check=False)
+
+
+def direct_sender(bus: can.BusABC) -> DirectSend | None:
+    """A way to send on ``bus`` from the event loop without ever waiting, or None.
+
+    Only for interfaces whose ``send`` is known to either take the frame at once or send nothing
+    (a subclass that overrides ``send`` -- a vendor wrapper, a test bus that holds frames -- is
+    not known, and gets the writer thread):
+
+    * ``virtual`` puts a copy into every other bus's queue; it never waits while all of them are
+      unbounded. With a bounded one it could wait, or fail after some receivers got the frame,
+      so then the frame is left to the writer thread, whose timeout applies.
+    * ``socketcan`` with ``timeout=0`` checks that the socket is writable and writes one
+      datagram; a full buffer (or any error) sends nothing, so the writer thread simply tries
+      again with its timeout and reports a failure that persists.
+    """
+    send = type(bus).send
+    from can.interfaces.virtual import VirtualBus
+
+    if send is VirtualBus.send:
+        receivers = bus.channel  # type: ignore[attr-defined] - the channel's list of queues
+
+        def virtual(msg: can.Message) -> bool:
+            for q in receivers:
+                if q.maxsize:
+                    return False
+            send(bus, msg, None)
+            return True
+
+        return virtual
+    try:
+        from can.interfaces.socketcan import SocketcanBus
+    except ImportError:  # pragma: no cover - not Linux
+        return None
+    if send is SocketcanBus.send:
+
+        def socketcan(msg: can.Message) -> bool:
+            try:
+                send(bus, msg, 0)
+            except can.CanOperationError:
+                return False
+            return True
+
+        return socketcan
+    return None
+
+
 _ticket_lock = threading.Lock()
 
 
 class TxTicket:
-    """One frame queued for the writer thread; the owner keeps it to match the outcome."""
+    """One frame queued for the writer thread; the owner keeps it to match the outcome.
 
-    __slots__ = ("frame", "epoch", "cancelled", "sending", "done")
+    ``tag`` is the owner's (the bridge never looks at it): who sent the frame.
+    """
 
-    def __init__(self, frame: CanFrame, epoch: int, done: TxDone | None) -> None:
+    __slots__ = ("frame", "epoch", "cancelled", "sending", "tag")
+
+    def __init__(self, frame: CanFrame, epoch: int, tag: object = None) -> None:
         self.frame = frame
         self.epoch = epoch
         self.cancelled = False
         self.sending = False
-        self.done = done
+        self.tag = tag
 
     def cancel(self) -> bool:
         """Keep the frame off the bus; False if the writer already handed it to the bus.
@@ -113,11 +177,13 @@ class TxTicket:
 
 @dataclass(slots=True)
 class BridgeMetrics:
-    """Counters with fixed names; only the loop thread writes them, except ``tx_*``."""
+    """Counters with fixed names; only the loop thread writes them, except ``tx_*``, which the
+    writer thread writes while it has frames and the loop only while it has none."""
 
     rx_count: int = 0  # frames read from the bus and routed
     rx_errors: int = 0  # error frames and messages virtio-can cannot carry
     tx_count: int = 0  # frames the bus accepted
+    tx_direct: int = 0  # ... of which the loop sent itself (no thread hand-off)
     tx_fails: int = 0  # frames the bus refused
     tx_cancelled: int = 0  # frames dropped before sending (bus-off, STOP)
     bus_errors: int = 0  # errors reported as bus-off
@@ -132,15 +198,20 @@ _STOP = object()
 class CanBusBridge:
     """Moves frames between one python-can bus and the owner's callbacks on the event loop."""
 
-    def __init__(self, bus: can.BusABC, *, name: str = "", tx_timeout: float = 1.0) -> None:
+    def __init__(self, bus: can.BusABC, *, name: str = "", tx_timeout: float = 1.0,
+                 direct: bool = True) -> None:
         self.bus = bus
         self.name = name or str(getattr(bus, "channel_info", "bus"))
         self.tx_timeout = tx_timeout
         self.metrics = BridgeMetrics()
         self.uses_fileno = False
+        #: sending from the loop where the interface allows it (``direct=False``: always the thread)
+        self.direct: DirectSend | None = direct_sender(bus) if direct else None
+        self._queued = 0  # loop side: tickets given to the writer whose outcome is not back yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_frames: FramesCallback | None = None
         self._on_error: ErrorCallback | None = None
+        self._on_tx_done: TxDoneCallback | None = None
         self._epoch = 0
         self._epoch_lock = threading.Lock()
         self._txq: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -150,11 +221,17 @@ class CanBusBridge:
         self._limiter = RateLimiter()
 
     # -- life cycle -------------------------------------------------------------------------
-    def start(self, on_frames: FramesCallback, on_error: ErrorCallback) -> None:
-        """Begin moving frames; call from the event loop that runs the owner."""
+    def start(self, on_frames: FramesCallback, on_error: ErrorCallback,
+              on_tx_done: TxDoneCallback) -> None:
+        """Begin moving frames; call from the event loop that runs the owner.
+
+        ``on_frames(frames)``: a batch read from the bus; ``on_error(reason)``: a bus error;
+        ``on_tx_done([(ticket, ok), ...])``: the outcomes of queued frames, in send order.
+        """
         self._loop = asyncio.get_running_loop()
         self._on_frames = on_frames
         self._on_error = on_error
+        self._on_tx_done = on_tx_done
         writer = threading.Thread(target=self._writer, name="can-bus-tx", daemon=True)
         writer.start()
         self._threads.append(writer)
@@ -170,7 +247,8 @@ class CanBusBridge:
             reader = threading.Thread(target=self._reader, name="can-bus-rx", daemon=True)
             reader.start()
             self._threads.append(reader)
-        log.info("can bus bridged", bus=self.name, rx="fileno" if self.uses_fileno else "thread")
+        log.info("can bus bridged", bus=self.name, rx="fileno" if self.uses_fileno else "thread",
+                 tx="direct" if self.direct is not None else "thread")
 
     def close(self) -> None:
         """Stop both directions and shut the bus down (idempotent)."""
@@ -187,9 +265,33 @@ class CanBusBridge:
             self.bus.shutdown()
 
     # -- TX -----------------------------------------------------------------------------------
-    def send(self, frame: CanFrame, done: TxDone | None = None) -> TxTicket:
-        """Queue ``frame`` for the bus; ``done(ticket, ok)`` runs on the loop afterwards."""
-        ticket = TxTicket(frame, self._epoch, done)
+    def send(self, frame: CanFrame, tag: object = None) -> TxTicket | bool:
+        """Put ``frame`` on the bus (call on the loop), in call order.
+
+        True: the bus accepted it before this returned. False: it was not sent, and a bus error
+        was already reported through ``on_error`` (or the bridge is closed). A :class:`TxTicket`:
+        it waits for the writer thread; ``on_tx_done`` reports its outcome later, on the loop.
+        A frame is sent directly only while no ticket is outstanding, so the wire order is the
+        call order whichever way each frame goes.
+        """
+        direct = self.direct
+        if direct is not None and not self._queued:
+            if self._closed.is_set():
+                self.metrics.tx_cancelled += 1
+                return False
+            try:
+                sent = direct(to_message(frame))
+            except Exception as e:  # noqa: BLE001 - any interface failure is a bus error
+                self.metrics.tx_fails += 1
+                self._error(f"send failed: {e}")
+                return False
+            if sent:
+                self.metrics.tx_count += 1
+                self.metrics.tx_direct += 1
+                return True
+            # the bus would have to wait: this frame and the ones behind it go to the writer
+        ticket = TxTicket(frame, self._epoch, tag)
+        self._queued += 1
         self._txq.put(ticket)
         return ticket
 
@@ -223,8 +325,7 @@ class CanBusBridge:
             self.metrics.tx_cancelled += 1
             return False
         try:
-            self.bus.send(frame_to_message(ticket.frame, timestamp=time.time(), is_rx=False),
-                          timeout=self.tx_timeout)
+            self.bus.send(to_message(ticket.frame), timeout=self.tx_timeout)
         except Exception as e:  # noqa: BLE001 - any interface failure is a bus error
             self.metrics.tx_fails += 1
             with self._epoch_lock:
@@ -235,9 +336,9 @@ class CanBusBridge:
         return True
 
     def _tx_done(self, results: list[tuple[TxTicket, bool]]) -> None:
-        for ticket, ok in results:
-            if ticket.done is not None:
-                ticket.done(ticket, ok)
+        self._queued -= len(results)
+        assert self._on_tx_done is not None
+        self._on_tx_done(results)
 
     # -- RX -------------------------------------------------------------------------------------
     def _on_readable(self) -> None:
