@@ -76,7 +76,13 @@ class _PendingTx:
 
 
 def _gather(mem: Region, segments: list[tuple[int, int]], limit: int) -> bytes:
-    """At most ``limit`` bytes from the readable descriptors (already bounds-checked)."""
+    """At most ``limit`` bytes from the readable descriptors (already bounds-checked).
+
+    A copy: the driver cannot change what is validated after the check.
+    """
+    if len(segments) == 1:  # header and payload in one buffer, as every driver sends them
+        addr, length = segments[0]
+        return mem.read(addr, length if length < limit else limit)
     out = bytearray()
     for addr, length in segments:
         take = min(length, limit - len(out))
@@ -87,6 +93,9 @@ def _gather(mem: Region, segments: list[tuple[int, int]], limit: int) -> bytes:
 
 
 def _scatter(mem: Region, segments: list[tuple[int, int]], data: bytes) -> None:
+    if len(segments) == 1 and segments[0][1] >= len(data):  # one buffer that holds it all
+        mem.write(segments[0][0], data)
+        return
     pos = 0
     for addr, length in segments:
         if pos >= len(data):
