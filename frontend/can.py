@@ -7,16 +7,19 @@ untrusted: an RX buffer with an impossible length or a frame of a type this link
 negotiate is dropped and counted, as Linux does, never raised.
 
 TX buffers are bounced through the R/W section (header + payload, then the result byte), like
-every buffer of the ivshmem transport. Requests in flight when the backend goes away fail with
-:class:`ConnectionError`; a CAN frame is not worth resending late.
+every buffer of the ivshmem transport: from a slab of fixed slots carved once per bring-up (a
+list pop instead of an allocator call per frame), or from the allocator for what does not fit.
+Requests in flight when the backend goes away fail with :class:`ConnectionError`; a CAN frame is
+not worth resending late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -41,15 +44,19 @@ class Received:
     timestamp: float
 
 
-@dataclass(eq=False)
 class _Req:
-    """A TX or control request: readable bytes, then one result byte."""
+    """A TX or control request: readable bytes, then one result byte (a bounce buffer of
+    ``len(payload) + 1`` bytes at ``addr`` while it is on the ring; ``slot``: it is a TX slab
+    slot rather than an allocation)."""
 
-    queue: int
-    payload: bytes
-    future: asyncio.Future = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
-    addr: int = -1
+    __slots__ = ("queue", "payload", "future", "addr", "slot")
+
+    def __init__(self, queue: int, payload: bytes, future: asyncio.Future) -> None:
+        self.queue = queue
+        self.payload = payload
+        self.future = future
+        self.addr = -1
+        self.slot = False
 
     @property
     def result_addr(self) -> int:
@@ -108,8 +115,10 @@ class CanDriver(VirtioDriver):
         self.controller_started = False
         self.attached = asyncio.Event()
         self.config_changed = asyncio.Event()
-        self._backlog: dict[int, list[_Req]] = {wire.TXQ: [], wire.CONTROLQ: []}
+        self._backlog: dict[int, deque[_Req]] = {wire.TXQ: deque(), wire.CONTROLQ: deque()}
         self._ctrl_lock = asyncio.Lock()
+        self._tx_slots: list[int] = []  # free TX slab slots (addresses) of this bring-up
+        self._tx_slot_size = 0
         self._kicks: set[int] = set()
         self._kick_scheduled = False
         self._attach_task: asyncio.Task | None = None
@@ -153,6 +162,24 @@ class CanDriver(VirtioDriver):
             slab = alloc.alloc(size * count)  # one allocation: the buffers live for the link
             for i in range(count):
                 vq.add([], [(slab + i * size, size)], _RxBuf(slab + i * size, size))
+        self._make_tx_slab()
+
+    def _make_tx_slab(self) -> None:
+        """TX bounce buffers for a frame of the largest negotiated size plus its result byte, as
+        many as requests fit the TX ring (two descriptors each); none if memory is short."""
+        self._tx_slots = []
+        alloc = self.transport.allocator
+        assert alloc is not None
+        largest = wire.CAN_FD_MAX_LEN if self.fd else wire.CAN_CLASSIC_MAX_LEN
+        size = 1 << (wire.FRAME_HEADER_SIZE + largest + wire.RESULT_SIZE - 1).bit_length()
+        count = max(1, self.vqs[wire.TXQ].size // 2)
+        try:
+            slab = alloc.alloc(size * count)
+        except TransportError:
+            self._tx_slot_size = 0  # every request takes an allocation, as before
+            return
+        self._tx_slot_size = size
+        self._tx_slots = [slab + i * size for i in reversed(range(count))]
 
     async def _bring_up(self, timeout: float | None = None) -> None:
         await super()._bring_up(timeout)
@@ -174,7 +201,7 @@ class CanDriver(VirtioDriver):
     # -- public API ------------------------------------------------------------------------------
     async def send(self, frame: CanFrame) -> int:
         """Transmit ``frame``; returns the device's result (0 = OK, anything else NOT_OK)."""
-        result = await self.send_raw(encode_frame(frame, wire.VIRTIO_CAN_TX))
+        result = await self._submit(wire.TXQ, encode_frame(frame, wire.VIRTIO_CAN_TX))
         if result == wire.VIRTIO_CAN_RESULT_OK:
             self.metrics.tx_count += 1
         else:
@@ -183,7 +210,7 @@ class CanDriver(VirtioDriver):
 
     async def send_raw(self, request: bytes) -> int:
         """Transmit arbitrary TX request bytes (header + payload, unchecked); returns the result."""
-        return await self._submit(_Req(wire.TXQ, bytes(request)))
+        return await self._submit(wire.TXQ, bytes(request))
 
     async def recv(self) -> Received:
         """The next frame from the device (when no ``on_frame`` callback takes them)."""
@@ -198,7 +225,7 @@ class CanDriver(VirtioDriver):
     async def control(self, msg_type: int) -> int:
         """One control request (in order; the device answers once the transition is done)."""
         async with self._ctrl_lock:
-            result = await self._submit(_Req(wire.CONTROLQ, wire.CONTROL_REQUEST.pack(msg_type)))
+            result = await self._submit(wire.CONTROLQ, wire.CONTROL_REQUEST.pack(msg_type))
         if result == wire.VIRTIO_CAN_RESULT_OK:
             if msg_type == wire.VIRTIO_CAN_SET_CTRL_MODE_START:
                 self.controller_started = True
@@ -235,36 +262,47 @@ class CanDriver(VirtioDriver):
                 pass
 
     # -- the queues -----------------------------------------------------------------------------
-    async def _submit(self, req: _Req) -> int:
+    def _submit(self, queue: int, payload: bytes) -> asyncio.Future:
+        """Queue a request; the future gets its result byte (awaited by the caller)."""
         if self.closed:
             raise ConnectionError("device closed")
-        self._backlog[req.queue].append(req)
-        self._pump(req.queue)
-        return await req.future
+        req = _Req(queue, payload, asyncio.get_running_loop().create_future())
+        backlog = self._backlog[queue]
+        backlog.append(req)
+        self._pump(queue, backlog)
+        return req.future
 
-    def _pump(self, q: int) -> None:
+    def _pump(self, q: int, backlog: deque[_Req] | None = None) -> None:
         """Move backlog requests into the ring while descriptors and shared memory last."""
-        backlog = self._backlog[q]
-        if not self.connected.is_set() or not self.vqs or not backlog:
+        if backlog is None:
+            backlog = self._backlog[q]
+        if not backlog or not self.connected.is_set() or not self.vqs:
             return
         vq = self.vqs[q]
         alloc = self.transport.allocator
         assert alloc is not None
         mem = self.transport.hdr
+        slots = self._tx_slots if q == wire.TXQ else None
+        slot_size = self._tx_slot_size
         added = False
         while backlog and vq.can_add(2):
             req = backlog[0]
             if req.future.done():  # cancelled by the caller
-                backlog.pop(0)
+                backlog.popleft()
                 continue
-            try:
-                req.addr = alloc.alloc(len(req.payload) + wire.RESULT_SIZE)
-            except TransportError:
-                break  # shared memory full: completions will free some
-            backlog.pop(0)
-            mem.write(req.addr, req.payload)
-            mem.set_u8(req.result_addr, 0xFF)
-            vq.add([(req.addr, len(req.payload))], [(req.result_addr, wire.RESULT_SIZE)], req)
+            n = len(req.payload)
+            if slots and n < slot_size:
+                req.addr = addr = slots.pop()
+                req.slot = True
+            else:
+                try:
+                    req.addr = addr = alloc.alloc(n + wire.RESULT_SIZE)
+                except TransportError:
+                    break  # shared memory full: completions will free some
+            backlog.popleft()
+            mem.write(addr, req.payload)
+            mem.set_u8(addr + n, 0xFF)
+            vq.add(((addr, n),), ((addr + n, wire.RESULT_SIZE),), req)
             added = True
         if added and vq.kick_needed():
             self.transport.kick(q)
@@ -279,7 +317,8 @@ class CanDriver(VirtioDriver):
             self._free(token)
             if not token.future.done():
                 token.future.set_result(result)
-            self._pump(index)
+            if self._backlog[index]:
+                self._pump(index)
         elif isinstance(token, _Raw):
             if not token.future.done():
                 token.future.set_result(length)
@@ -325,9 +364,13 @@ class CanDriver(VirtioDriver):
                 self.transport.kick(q)
 
     def _free(self, req: _Req) -> None:
-        alloc = self.transport.allocator
-        if req.addr >= 0 and alloc is not None:
-            alloc.free(req.addr)
+        if req.addr >= 0:
+            if req.slot:
+                self._tx_slots.append(req.addr)
+            else:
+                alloc = self.transport.allocator
+                if alloc is not None:
+                    alloc.free(req.addr)
         req.addr = -1
 
     # -- config space -----------------------------------------------------------------------------
