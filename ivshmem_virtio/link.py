@@ -7,6 +7,7 @@ the one uio_ivshmem device whose protocol matches the role and device (pyudev di
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -35,12 +36,34 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
     return UioIvshmem(path)
 
 
+_NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_runnable = {"at": 0.0, "spin_ok": True}
+
+
+def spinning_pays(now: float, period: float = 0.02) -> bool:
+    """Spin only while the machine has a CPU for every runnable task (sampled every 20 ms).
+
+    A spinning waiter on an oversubscribed machine takes the CPU the peer needs to answer it:
+    three spinning processes on two cores measured slower than all of them blocking.
+    """
+    if now - _runnable["at"] >= period:
+        _runnable["at"] = now
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                running = int(f.read().split()[3].split(b"/")[0])
+            _runnable["spin_ok"] = running <= _NCPU
+        except (OSError, ValueError, IndexError):
+            _runnable["spin_ok"] = True
+    return bool(_runnable["spin_ok"])
+
+
 class IrqWaiter:
     """Turns a device's interrupt fds into an awaitable, with optional bounded spinning.
 
     ``mode`` is ``block`` (sleep in the event loop until an fd is readable), ``poll`` (never
     sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (spin for
-    ``spin_us`` after activity, then block). Interrupts are level-like here: an eventfd keeps its
+    ``spin_us`` after activity, then block; no spinning while the machine has more runnable
+    tasks than CPUs). Interrupts are level-like here: an eventfd keeps its
     count until read, so nothing that arrives between a check and the wait is lost.
     """
 
@@ -86,7 +109,8 @@ class IrqWaiter:
         ``prepare_block`` runs once before sleeping (re-enable the peer's notifications, which
         are left off while we spin) and returns True if work showed up meanwhile.
         """
-        if self.mode != "block":
+        if self.mode == "poll" or (self.mode == "adaptive"
+                                   and spinning_pays(time.monotonic())):
             deadline = None if self.mode == "poll" else time.perf_counter() + self.spin
             while not self._event.is_set():
                 if has_work():

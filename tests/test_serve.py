@@ -9,7 +9,6 @@ datagram socket of the test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -131,10 +130,11 @@ class Keepalive:
         self.errors: list[str] = []
         self.longest_gap = 0.0
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def _loop(self) -> None:
         last = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self.op(self.ops), 10.0)  # type: ignore[arg-type]
             except asyncio.CancelledError:
@@ -152,10 +152,14 @@ class Keepalive:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
+        """Let the current operation finish, then end the loop.
+
+        Not Task.cancel(): Python 3.11's wait_for swallows a cancellation that races with the
+        completion of the operation it waits on, and the loop would then run forever.
+        """
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
+        await asyncio.wait_for(self._task, 30.0)
 
     async def progressed(self, timeout: float = 10.0) -> None:
         """Wait for a few more successful operations (the device is being served right now)."""

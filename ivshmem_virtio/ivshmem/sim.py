@@ -57,6 +57,7 @@ class SimIvshmem(IvshmemDevice):
         self._rxbuf = b""
         self._rxfd: int | None = None
         self._hub_open = True
+        self._seen_state: dict[int, int] = {}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
         try:
@@ -150,6 +151,20 @@ class SimIvshmem(IvshmemDevice):
                 os.close(old)
             fds.clear()
         fds.append(fd)
+
+    def peer_state(self, peer: int) -> int:
+        """A peer's STATE; a change means its hub messages may be queued: apply them first.
+
+        The hub tells the others about a new peer before that peer gets its memory, so by the
+        time its STATE changes our socket already holds its join. Without this, a doorbell
+        right after a peer's restart could go to the eventfd of its previous incarnation and be
+        lost (a request that never completes).
+        """
+        value = self.state_table.u32(4 * peer)
+        if self._seen_state.get(peer) != value:
+            self._seen_state[peer] = value
+            self.process_hub_messages()
+        return value
 
     # -- registers ----------------------------------------------------------------------------
     def set_state(self, value: int) -> None:
