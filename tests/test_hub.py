@@ -117,3 +117,32 @@ def test_sim_peers_doorbell_and_state(procs, tmp_path):
     a.process_hub_messages()
     assert a.peer_state(1) == 0
     a.close()
+
+
+def test_doorbell_after_a_peer_restart_reaches_the_new_incarnation(procs, tmp_path):
+    """Seeing a peer's STATE change makes a peer apply the queued hub messages before it rings.
+
+    No event loop runs here, so nothing else reads the hub socket: without that, ``a`` would
+    ring the eventfd of the peer's previous incarnation and the interrupt would be lost.
+    """
+    sock = str(tmp_path / "r.sock")
+    procs.hub(sock)
+    a = SimIvshmem(sock, 0)
+    b = SimIvshmem(sock, 1)
+    b.set_state(1)
+    assert a.peer_state(1) == 1
+    b.close()  # b's cell is destroyed: the hub zeroes its state ...
+    for _ in range(100):
+        if a.peer_state(1) == 0:
+            break
+        time.sleep(0.01)
+    assert a.peer_state(1) == 0
+    b2 = SimIvshmem(sock, 1)  # ... and re-creates it
+    b2.set_int_control(True)
+    b2.set_state(1)
+    assert a.peer_state(1) == 1
+    a.doorbell(1, 1)
+    time.sleep(0.05)
+    assert b2.ack_interrupts() >= 1
+    a.close()
+    b2.close()
