@@ -130,7 +130,8 @@ def test_doorbell_after_a_peer_restart_reaches_the_new_incarnation(procs, tmp_pa
     a = SimIvshmem(sock, 0)
     b = SimIvshmem(sock, 1)
     b.set_state(1)
-    assert a.peer_state(1) == 1
+    a.process_hub_messages()  # as a running event loop would: a knows b's eventfds
+    assert 1 in a._peers and a.peer_state(1) == 1
     b.close()  # b's cell is destroyed: the hub zeroes its state ...
     for _ in range(100):
         if a.peer_state(1) == 0:
