@@ -55,17 +55,18 @@ class Child:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> None:
-        """Wait until ``text`` shows in the log; fail early if the child dies."""
+    def wait_for(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Wait until ``text`` shows ``count`` times in the log; fail early if the child dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
+            if self.log().count(text) >= count:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
                                    f"{text!r}:\n{self.log()}")
             time.sleep(0.02)
-        raise TimeoutError(f"{self.name}: no {text!r} within {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"{self.name}: {text!r} not seen {count}x within {timeout}s:\n"
+                           f"{self.log()}")
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

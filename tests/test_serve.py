@@ -82,22 +82,9 @@ class Notify:
         self.path.unlink(missing_ok=True)
 
 
-def wait_count(child: Child, text: str, n: int, timeout: float = 20.0) -> None:
-    """Wait until ``text`` occurs ``n`` times in the child's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.log().count(text) >= n:
-            return
-        if child.proc.poll() is not None:
-            raise AssertionError(f"{child.name} exited with {child.proc.returncode}:\n"
-                                 f"{child.log()}")
-        time.sleep(0.02)
-    raise AssertionError(f"{child.name}: {text!r} not seen {n}x:\n{child.log()}")
-
-
 async def await_count(child: Child, text: str, n: int, timeout: float = 20.0) -> None:
-    """:func:`wait_count` without blocking the loop the frontends run on."""
-    await asyncio.to_thread(wait_count, child, text, n, timeout)
+    """``Child.wait_for`` without blocking the loop the frontends run on."""
+    await asyncio.to_thread(child.wait_for, text, timeout, n)
 
 
 async def blk_client(sock: str) -> BlkClient:
@@ -354,9 +341,9 @@ def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory
     assert "link unavailable, retrying device=late" in log, log
     assert "link unavailable, retrying device=busy" in log and "taken" in log, log
     procs.hub(late)
-    wait_count(serve, "link up device=late", 1)
+    serve.wait_for("link up device=late", 20.0)
     other.stop()  # the one-off backend leaves: the daemon takes the link over
-    wait_count(serve, "link up device=busy", 1)
+    serve.wait_for("link up device=busy", 20.0)
 
     async def capacity(sock: str) -> int:
         client = await blk_client(sock)
