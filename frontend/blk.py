@@ -54,7 +54,6 @@ class BlkClient(VirtioDriver):
         if indirect:
             features |= V.bit(V.F_INDIRECT_DESC)
         super().__init__(dev, features=features, **kw)  # type: ignore[arg-type]
-        self._space = asyncio.Condition()
         self._backlog: list[_Req] = []
         self.completed = 0
         # requests added to the ring whose on_used has not run yet: they still hold bounce

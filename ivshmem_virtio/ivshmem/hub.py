@@ -12,19 +12,17 @@ import asyncio
 import errno
 import os
 import socket
-import struct
 from dataclasses import dataclass, field
 
 import structlog
 
 from ..errors import ConfigError
 from ..shm import Region, map_fd, memfd
+from .sim import HUB_VERSION, I64
 
 log = structlog.get_logger("ivshmem_virtio.hub")
 
-_I64 = struct.Struct("<q")
 QEMU_GRACE = 0.1
-HUB_VERSION = 2
 PAGE = 4096
 
 
@@ -160,7 +158,7 @@ class Hub:
         try:
             try:
                 data = await asyncio.wait_for(self._recv_exact(conn, 8), QEMU_GRACE)
-                requested, qemu = _I64.unpack(data)[0], False
+                requested, qemu = I64.unpack(data)[0], False
             except TimeoutError:
                 requested, qemu = -1, True
             peer = self._admit(conn, requested, qemu)
@@ -187,7 +185,7 @@ class Hub:
         return buf
 
     def _send(self, conn: socket.socket, value: int, fd: int | None = None) -> None:
-        data = _I64.pack(value)
+        data = I64.pack(value)
         if fd is None:
             conn.sendall(data)
         else:

@@ -22,9 +22,17 @@ from .base import IvshmemDevice
 
 log = structlog.get_logger("ivshmem_virtio.sim")
 
-HUB_VERSION = 2
-_I64 = struct.Struct("<q")
+HUB_VERSION = 2  # sim-link.md: the hub's protocol version (QEMU's server sends 0)
+I64 = struct.Struct("<q")  # every hub message: one little-endian int64 (+ maybe one fd)
 _ONE = (1).to_bytes(8, "little")
+
+
+def _read_eventfd(fd: int) -> int:
+    """Consume an eventfd's pending count (0 when nothing is pending or the fd is gone)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except OSError:  # BlockingIOError included
+        return 0
 
 
 def _recv_msg(sock: socket.socket, deadline: float) -> tuple[int, int | None]:
@@ -44,7 +52,7 @@ def _recv_msg(sock: socket.socket, deadline: float) -> tuple[int, int | None]:
         if not data:
             raise LinkError("the ivshmem hub closed the connection")
         buf += data
-    return _I64.unpack(buf)[0], fd
+    return I64.unpack(buf)[0], fd
 
 
 class SimIvshmem(IvshmemDevice):
@@ -75,7 +83,7 @@ class SimIvshmem(IvshmemDevice):
 
     def _handshake(self, requested_id: int, deadline: float) -> None:
         sock = self._sock
-        sock.sendall(_I64.pack(requested_id))
+        sock.sendall(I64.pack(requested_id))
         version, _ = _recv_msg(sock, deadline)
         if version != HUB_VERSION:
             raise LinkError(f"ivshmem hub speaks protocol version {version}, not {HUB_VERSION}")
@@ -136,7 +144,7 @@ class SimIvshmem(IvshmemDevice):
                 return
             self._rxbuf += data
             if len(self._rxbuf) == 8:
-                value = _I64.unpack(self._rxbuf)[0]
+                value = I64.unpack(self._rxbuf)[0]
                 fd, self._rxbuf, self._rxfd = self._rxfd, b"", None
                 self._on_message(value, fd)
 
@@ -205,22 +213,13 @@ class SimIvshmem(IvshmemDevice):
         return fds
 
     def _drain(self) -> int:
-        n = 0
-        for fd in self._peers.get(self.id, []):
-            try:
-                n += int.from_bytes(os.read(fd, 8), "little")
-            except BlockingIOError:
-                pass
-        return n
+        return sum(_read_eventfd(fd) for fd in self._peers.get(self.id, []))
 
     def ack_fd(self, fd: int) -> int:
         if self._hub_open and fd == self._sock.fileno():
             self.process_hub_messages()
             return 0
-        try:
-            n = int.from_bytes(os.read(fd, 8), "little")
-        except (BlockingIOError, OSError):
-            return 0
+        n = _read_eventfd(fd)
         return n if self._int_control else 0
 
     def ack_interrupts(self) -> int:

@@ -40,12 +40,12 @@ def desc_table_size(n: int) -> int:
     return DESC_SIZE * n
 
 
-def avail_size(n: int, event_idx: bool = True) -> int:
+def avail_size(n: int) -> int:
     """Bytes of the avail ring; the trailing used_event is always reserved (Linux does)."""
     return 4 + 2 * n + 2
 
 
-def used_size(n: int, event_idx: bool = True) -> int:
+def used_size(n: int) -> int:
     return 4 + USED_ELEM_SIZE * n + 2
 
 
@@ -59,17 +59,16 @@ def avail_event_off(n: int) -> int:
     return USED_RING + USED_ELEM_SIZE * n
 
 
-def vring_size(n: int, align: int) -> int:
-    """Linux ``vring_size()``: desc + avail, padded to ``align``, then used."""
-    head = desc_table_size(n) + AVAIL_RING + 2 * n + 2
-    return ((head + align - 1) & ~(align - 1)) + used_size(n)
-
-
 def vring_layout(n: int, align: int) -> tuple[int, int, int]:
     """(desc, avail, used) offsets of one contiguous legacy-style vring (``vring_init``)."""
     avail = desc_table_size(n)
-    used = (avail + AVAIL_RING + 2 * n + 2 + align - 1) & ~(align - 1)
+    used = (avail + avail_size(n) + align - 1) & ~(align - 1)
     return 0, avail, used
+
+
+def vring_size(n: int, align: int) -> int:
+    """Linux ``vring_size()``: desc + avail, padded to ``align``, then used."""
+    return vring_layout(n, align)[2] + used_size(n)
 
 
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:

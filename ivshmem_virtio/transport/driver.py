@@ -40,7 +40,6 @@ class DriverTransport:
         self.device_features = 0
         self.features = 0
         self.queues: list[DriverQueue | None] = []
-        self._ring_allocs: list[int] = []
         self.wake: asyncio.Event | None = None  # set by the owner's interrupt handler
 
     # -- waiting --------------------------------------------------------------------------------
@@ -105,7 +104,6 @@ class DriverTransport:
         """Forget every ring and buffer: after a device reset nothing of the old rings is live."""
         self.allocator = ChunkAllocator(self.hdr.size, self.header_size)
         self.queues = []
-        self._ring_allocs = []
 
     async def write(self, off: int, size: int, value: int) -> None:
         """One register-write transaction (§3.3)."""
@@ -190,7 +188,6 @@ class DriverTransport:
                 if size <= 1:
                     raise
                 size //= 2
-        self._ring_allocs.append(base)
         d, a, u = R.vring_layout(size, H.VRING_ALIGN)
         alloc = self.allocator
         vq = DriverQueue(self.hdr, size, base + d, base + a, base + u,
