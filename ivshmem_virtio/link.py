@@ -37,24 +37,59 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
 
 
 _NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-_runnable = {"at": 0.0, "spin_ok": True}
+_PSI = "/proc/pressure/cpu"
+STALL_LIMIT = 0.05  # spin while tasks waited for a CPU less than 5 % of the last window
 
 
-def spinning_pays(now: float, period: float = 0.02) -> bool:
-    """Spin only while the machine has a CPU for every runnable task (sampled every 20 ms).
+class SpinGate:
+    """Decides whether spinning pays: only while no task on the machine waits for a CPU.
 
     A spinning waiter on an oversubscribed machine takes the CPU the peer needs to answer it:
-    three spinning processes on two cores measured slower than all of them blocking.
+    three spinning processes on two cores measured slower than all of them blocking. The
+    kernel's CPU pressure (PSI, ``/proc/pressure/cpu``: microseconds some task was runnable but
+    not running) over the last window measures exactly that. An instantaneous run-queue sample
+    (``/proc/loadavg``) is the fallback for kernels without PSI; it is noisy (any kworker waking
+    counts), so it turned spinning off most of the time on a 2-core VM with two spinners.
     """
-    if now - _runnable["at"] >= period:
-        _runnable["at"] = now
+
+    def __init__(self, period: float = 0.02, psi_path: str = _PSI) -> None:
+        self.period = period
+        self.psi_path = psi_path
+        self.at = -1.0
+        self.stall_us: int | None = None
+        self.spin_ok = True
+
+    def _stall_total(self) -> int | None:
         try:
-            with open("/proc/loadavg", "rb") as f:
-                running = int(f.read().split()[3].split(b"/")[0])
-            _runnable["spin_ok"] = running <= _NCPU
+            with open(self.psi_path, "rb") as f:
+                some = f.readline().split()
+            return int(some[4].split(b"=")[1])
         except (OSError, ValueError, IndexError):
-            _runnable["spin_ok"] = True
-    return bool(_runnable["spin_ok"])
+            return None
+
+    def __call__(self, now: float) -> bool:
+        if now - self.at < self.period:
+            return self.spin_ok
+        elapsed, self.at = now - self.at, now
+        total = self._stall_total() if self.psi_path else None
+        if total is None:
+            self.psi_path = ""
+            self.spin_ok = _runnable() <= _NCPU
+        elif self.stall_us is not None and elapsed > 0:
+            self.spin_ok = (total - self.stall_us) / 1e6 / elapsed < STALL_LIMIT
+        self.stall_us = total
+        return self.spin_ok
+
+
+def _runnable() -> int:
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+spinning_pays = SpinGate()
 
 
 class IrqWaiter:
@@ -62,8 +97,8 @@ class IrqWaiter:
 
     ``mode`` is ``block`` (sleep in the event loop until an fd is readable), ``poll`` (never
     sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (spin for
-    ``spin_us`` after activity, then block; no spinning while the machine has more runnable
-    tasks than CPUs). Interrupts are level-like here: an eventfd keeps its
+    ``spin_us`` after activity, then block; no spinning while tasks wait for a CPU, see
+    :class:`SpinGate`). Interrupts are level-like here: an eventfd keeps its
     count until read, so nothing that arrives between a check and the wait is lost.
     """
 
