@@ -93,7 +93,10 @@ def run_latency(ctx: Context) -> None:
 # -- blk-seq / blk-rand --------------------------------------------------------------------------
 async def _point(client: Any, op: str, bs: int, qd: int, seconds: float,  # noqa: ANN401
                  offset_at: Callable[[int], int]) -> tuple[int, float, np.ndarray]:
-    """Keep ``qd`` requests in flight for ``seconds``: (requests, elapsed, latencies in ns)."""
+    """Keep ``qd`` requests in flight for ``seconds``: (requests, elapsed, latencies in ns).
+
+    Reads land in a buffer per worker (``readinto``), as the ``preadv`` and fio baselines do.
+    """
     data = np.random.default_rng(qd).bytes(bs)
     lat: list[int] = []
     counter = [0]
@@ -101,6 +104,7 @@ async def _point(client: Any, op: str, bs: int, qd: int, seconds: float,  # noqa
     stop_at = now() + int(seconds * 1e9)
 
     async def worker() -> None:
+        buf = bytearray(bs)
         while True:
             t0 = now()
             if t0 >= stop_at:
@@ -108,7 +112,7 @@ async def _point(client: Any, op: str, bs: int, qd: int, seconds: float,  # noqa
             i = counter[0]
             counter[0] = i + 1
             if op == "read":
-                await client.read(offset_at(i), bs)
+                await client.readinto(offset_at(i), buf)
             else:
                 await client.write(offset_at(i), data)
             lat.append(now() - t0)
@@ -154,6 +158,7 @@ async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                     f"blk {bs >> 10} KiB {'random' if random else 'sequential'} {op}, QD{qd}",
                     params={"op": op, "qd": qd, "bytes": bs, "seconds": round(elapsed, 2),
                             "mode": "adaptive", "rw_size": BIG_RW,
+                            "api": "readinto" if op == "read" else "write",
                             "pattern": "random" if random else "sequential"},
                     latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
                     mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat if qd == 1 else None,

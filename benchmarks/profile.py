@@ -1,7 +1,8 @@
 """Profile the blk hot paths: py-spy on the backend process, pyinstrument on the frontend.
 
-``python -m benchmarks.profile blk-latency|blk-rand [--mode M] [--seconds S] [--out DIR]``
-runs one workload (512 B reads at QD1, or 4 KiB random reads at QD32) against a backend process,
+``python -m benchmarks.profile blk-latency|blk-rand|blk-seq [--mode M] [--seconds S] [--out DIR]``
+runs one workload (512 B reads at QD1, 4 KiB random reads at QD32 or 128 KiB sequential reads
+at QD8) against a backend process,
 samples the backend with ``py-spy record --nonblocking`` and the frontend (this process) with
 pyinstrument, then prints the top self-time functions and lines of each side with file:line and
 their cost per request in microseconds. Needs ``pip install py-spy pyinstrument``.
@@ -106,16 +107,22 @@ async def _workload(link: str, mode: str, which: str, seconds: float, size: int)
                     await client.read((done * 4096) % size, 512)
                     done += 1
             return done
-        table = (np.random.default_rng(5).integers(0, size // 4096, 1 << 16) * 4096).tolist()
+        if which == "blk-seq":  # 128 KiB sequential reads, QD8
+            bs, qd = 128 << 10, 8
+            table = [(i * bs) % (size - size % bs) for i in range(1 << 16)]
+        else:  # 4 KiB random reads, QD32
+            bs, qd = 4096, 32
+            table = (np.random.default_rng(5).integers(0, size // bs, 1 << 16) * bs).tolist()
         count = [0]
 
         async def worker() -> None:
+            buf = bytearray(bs)
             while time.monotonic() < stop_at:
                 i = count[0]
                 count[0] = i + 1
-                await client.read(table[i & 0xFFFF], 4096)
+                await client.readinto(table[i & 0xFFFF], buf)
 
-        await asyncio.gather(*[worker() for _ in range(32)])
+        await asyncio.gather(*[worker() for _ in range(qd)])
         return count[0]
     finally:
         await disconnect(client)
@@ -123,7 +130,7 @@ async def _workload(link: str, mode: str, which: str, seconds: float, size: int)
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
-    p.add_argument("workload", choices=("blk-latency", "blk-rand"))
+    p.add_argument("workload", choices=("blk-latency", "blk-rand", "blk-seq"))
     p.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=int, default=2000, help="py-spy samples per second")

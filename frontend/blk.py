@@ -3,6 +3,11 @@
 Buffers are bounced through the R/W section exactly as Linux's ``virtio_ivshmem`` DMA ops do:
 allocate chunks, copy out, let the device work in place, copy back, free. Requests outlive a
 backend restart: they are kept and resubmitted once the device is up again.
+
+Unlike Linux, whose bounce pages are scattered, a request's bounce buffer here is one contiguous
+allocation, so its data goes out as ONE descriptor and SIZE_MAX (the per-segment bound a backend
+sets for Linux) is not negotiated; ``page_segments=True`` negotiates it and splits the data the
+way Linux does (the tests use it to drive the multi-segment path).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ivshmem_virtio.spec import virtio as V
 from .driver import VirtioDriver
 
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
-WANTED = (V.bit(B.F_SIZE_MAX) | V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
+WANTED = (V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
           | V.bit(B.F_RO) | V.bit(B.F_DISCARD) | V.bit(B.F_WRITE_ZEROES))
 
 
@@ -38,6 +43,7 @@ class _Req:
     allocs: list[int] = field(default_factory=list)
     in_segs: list[tuple[int, int]] = field(default_factory=list)
     status_addr: int = 0
+    into: memoryview | None = None  # readinto: the caller's buffer, filled on completion
 
 
 class BlkClient(VirtioDriver):
@@ -47,8 +53,10 @@ class BlkClient(VirtioDriver):
     num_queues = 1
 
     def __init__(self, dev: IvshmemDevice, *, event_idx: bool = True, indirect: bool = True,
-                 **kw: object) -> None:
+                 page_segments: bool = False, **kw: object) -> None:
         features = WANTED
+        if page_segments:
+            features |= V.bit(B.F_SIZE_MAX)
         if event_idx:
             features |= V.bit(V.F_EVENT_IDX)
         if indirect:
@@ -69,10 +77,13 @@ class BlkClient(VirtioDriver):
             off, size = B.CONFIG_FIELDS[name]
             return int.from_bytes(cfg[off:off + size], "little")
 
+        offered = self.transport.device_features
         self.capacity = field_("capacity")
         self.size = self.capacity * 512
         self.read_only = bool(f & V.bit(B.F_RO))
-        self.size_max = field_("size_max") if f & V.bit(B.F_SIZE_MAX) else 1 << 16
+        self.size_max = field_("size_max") if offered & V.bit(B.F_SIZE_MAX) else 1 << 16
+        # the data in one descriptor, unless SIZE_MAX was negotiated (then: segments of it)
+        self.segment = self.size_max if f & V.bit(B.F_SIZE_MAX) else 0
         self.seg_max = field_("seg_max") if f & V.bit(B.F_SEG_MAX) else 1
         self.seg_max = max(1, min(self.seg_max, self.vqs[0].size - 2))
         self.blk_size = field_("blk_size") if f & V.bit(B.F_BLK_SIZE) else 512
@@ -81,6 +92,8 @@ class BlkClient(VirtioDriver):
         alloc = self.transport.allocator
         assert alloc is not None
         budget = max(512, (alloc.free_bytes // 4) // 512 * 512)
+        # size_max x seg_max is also the largest request the device takes (offered bounds are
+        # honoured as a total even where the per-segment bound is not negotiated)
         self.max_transfer = min(self.size_max * self.seg_max, budget)
 
     # -- public API -------------------------------------------------------------------------------
@@ -92,6 +105,24 @@ class BlkClient(VirtioDriver):
             return await self._submit(_Req(B.T_IN, offset // 512, in_len=length))
         parts = [self._submit(_Req(B.T_IN, off // 512, in_len=n)) for off, n in chunks]
         return b"".join(await asyncio.gather(*parts))
+
+    async def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``: the bounce buffer is copied once,
+        straight into the caller's memory (``os.preadv`` semantics, no intermediate bytes)."""
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise TypeError("readinto needs a writable buffer")
+        length = len(view)
+        self._check_range(offset, length)
+        chunks = self._chunks(offset, length)
+        if len(chunks) == 1:
+            await self._submit(_Req(B.T_IN, offset // 512, in_len=length, into=view))
+        else:
+            await asyncio.gather(*[
+                self._submit(_Req(B.T_IN, off // 512, in_len=n,
+                                  into=view[off - offset: off - offset + n]))
+                for off, n in chunks])
+        return length
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         data = memoryview(data).cast("B")
@@ -198,7 +229,9 @@ class BlkClient(VirtioDriver):
         return out, [*req.in_segs, (req.status_addr, 1)]
 
     def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:
-        step = self.size_max
+        step = self.segment
+        if not step or length <= step:
+            return [(addr, length)]
         return [(addr + pos, min(step, length - pos)) for pos in range(0, length, step)]
 
     def _free(self, req: _Req) -> None:
@@ -219,7 +252,11 @@ class BlkClient(VirtioDriver):
             n = min(req.in_len, max(0, length - 1))
             if req.type == B.T_IN and n != req.in_len:
                 status = B.S_IOERR  # a device must return all of a read
-            data = mem.read(req.in_segs[0][0], n)  # the segments are one contiguous buffer
+            # the segments are one contiguous buffer
+            if req.into is None:
+                data = mem.read(req.in_segs[0][0], n)
+            elif status == B.S_OK:
+                mem.read_into(req.in_segs[0][0], req.into)
         self._free(req)
         self.completed += 1
         if not req.future.done():

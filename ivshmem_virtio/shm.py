@@ -148,6 +148,12 @@ class Region:
         self.check(off, length)
         return bytes(self._mv[off:off + length])
 
+    def read_into(self, off: int, dst: memoryview) -> None:
+        """Copy ``len(dst)`` bytes at ``off`` into ``dst`` (one memcpy, no temporary bytes)."""
+        n = len(dst)
+        self.check(off, n)
+        dst[:] = self._mv[off:off + n]
+
     def write(self, off: int, data: Buffer) -> None:
         data = memoryview(data).cast("B")
         self.check(off, len(data))

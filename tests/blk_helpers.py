@@ -27,7 +27,8 @@ class Stack:
 async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: str = "",
                     vectors: int = 2, queue_size: int = 256, client_queue: int = 256,
                     event_idx: bool = True, indirect: bool = True,
-                    rw_size: int = 0xDF000, mode: str = "block") -> AsyncIterator[Stack]:
+                    rw_size: int = 0xDF000, mode: str = "block",
+                    page_segments: bool = True) -> AsyncIterator[Stack]:
     geo = Geometry(vectors=vectors, rw_size=rw_size)
     with HubThread(sock, geo) as hub:
         bdev = SimIvshmem(sock, 0)
@@ -37,6 +38,7 @@ async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: s
         task = asyncio.create_task(runner.run())
         fdev = SimIvshmem(sock, 1)
         client = BlkClient(fdev, event_idx=event_idx, indirect=indirect,
+                           page_segments=page_segments,
                            queue_size=client_queue, mode=mode, timeout=5.0)
         try:
             await client.start(timeout=5.0)
@@ -54,7 +56,8 @@ async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: s
 async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  # noqa: ANN001
                      serial: str = "", vectors: int = 2, queue_size: int = 256,
                      client_queue: int = 256, event_idx: bool = True, indirect: bool = True,
-                     rw_size: int = 0xDF000, mode: str = "block") -> AsyncIterator[Stack]:
+                     rw_size: int = 0xDF000, mode: str = "block",
+                    page_segments: bool = True) -> AsyncIterator[Stack]:
     """The same stack with the hub and the backend as separate processes."""
     procs.hub(sock, "--vectors", str(vectors), "--rw-size", hex(rw_size))
     args = ["--queue-size", str(queue_size), "--mode", mode]
@@ -64,8 +67,8 @@ async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  
         args += ["--serial", serial]
     procs.blk(sock, image, *args, name=f"blk-{len(procs.children)}")
     fdev = SimIvshmem(sock, 1)
-    client = BlkClient(fdev, event_idx=event_idx, indirect=indirect, queue_size=client_queue,
-                       mode=mode, timeout=10.0)
+    client = BlkClient(fdev, event_idx=event_idx, indirect=indirect, page_segments=page_segments,
+                       queue_size=client_queue, mode=mode, timeout=10.0)
     try:
         await client.start(timeout=10.0)
         yield Stack(None, None, client, sock)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from frontend.blk import BlkIOError
+from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import virtio as V
 
 from .blk_helpers import blk_stack, proc_stack
@@ -59,6 +60,33 @@ def test_every_request_type(stack, tmp_path, image_factory, event_idx, indirect,
     with open(image, "rb") as f:
         f.seek(4096 + 16384)
         assert f.read(1024) != bytes(1024)  # the data really is in the image
+
+
+def test_one_segment_requests_and_readinto(stack, tmp_path, image_factory):
+    """Without SIZE_MAX the data travels as one descriptor; a transfer larger than one request
+    is split into chunks, and readinto fills the caller's buffer in place."""
+    image = image_factory(8 * MiB)
+
+    async def body():
+        async with stack(str(tmp_path / "l.sock"), image, page_segments=False) as s:
+            c = s.client
+            assert not c.features & V.bit(B.F_SIZE_MAX) and c.segment == 0
+            assert c._segments(4096, 128 * 1024) == [(4096, 128 * 1024)]
+            data = os.urandom(c.max_transfer + 3 * 4096)  # two requests
+            await c.write(8192, data)
+            buf = bytearray(len(data))
+            assert await c.readinto(8192, buf) == len(data)
+            assert buf == data
+            small = memoryview(bytearray(512))
+            await c.readinto(8192 + 512, small)
+            assert small == data[512:1024]
+            with pytest.raises(TypeError):
+                await c.readinto(0, b"x" * 512)
+            with pytest.raises(BlkIOError):
+                await c.readinto(c.size, bytearray(512))
+            assert await c.read(8192, 4096) == data[:4096]
+
+    run(body())
 
 
 def test_many_requests_in_flight(stack, tmp_path, image_factory):
