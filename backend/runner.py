@@ -41,6 +41,12 @@ class Service(Protocol):
     def on_activate(self, features: int, runner: LinkRunner) -> None: ...
     def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int: ...
     def close(self) -> None: ...
+    # optional: ``passive_queues``, queues whose buffers the service takes when it needs one
+    # (virtio-can RX): new buffers there are not work and ask for no kick
+
+
+def passive_queues(service: Service) -> frozenset[int]:
+    return frozenset(getattr(service, "passive_queues", ()))
 
 
 class LinkRunner:
@@ -64,6 +70,7 @@ class LinkRunner:
         self._pending: set[asyncio.Future] = set()
         self._stopping = False
         self._waiter: IrqWaiter | None = None
+        self._passive = passive_queues(service)
         self.metrics = self.transport.metrics
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -114,8 +121,10 @@ class LinkRunner:
             return True
         if not t.serving:
             return False
+        passive = self._passive
         try:
-            return any(vq is not None and vq.pending() for vq in t.vqs)
+            return any(vq is not None and i not in passive and vq.pending()
+                       for i, vq in enumerate(t.vqs))
         except RingError:
             return True  # let the serve path report it
 
@@ -152,8 +161,10 @@ class LinkRunner:
         t = self.transport
         if not t.serving:
             return False
+        passive = self._passive
         try:
-            return any([vq.enable_notifications() for vq in t.vqs if vq is not None])
+            return any([vq.enable_notifications() for i, vq in enumerate(t.vqs)
+                        if vq is not None and i not in passive])
         except RingError:
             return True
 

@@ -175,6 +175,10 @@ class BlkClient(VirtioDriver):
             raise ConnectionError("device closed")
         self._backlog.append(req)
         self._pump()
+        if self._outstanding == 1 and not self._backlog and req.allocs:
+            self.reap_inline(0)  # a lone request: wait for it right here (QD1 latency path)
+            if req.future.done() and self.fair_yield():
+                await asyncio.sleep(0)  # back-to-back inline completions never yield otherwise
         return await req.future
 
     def _pump(self) -> None:

@@ -168,6 +168,18 @@ class Region:
         self.check(off, length)
         return self._mv[off:off + length]
 
+    def u16_array(self, off: int, count: int) -> memoryview:
+        """``count`` aligned little-endian u16 (a ring, an index): each item one 16-bit access.
+
+        Bounds are checked here, once; indexing the result checks the index. For the hot
+        paths that set a ring up once and then touch it per request.
+        """
+        self.check(off, 2 * count)
+        if off & 1 or not _LE:
+            raise MemoryAccessError(f"{self.name}: u16 array at {off:#x} needs an aligned "
+                                    "offset on a little-endian host")
+        return self._mv[off:off + 2 * count].cast("H")
+
     def array(self, dtype: np.dtype | type, off: int, count: int) -> np.ndarray:
         """A numpy view of ``count`` items of ``dtype`` at ``off`` (ring arrays, bulk fills)."""
         dt = np.dtype(dtype)

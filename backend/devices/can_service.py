@@ -124,6 +124,10 @@ class CanLinkService:
 
     device_id = wire.VIRTIO_ID_CAN
     num_queues = wire.NUM_QUEUES
+    # RX buffers are taken from the ring when a frame needs one (a frame finding none is dropped,
+    # as a full controller FIFO drops it): a driver posting buffers is no reason to wake us, so
+    # the RX queue asks for no kicks. Saves a doorbell and a backend wake-up per received frame.
+    passive_queues = frozenset({wire.RXQ})
 
     def __init__(self, backend: CanBackend, link_id: str, model: CanLinkModel) -> None:
         self.backend = backend

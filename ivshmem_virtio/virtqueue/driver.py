@@ -15,6 +15,9 @@ from ..spec import ring as R
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
+_NEXT = R.DESC_F_NEXT
+_WRITE = R.DESC_F_WRITE
+_WRITE_NEXT = R.DESC_F_WRITE | R.DESC_F_NEXT
 
 INDIRECT_MIN = 4  # chains longer than this go through an indirect table when negotiated
 Buffers = Sequence[tuple[int, int]]  # (addr, len) pairs, addresses relative to the region
@@ -51,6 +54,15 @@ class DriverQueue:
         self._chains: list[list[int]] = [[] for _ in range(size)]
         self._indirect_addr: list[int | None] = [None] * size
         self._mask = size - 1
+        # views of the ring areas, bounds-checked once here: per request only the index into
+        # them is checked (by memoryview / struct), never the whole address arithmetic
+        self._desc_mv = mem.view(desc, R.desc_table_size(size))
+        self._avail_ring = mem.u16_array(avail + R.AVAIL_RING, size)
+        self._avail_idx = mem.u16_array(avail + R.AVAIL_IDX, 1)
+        self._used_idx = mem.u16_array(used + R.USED_IDX, 1)
+        self._used_mv = mem.view(used + R.USED_RING, R.USED_ELEM_SIZE * size)
+        self._used_event = mem.u16_array(avail + R.used_event_off(size), 1)
+        self._avail_event = mem.u16_array(used + R.avail_event_off(size), 1)
 
     @property
     def num_free(self) -> int:
@@ -63,27 +75,34 @@ class DriverQueue:
 
     def add(self, out: Buffers, inn: Buffers, token: object) -> int:
         """Make one chain available: ``out`` the device reads, ``inn`` it writes. Returns head."""
-        total = len(out) + len(inn)
+        nout = len(out)
+        total = nout + len(inn)
         if total == 0:
             raise ValueError("empty chain")
+        free = self._free_idx
         # indirect when the chain is long or the table is short of descriptors: a 3-descriptor
         # request is cheaper direct than with a table to allocate and free
-        if self.indirect and total > 1 and self.num_free >= 1 and (
-                total > INDIRECT_MIN or self.num_free < total):
+        if self.indirect and total > 1 and free and (
+                total > INDIRECT_MIN or len(free) < total):
             return self._add_indirect(out, inn, token, total)
-        if self.num_free < total:
+        if len(free) < total:
             raise RingError("virtqueue full")
-        mem = self.mem
-        free = self._free_idx
-        idxs = [free.pop() for _ in range(total)]
-        nout = len(out)
-        for i, (addr, length) in enumerate((*out, *inn)):
-            flags = R.DESC_F_WRITE if i >= nout else 0
-            nxt = 0
-            if i < total - 1:
-                flags |= R.DESC_F_NEXT
-                nxt = idxs[i + 1]
-            mem.pack(_DESC, self.desc + 16 * idxs[i], addr, length, flags, nxt)
+        idxs = free[-total:]
+        del free[-total:]
+        idxs.reverse()  # the order pop() would give
+        put = _DESC.pack_into
+        mv = self._desc_mv
+        last = total - 1
+        for i, (addr, length) in enumerate(out):
+            if i < last:
+                put(mv, 16 * idxs[i], addr, length, _NEXT, idxs[i + 1])
+            else:
+                put(mv, 16 * idxs[i], addr, length, 0, 0)
+        for i, (addr, length) in enumerate(inn, nout):
+            if i < last:
+                put(mv, 16 * idxs[i], addr, length, _WRITE_NEXT, idxs[i + 1])
+            else:
+                put(mv, 16 * idxs[i], addr, length, _WRITE, 0)
         head = idxs[0]
         self._chains[head] = idxs
         self._publish(head, token)
@@ -107,10 +126,11 @@ class DriverQueue:
 
     def _publish(self, head: int, token: object) -> None:
         self._tokens[head] = token
-        self.mem.set_u16(self.avail + R.AVAIL_RING + 2 * (self.avail_idx & self._mask), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        idx = self.avail_idx
+        self._avail_ring[idx & self._mask] = head
+        self.avail_idx = idx = (idx + 1) & 0xFFFF
         fence()  # ring entry before avail->idx
-        self.mem.set_u16(self.avail + R.AVAIL_IDX, self.avail_idx)
+        self._avail_idx[0] = idx
 
     def kick_needed(self) -> bool:
         """After adding a batch: must the device be notified (doorbell)?"""
@@ -120,37 +140,43 @@ class DriverQueue:
         if new == old:
             return False
         if self.event_idx:
-            return R.need_event(self.mem.u16(self.used + R.avail_event_off(self.size)), new, old)
+            return R.need_event(self._avail_event[0], new, old)
         return not self.mem.u16(self.used + R.USED_FLAGS) & R.USED_F_NO_NOTIFY
 
     def has_used(self) -> bool:
-        return self.mem.u16(self.used + R.USED_IDX) != self.last_used
+        return self._used_idx[0] != self.last_used
 
     def get_used(self) -> list[tuple[object, int]]:
         """Collect completed chains as ``(token, used_len)`` and return their descriptors."""
-        mem = self.mem
-        used_idx = mem.u16(self.used + R.USED_IDX)
-        n = (used_idx - self.last_used) & 0xFFFF
-        if n > self.size - self.num_free:
+        used_idx = self._used_idx[0]
+        last = self.last_used
+        n = (used_idx - last) & 0xFFFF
+        if n > self.size - len(self._free_idx):
             raise RingError(f"device reports {n} used entries with only "
-                            f"{self.size - self.num_free} in flight")
+                            f"{self.size - len(self._free_idx)} in flight")
         fence()  # used->idx before the entries
         out = []
+        tokens = self._tokens
+        mask = self._mask
+        size = self.size
+        get = _USED_ELEM.unpack_from
+        mv = self._used_mv
         for _ in range(n):
-            off = self.used + R.USED_RING + 8 * (self.last_used & self._mask)
-            head, length = mem.unpack(_USED_ELEM, off)
-            if head >= self.size or self._tokens[head] is None:
+            head, length = get(mv, 8 * (last & mask))
+            token = tokens[head] if head < size else None
+            if token is None:
                 raise RingError(f"device completed descriptor {head}, which is not in flight")
-            out.append((self._tokens[head], length))
+            out.append((token, length))
             self._release(head)
-            self.last_used = (self.last_used + 1) & 0xFFFF
+            last = self.last_used = (last + 1) & 0xFFFF
         if self.event_idx:
-            # interrupt us at the next completion
-            mem.set_u16(self.avail + R.used_event_off(self.size), self.last_used)
+            self._used_event[0] = last  # interrupt us at the next completion
         return out
 
     def _release(self, head: int) -> None:
-        self._free_idx.extend(reversed(self._chains[head]))
+        chain = self._chains[head]
+        chain.reverse()
+        self._free_idx += chain
         self._chains[head] = []
         self._tokens[head] = None
         table = self._indirect_addr[head]
@@ -162,11 +188,15 @@ class DriverQueue:
         return [t for t in self._tokens if t is not None]
 
     def suppress_interrupts(self, suppress: bool) -> None:
-        """While the driver polls used entries it does not need interrupts."""
+        """While the driver polls used entries it does not need interrupts.
+
+        With EVENT_IDX, used_event one behind ``last_used`` asks for an interrupt only after
+        65535 more completions (need_event is false for every batch until then); turning
+        interrupts back on sets it to ``last_used``: the next completion interrupts.
+        """
         if self.event_idx:
-            if not suppress:
-                self.mem.set_u16(self.avail + R.used_event_off(self.size), self.last_used)
-            # with event-idx a stale used_event already suppresses
+            event = self.last_used if not suppress else (self.last_used - 1) & 0xFFFF
+            self._used_event[0] = event
         else:
             self.mem.set_u16(self.avail + R.AVAIL_FLAGS, R.AVAIL_F_NO_INTERRUPT if suppress else 0)
         fence()
