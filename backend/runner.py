@@ -20,7 +20,7 @@ from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.link import IrqWaiter
 from ivshmem_virtio.spec import ivshmem as H
-from ivshmem_virtio.transport.device import DeviceTransport
+from ivshmem_virtio.transport.device import DeviceTransport, Phase
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
 log = structlog.get_logger("ivshmem_virtio.backend")
@@ -105,6 +105,9 @@ class LinkRunner:
     # -- control path ---------------------------------------------------------------------------
     def _control(self) -> None:
         t = self.transport
+        if t.phase is Phase.ACTIVE and not t.hdr.u32(H.HDR_WRITE_TRANSACTION) \
+                and self.dev.peer_state(t.peer) == H.STATE_READY:
+            return  # the common case on a wake-up: nothing for the control path (no step())
         for _ in range(64):  # a transaction per step; the driver waits for each
             res = t.step()
             if res.reset:
@@ -122,11 +125,10 @@ class LinkRunner:
         if not t.serving:
             return False
         passive = self._passive
-        try:
-            return any(vq is not None and i not in passive and vq.pending()
-                       for i, vq in enumerate(t.vqs))
-        except RingError:
-            return True  # let the serve path report it
+        for i, vq in enumerate(t.vqs):  # (a bad avail index counts as work: serve reports it)
+            if vq is not None and i not in passive and vq.has_new():
+                return True
+        return False
 
     # -- queues ---------------------------------------------------------------------------------
     def _serve_queues(self) -> None:
@@ -144,7 +146,7 @@ class LinkRunner:
                         self._control()  # keep the control path prompt between batches
                         if t.vqs[index] is not vq:
                             break
-                    if n == 0:
+                    if n == 0 or not vq.has_new():
                         break  # kicks stay off while we spin; prepare_block turns them on
             except PEER_FAULTS as e:
                 t.mark_needs_reset(f"queue {index}: {e}")

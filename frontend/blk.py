@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from dataclasses import dataclass, field
 
 from ivshmem_virtio.errors import TransportError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
@@ -32,18 +31,23 @@ class BlkIOError(OSError):
     """A request the device answered with IOERR (errno EIO) or UNSUPP (EOPNOTSUPP)."""
 
 
-@dataclass(eq=False)
 class _Req:
-    type: int
-    sector: int
-    out: bytes | memoryview = b""  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
-    in_len: int = 0  # bytes the device writes before the status (IN, GET_ID)
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop()
-                                   .create_future())
-    allocs: list[int] = field(default_factory=list)
-    in_segs: list[tuple[int, int]] = field(default_factory=list)
-    status_addr: int = 0
-    into: memoryview | None = None  # readinto: the caller's buffer, filled on completion
+    """One request in flight (a plain slots class: built once per request, on the hot path)."""
+
+    __slots__ = ("type", "sector", "out", "in_len", "into", "future", "allocs", "in_segs",
+                 "status_addr")
+
+    def __init__(self, rtype: int, sector: int, out: bytes | memoryview = b"", in_len: int = 0,
+                 into: memoryview | None = None) -> None:
+        self.type = rtype
+        self.sector = sector
+        self.out = out  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
+        self.in_len = in_len  # bytes the device writes before the status (IN, GET_ID)
+        self.into = into  # readinto: the caller's buffer, filled on completion
+        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.allocs: list[int] = []
+        self.in_segs: list[tuple[int, int]] = []
+        self.status_addr = 0
 
 
 class BlkClient(VirtioDriver):
@@ -99,6 +103,9 @@ class BlkClient(VirtioDriver):
     # -- public API -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (both multiples of 512); split into requests."""
+        if 0 < length <= self.max_transfer and not (offset | length) & 511 \
+                and 0 <= offset <= self.size - length:  # one request: the latency path
+            return await self._submit(_Req(B.T_IN, offset >> 9, in_len=length))
         self._check_range(offset, length)
         chunks = self._chunks(offset, length)
         if len(chunks) == 1:  # the common case: no gather, no extra task
@@ -113,6 +120,10 @@ class BlkClient(VirtioDriver):
         if view.readonly:
             raise TypeError("readinto needs a writable buffer")
         length = len(view)
+        if 0 < length <= self.max_transfer and not (offset | length) & 511 \
+                and 0 <= offset <= self.size - length:
+            await self._submit(_Req(B.T_IN, offset >> 9, in_len=length, into=view))
+            return length
         self._check_range(offset, length)
         chunks = self._chunks(offset, length)
         if len(chunks) == 1:
@@ -270,7 +281,8 @@ class BlkClient(VirtioDriver):
                 req.future.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
             else:
                 req.future.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
-        self._pump()
+        if self._backlog:
+            self._pump()
 
     def resubmit(self, tokens: list[object]) -> None:
         reqs = [t for t in tokens if isinstance(t, _Req)]

@@ -140,11 +140,16 @@ class BlkModel:
         if chain.error is not None:
             self.metrics.invalid_request_count += 1
             return status, B.S_IOERR
-        if sum(n for _, n in chain.readable) < B.OUTHDR_SIZE:
-            self.metrics.invalid_request_count += 1
-            return status, B.S_IOERR
-        rtype, _ioprio, sector = B.OUTHDR.unpack(_gather(mem, chain.readable, B.OUTHDR_SIZE))
-        data_r = _skip(chain.readable, B.OUTHDR_SIZE)
+        readable = chain.readable
+        if len(readable) == 1 and readable[0][1] == B.OUTHDR_SIZE:  # the usual layout
+            rtype, _ioprio, sector = mem.unpack(B.OUTHDR, readable[0][0])
+            data_r: list[SEG] = []
+        else:
+            if sum(n for _, n in readable) < B.OUTHDR_SIZE:
+                self.metrics.invalid_request_count += 1
+                return status, B.S_IOERR
+            rtype, _ioprio, sector = B.OUTHDR.unpack(_gather(mem, readable, B.OUTHDR_SIZE))
+            data_r = _skip(readable, B.OUTHDR_SIZE)
         if rtype == B.T_IN:
             return self._rw(chain.head, rtype, sector, data_w, status)
         if rtype == B.T_OUT:

@@ -83,43 +83,54 @@ class DeviceQueue:
         self.last_avail = 0  # next avail ring slot to consume
         self.next_used = 0  # used index after the entries pushed so far
         self.signalled_used = 0  # used index the driver was last notified about
-        self._avail_idx_off = avail + R.AVAIL_IDX
-        self._used_idx_off = used + R.USED_IDX
-        self._used_event_off = avail + R.used_event_off(size)
-        self._avail_event_off = used + R.avail_event_off(size)
         self._mask = size - 1
+        # views of the validated ring areas, made once: per request only indices are checked
+        # (head and next against the table size here, the view's own bounds by memoryview)
+        self._desc_mv = mem.view(desc, R.desc_table_size(size))
+        self._avail_ring = mem.u16_array(avail + R.AVAIL_RING, size)
+        self._avail_idx = mem.u16_array(avail + R.AVAIL_IDX, 1)
+        self._used_mv = mem.view(used + R.USED_RING, R.USED_ELEM_SIZE * size)
+        self._used_idx = mem.u16_array(used + R.USED_IDX, 1)
+        self._used_event = mem.u16_array(avail + R.used_event_off(size), 1)
+        self._avail_event = mem.u16_array(used + R.avail_event_off(size), 1)
 
     # -- avail side ---------------------------------------------------------------------------
     def pending(self) -> int:
         """Chains the driver has made available and we have not taken yet."""
-        n = (self.mem.u16(self._avail_idx_off) - self.last_avail) & 0xFFFF
+        n = (self._avail_idx[0] - self.last_avail) & 0xFFFF
         if n > self.size:
             raise RingError(f"avail index jumped {n} entries ahead on a queue of {self.size}")
         return n
 
+    def has_new(self) -> bool:
+        """Cheap poll: did avail->idx move? (No validation: :meth:`pop_all` does that.)"""
+        return self._avail_idx[0] != self.last_avail
+
     def pop(self) -> Chain | None:
         """Take the next available chain, or None when the ring is empty."""
-        if not self.pending():
-            return None
-        mem = self.mem
-        slot = self.avail + R.AVAIL_RING + 2 * (self.last_avail & self._mask)
-        head = mem.u16(slot)
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if head >= self.size:
-            raise RingError(f"avail ring names descriptor {head} of {self.size}")
-        return self._walk(head)
+        chains = self.pop_all(1)
+        return chains[0] if chains else None
 
     def pop_all(self, limit: int | None = None) -> list[Chain]:
         """Take every available chain (at most ``limit``): one batch per wake-up."""
         n = self.pending()
-        if limit is not None:
-            n = min(n, limit)
+        if limit is not None and n > limit:
+            n = limit
+        if not n:
+            return []
+        fence()  # avail->idx before the ring entries it covers
+        ring = self._avail_ring
+        mask = self._mask
+        size = self.size
+        walk = self._walk
+        last = self.last_avail
         out = []
         for _ in range(n):
-            chain = self.pop()
-            if chain is None:
-                break
-            out.append(chain)
+            head = ring[last & mask]
+            last = self.last_avail = (last + 1) & 0xFFFF
+            if head >= size:
+                raise RingError(f"avail ring names descriptor {head} of {size}")
+            out.append(walk(head))
         return out
 
     def _walk(self, head: int) -> Chain:
@@ -130,6 +141,8 @@ class DeviceQueue:
         # the direct table is read one descriptor at a time; an indirect table is unpacked at
         # once (one bounds check and one C loop instead of one unpack call per descriptor)
         table: list[tuple[int, int, int, int]] | None = None
+        unpack = _DESC.unpack_from
+        desc_mv = self._desc_mv
         count = self.size
         index = head
         budget = self.size  # a chain can never hold more descriptors than the table
@@ -139,8 +152,8 @@ class DeviceQueue:
                 raise RingError(f"descriptor chain from head {head} loops or is longer than the "
                                 "table")
             budget -= 1
-            if table is None:
-                addr, length, flags, nxt = mem.unpack(_DESC, self.desc + 16 * index)
+            if table is None:  # index < self.size: head checked by pop_all, next below
+                addr, length, flags, nxt = unpack(desc_mv, 16 * index)
             else:
                 addr, length, flags, nxt = table[index]
             if flags & R.DESC_F_INDIRECT:
@@ -176,8 +189,7 @@ class DeviceQueue:
     # -- used side ----------------------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
         """Write a used element; the driver sees it only after :meth:`publish`."""
-        off = self.used + R.USED_RING + 8 * (self.next_used & self._mask)
-        self.mem.pack(_USED_ELEM, off, head, length)
+        _USED_ELEM.pack_into(self._used_mv, 8 * (self.next_used & self._mask), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def publish(self) -> bool:
@@ -187,18 +199,18 @@ class DeviceQueue:
         if new == old:
             return False
         fence()  # used elements before used->idx
-        self.mem.set_u16(self._used_idx_off, new)
+        self._used_idx[0] = new
         fence()  # used->idx before reading the driver's suppression state
         self.signalled_used = new
         if self.event_idx:
-            return R.need_event(self.mem.u16(self._used_event_off), new, old)
+            return R.need_event(self._used_event[0], new, old)
         return not self.mem.u16(self.avail + R.AVAIL_FLAGS) & R.AVAIL_F_NO_INTERRUPT
 
     # -- notification suppression (driver -> device kicks) --------------------------------------
     def enable_notifications(self) -> bool:
         """Ask for a kick on the next new buffer; True if buffers arrived meanwhile (re-check)."""
         if self.event_idx:
-            self.mem.set_u16(self._avail_event_off, self.last_avail)
+            self._avail_event[0] = self.last_avail
         else:
             self.mem.set_u16(self.used + R.USED_FLAGS, 0)
         fence()
