@@ -67,6 +67,7 @@ class BlkClient(VirtioDriver):
             features |= V.bit(V.F_INDIRECT_DESC)
         super().__init__(dev, features=features, **kw)  # type: ignore[arg-type]
         self._backlog: list[_Req] = []
+        self._callers = 0  # tasks inside _submit: the inline QD1 path is for a lone caller
         self.completed = 0
         # requests added to the ring whose on_used has not run yet: they still hold bounce
         # memory even after get_used() returned their descriptors to the free list
@@ -186,11 +187,22 @@ class BlkClient(VirtioDriver):
             raise ConnectionError("device closed")
         self._backlog.append(req)
         self._pump()
-        if self._outstanding == 1 and not self._backlog and req.allocs:
-            self.reap_inline(0)  # a lone request: wait for it right here (QD1 latency path)
-            if req.future.done() and self.fair_yield():
-                await asyncio.sleep(0)  # back-to-back inline completions never yield otherwise
-        return await req.future
+        self._callers += 1
+        try:
+            if self._callers == 1 and self._outstanding == 1 and not self._backlog \
+                    and req.allocs:
+                # the only caller with the only request in flight: wait for it right here
+                # (the QD1 latency path). Never with more callers: their requests would be
+                # serialized behind our spin instead of being in flight together.
+                self.reap_inline(0)
+                if req.future.done():
+                    # it never suspended: give the other tasks their turn, as awaiting a
+                    # pending future would (a task issuing requests back to back would
+                    # otherwise keep the loop to itself)
+                    await asyncio.sleep(0)
+            return await req.future
+        finally:
+            self._callers -= 1
 
     def _pump(self) -> None:
         """Move backlog requests into the ring while descriptors and memory last."""

@@ -46,7 +46,6 @@ class VirtioDriver:
         self._irq_task: asyncio.Task | None = None
         self._waiter: IrqWaiter | None = None
         self._ring_fault: str | None = None  # found by an inline reap, recovered by _irq_loop
-        self._yielded_at = 0.0
         self.inline_reaps = 0  # completions taken by reap_inline (the rest: interrupt task)
         self.error: BaseException | None = None
 
@@ -140,14 +139,6 @@ class VirtioDriver:
             self._ring_fault = str(e)
             if self._waiter is not None:
                 self._waiter.kick()
-
-    def fair_yield(self, every: float = 0.001) -> bool:
-        """True at most once per ``every`` seconds: time for the caller to let the loop run."""
-        now = time.monotonic()
-        if now - self._yielded_at < every:
-            return False
-        self._yielded_at = now
-        return True
 
     async def _irq_loop(self) -> None:
         assert self._waiter is not None

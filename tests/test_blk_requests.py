@@ -263,3 +263,47 @@ def test_frontend_recovers_from_a_bad_used_entry(tmp_path, image_factory, mode):
             assert await c.read(0, 4096) == data
 
     run(body())
+
+
+def test_inline_completion_keeps_the_loop_fair_and_concurrency_intact(procs, tmp_path,
+                                                                      image_factory):
+    """The QD1 path (a lone caller spins for its completion) must neither starve other tasks
+    nor serialize concurrent callers. (Backend in its own process: in the same loop it could
+    not answer while the caller spins.)"""
+    image = image_factory(MiB)
+
+    async def body():
+        async with proc_stack(procs, str(tmp_path / "l.sock"), image, mode="poll") as s:
+            c = s.client
+            ticks = 0
+            stop = False
+
+            async def ticker():
+                nonlocal ticks
+                while not stop:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            t = asyncio.create_task(ticker())
+            inline0 = c.inline_reaps
+            for i in range(300):
+                await c.read(512 * i, 512)
+            stop = True
+            await t
+            assert c.inline_reaps > inline0  # the lone caller did take the inline path
+            assert ticks >= 300  # ... and the other task ran once per request at least
+
+            peak = 0
+
+            async def reader(k):
+                nonlocal peak
+                for i in range(50):
+                    await c.read(4096 * ((k * 50 + i) % 256), 4096)
+                    peak = max(peak, c._outstanding)
+
+            inline1 = c.inline_reaps
+            await asyncio.gather(*[reader(k) for k in range(8)])
+            assert c.inline_reaps - inline1 < 50  # concurrent callers are not serialized
+            assert peak >= 2
+
+    run(body())
