@@ -15,7 +15,7 @@ Addresses are byte offsets into the region (virtio-ivshmem.md §3.1). Two kinds 
 from __future__ import annotations
 
 from ..errors import RingError
-from ..shm import Region, fence
+from ..shm import Region, fence, full_fence
 from ..spec import ring as R
 
 _DESC = R.DESC
@@ -200,7 +200,7 @@ class DeviceQueue:
             return False
         fence()  # used elements before used->idx
         self._used_idx[0] = new
-        fence()  # used->idx before reading the driver's suppression state
+        full_fence()  # used->idx before reading the driver's suppression state
         self.signalled_used = new
         if self.event_idx:
             return R.need_event(self._used_event[0], new, old)
@@ -213,7 +213,7 @@ class DeviceQueue:
             self._avail_event[0] = self.last_avail
         else:
             self.mem.set_u16(self.used + R.USED_FLAGS, 0)
-        fence()
+        full_fence()  # avail_event before re-reading avail->idx
         return self.pending() > 0
 
     def disable_notifications(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..errors import RingError
-from ..shm import Region, fence
+from ..shm import Region, fence, full_fence
 from ..spec import ring as R
 
 _DESC = R.DESC
@@ -134,7 +134,7 @@ class DriverQueue:
 
     def kick_needed(self) -> bool:
         """After adding a batch: must the device be notified (doorbell)?"""
-        fence()  # avail->idx before reading the device's suppression state
+        full_fence()  # avail->idx before reading the device's suppression state
         new, old = self.avail_idx, self.kicked_idx
         self.kicked_idx = new
         if new == old:
@@ -171,6 +171,7 @@ class DriverQueue:
             last = self.last_used = (last + 1) & 0xFFFF
         if self.event_idx:
             self._used_event[0] = last  # interrupt us at the next completion
+            full_fence()  # ... before the caller re-checks used->idx and sleeps
         return out
 
     def _release(self, head: int) -> None:
@@ -199,4 +200,4 @@ class DriverQueue:
             self._used_event[0] = event
         else:
             self.mem.set_u16(self.avail + R.AVAIL_FLAGS, R.AVAIL_F_NO_INTERRUPT if suppress else 0)
-        fence()
+        full_fence()  # the new suppression state before the caller re-checks used->idx
