@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 
+from . import shm
 from .errors import ConfigError
 from .ivshmem.base import IvshmemDevice
 
@@ -26,6 +27,8 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
               timeout: float = 5.0) -> IvshmemDevice:
     """Open the link named ``spec`` in the backend (ID 0) or frontend (ID 1) role."""
     kind, arg = parse_link(spec)
+    if not shm.BARRIERS_EXACT:  # no way to order the ring accesses: refuse rather than race
+        raise ConfigError(f"--link {spec}: {shm.BARRIER_HELP}")
     if kind == "sim":
         from .ivshmem.sim import SimIvshmem
 

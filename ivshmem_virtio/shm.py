@@ -10,12 +10,16 @@ of touching anything outside. Device registers are different: they are trapped b
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import mmap
 import os
 import platform
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
 import numpy as np
@@ -30,33 +34,62 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 _LE = sys.byteorder == "little"
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_X86_NAMES = ("x86_64", "amd64", "i386", "i686")
+_SEQ_CST = 5  # __ATOMIC_SEQ_CST
 _fence_lock = threading.Lock()
 
 
-def fence() -> None:
-    """Full memory barrier between publishing data and publishing its index.
-
-    x86 is TSO: stores are not reordered with other stores, and CPython's function calls are
-    compiler barriers, so nothing is needed. Elsewhere (arm64) taking and releasing a lock runs an
-    acquire/release atomic pair in the C runtime, which orders our plain stores around it.
-    """
-    if not _X86:
-        with _fence_lock:
-            pass
-
-
-def full_fence() -> None:
-    """Store -> load barrier, on every architecture: publish an index, then read the peer's.
-
-    The event-index handshake (store our index, load the peer's suppression index; the peer
-    does the mirror image) is Dekker's pattern: x86 TSO may satisfy the load before the store
-    leaves the store buffer, and both sides then skip the notification (a lost interrupt, the
-    reason Linux uses virtio_mb() there). Taking and releasing a lock runs a locked atomic
-    (x86) or an acquire/release pair (arm64) in the C runtime: a full barrier. ~0.1 us.
-    """
+def _lock_round_trip() -> None:
+    """A lock acquire + release: a locked atomic on x86, i.e. a full barrier there."""
     with _fence_lock:
         pass
+
+
+def _no_barrier() -> None:
+    """x86 stores stay in order with stores, loads with loads (TSO); calls are compiler barriers."""
+
+
+def _load_thread_fence() -> Callable[[int], None] | None:
+    """C11 ``atomic_thread_fence`` from libatomic (``dmb ish`` on arm64, ``mfence`` on x86)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        fn = lib.atomic_thread_fence
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def pick_barriers(machine: str, load: Callable[[], Callable[[int], None] | None]
+                  = _load_thread_fence) -> tuple[Callable[[], None], Callable[[], None], bool]:
+    """``(fence, full_fence, exact)`` for a CPU: ``exact`` False means no real barrier exists.
+
+    Python has no barrier of its own. On x86 (TSO) only store -> load needs one, and a lock
+    round trip is a locked instruction, a full barrier. On a weakly ordered CPU (arm64) a lock
+    round trip is an acquire and a release, which lets accesses on both sides move into it and
+    pass each other (stores can become visible out of order): there both barriers are libatomic's
+    ``atomic_thread_fence(seq_cst)`` through ctypes, ``dmb ish`` (~0.3 us a call).
+    """
+    if machine.lower() in _X86_NAMES:
+        return _no_barrier, _lock_round_trip, True
+    thread_fence = load()
+    if thread_fence is None:
+        return _lock_round_trip, _lock_round_trip, False
+    barrier = functools.partial(thread_fence, _SEQ_CST)
+    return barrier, barrier, True
+
+
+#: ``fence()``: barrier between publishing data and publishing its index (store -> store,
+#: load -> load); empty on x86, ``dmb ish`` on arm64.
+#: ``full_fence()``: store -> load, for the event-index handshake (store our index, load the
+#: peer's suppression index; the peer does the mirror image). That is Dekker's pattern: even x86
+#: TSO may satisfy the load before the store leaves the store buffer, and both sides then skip
+#: the notification (a lost interrupt, the reason Linux uses virtio_mb() there). ~0.1 us on x86.
+fence, full_fence, BARRIERS_EXACT = pick_barriers(platform.machine())
+#: what open_link tells a user whose CPU has no usable barrier (docs/decisions.md)
+BARRIER_HELP = (f"this {platform.machine()} CPU orders memory weakly and needs libatomic for the "
+                "barriers of the shared rings: install it (Debian: apt install libatomic1)")
 
 
 class Region:

@@ -65,3 +65,32 @@ def test_region_over_an_odd_sized_window():
     assert r.u16(18) == 0x1234
     r.set_u32(16, 0x01020304)
     assert r.u32(16) == 0x01020304
+
+
+def test_barriers_per_cpu():
+    """x86: no store->store barrier needed, a lock round trip (locked atomic) for store->load.
+    A weakly ordered CPU: libatomic's seq_cst thread fence for both, callable through ctypes
+    (exercised here with the host's libatomic); without libatomic: not exact."""
+    from ivshmem_virtio import shm
+
+    fence, full, exact = shm.pick_barriers("x86_64")
+    assert exact and fence is shm._no_barrier and full is shm._lock_round_trip
+    calls = []
+    fence, full, exact = shm.pick_barriers("aarch64", load=lambda: calls.append)
+    assert exact and fence is not shm._lock_round_trip
+    fence()
+    full()
+    assert calls == [5, 5]  # __ATOMIC_SEQ_CST
+    real = shm._load_thread_fence()
+    assert real is not None, "libatomic (the runtime of gcc) is missing on this host"
+    real(5)
+    assert shm.pick_barriers("aarch64", load=lambda: None)[2] is False
+
+
+def test_open_link_refuses_a_cpu_without_barriers(monkeypatch):
+    from ivshmem_virtio import link, shm
+    from ivshmem_virtio.errors import ConfigError
+
+    monkeypatch.setattr(shm, "BARRIERS_EXACT", False)
+    with pytest.raises(ConfigError, match="libatomic"):
+        link.open_link("sim:/nonexistent.sock", backend=True)
