@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
+from ivshmem_virtio import shm
 from ivshmem_virtio.errors import ConfigError, IvshmemVirtioError, LinkError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.log import setup_logging
@@ -554,6 +555,8 @@ async def run_serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
               + ", ".join(f"{d.name} ({d.type} on {d.link})" for d in config.devices))
         return 0
     setup_logging(json=config.log_json, level=config.log_level)
+    if not shm.BARRIERS_EXACT:  # no way to order the ring accesses on this CPU
+        raise ConfigError(shm.BARRIER_HELP)
     daemon = ServeDaemon(args.config, config, sysfs=args.sysfs)
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task] = set()

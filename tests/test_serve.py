@@ -592,3 +592,22 @@ def test_systemd_unit():
     assert any(v.endswith("kill -HUP $MAINPID") for v in keys["ExecReload"])
     assert any(" serve --config " in v and "--check" not in v for v in keys["ExecStart"])
     assert keys["RestartPreventExitStatus"] == ["2"]
+
+
+def test_serve_refuses_a_cpu_without_barriers(tmp_path, monkeypatch):
+    """A weakly ordered CPU without libatomic: one clear error before any link is touched."""
+    import argparse
+
+    from backend.serve import run_serve
+    from ivshmem_virtio import shm
+
+    image = tmp_path / "d.img"
+    with open(image, "wb") as f:
+        f.truncate(MiB)
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'[[devices]]\nname = "d"\ntype = "blk"\nlink = "sim:{tmp_path}/x.sock"\n'
+                   f'image = "{image}"\n')
+    monkeypatch.setattr(shm, "BARRIERS_EXACT", False)
+    args = argparse.Namespace(config=str(cfg), check=False, sysfs="/sys")
+    with pytest.raises(ConfigError, match="libatomic1"):
+        run(run_serve(args, asyncio.Event()))
