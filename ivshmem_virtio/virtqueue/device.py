@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..errors import RingError
 from ..shm import Region, fence, full_fence
 from ..spec import ring as R
+from .views import ring_views
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
@@ -84,15 +85,10 @@ class DeviceQueue:
         self.next_used = 0  # used index after the entries pushed so far
         self.signalled_used = 0  # used index the driver was last notified about
         self._mask = size - 1
-        # views of the validated ring areas, made once: per request only indices are checked
-        # (head and next against the table size here, the view's own bounds by memoryview)
-        self._desc_mv = mem.view(desc, R.desc_table_size(size))
-        self._avail_ring = mem.u16_array(avail + R.AVAIL_RING, size)
-        self._avail_idx = mem.u16_array(avail + R.AVAIL_IDX, 1)
-        self._used_mv = mem.view(used + R.USED_RING, R.USED_ELEM_SIZE * size)
-        self._used_idx = mem.u16_array(used + R.USED_IDX, 1)
-        self._used_event = mem.u16_array(avail + R.used_event_off(size), 1)
-        self._avail_event = mem.u16_array(used + R.avail_event_off(size), 1)
+        # per request only indices are checked (head and next against the table size here,
+        # the view's own bounds by memoryview)
+        (self._desc_mv, self._avail_ring, self._avail_idx, self._used_mv, self._used_idx,
+         self._used_event, self._avail_event) = ring_views(mem, size, desc, avail, used)
 
     # -- avail side ---------------------------------------------------------------------------
     def pending(self) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from ..errors import RingError
 from ..shm import Region, fence, full_fence
 from ..spec import ring as R
+from .views import ring_views
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
@@ -54,15 +55,9 @@ class DriverQueue:
         self._chains: list[list[int]] = [[] for _ in range(size)]
         self._indirect_addr: list[int | None] = [None] * size
         self._mask = size - 1
-        # views of the ring areas, bounds-checked once here: per request only the index into
-        # them is checked (by memoryview / struct), never the whole address arithmetic
-        self._desc_mv = mem.view(desc, R.desc_table_size(size))
-        self._avail_ring = mem.u16_array(avail + R.AVAIL_RING, size)
-        self._avail_idx = mem.u16_array(avail + R.AVAIL_IDX, 1)
-        self._used_idx = mem.u16_array(used + R.USED_IDX, 1)
-        self._used_mv = mem.view(used + R.USED_RING, R.USED_ELEM_SIZE * size)
-        self._used_event = mem.u16_array(avail + R.used_event_off(size), 1)
-        self._avail_event = mem.u16_array(used + R.avail_event_off(size), 1)
+        # per request only the index into the views is checked, never the address arithmetic
+        (self._desc_mv, self._avail_ring, self._avail_idx, self._used_mv, self._used_idx,
+         self._used_event, self._avail_event) = ring_views(mem, size, desc, avail, used)
 
     @property
     def num_free(self) -> int:
