@@ -104,13 +104,10 @@ class BlkClient(VirtioDriver):
     # -- public API -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (both multiples of 512); split into requests."""
-        if 0 < length <= self.max_transfer and not (offset | length) & 511 \
-                and 0 <= offset <= self.size - length:  # one request: the latency path
+        if self._one_request(offset, length):  # the common case: no gather, no extra task
             return await self._submit(_Req(B.T_IN, offset >> 9, in_len=length))
         self._check_range(offset, length)
         chunks = self._chunks(offset, length)
-        if len(chunks) == 1:  # the common case: no gather, no extra task
-            return await self._submit(_Req(B.T_IN, offset // 512, in_len=length))
         parts = [self._submit(_Req(B.T_IN, off // 512, in_len=n)) for off, n in chunks]
         return b"".join(await asyncio.gather(*parts))
 
@@ -121,19 +118,14 @@ class BlkClient(VirtioDriver):
         if view.readonly:
             raise TypeError("readinto needs a writable buffer")
         length = len(view)
-        if 0 < length <= self.max_transfer and not (offset | length) & 511 \
-                and 0 <= offset <= self.size - length:
+        if self._one_request(offset, length):
             await self._submit(_Req(B.T_IN, offset >> 9, in_len=length, into=view))
             return length
         self._check_range(offset, length)
-        chunks = self._chunks(offset, length)
-        if len(chunks) == 1:
-            await self._submit(_Req(B.T_IN, offset // 512, in_len=length, into=view))
-        else:
-            await asyncio.gather(*[
-                self._submit(_Req(B.T_IN, off // 512, in_len=n,
-                                  into=view[off - offset: off - offset + n]))
-                for off, n in chunks])
+        await asyncio.gather(*[
+            self._submit(_Req(B.T_IN, off // 512, in_len=n,
+                              into=view[off - offset: off - offset + n]))
+            for off, n in self._chunks(offset, length)])
         return length
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -170,6 +162,12 @@ class BlkClient(VirtioDriver):
             count = min(step, (offset + length) // 512 - sec)
             segs += B.DWZ_SEG.pack(sec, count, flags)
         await self._submit(_Req(rtype, 0, out=segs))
+
+    def _one_request(self, offset: int, length: int) -> bool:
+        """A valid, non-empty range that fits one request (what _check_range + _chunks would
+        accept as a single chunk, decided without building the chunk list)."""
+        return 0 < length <= self.max_transfer and not (offset | length) & 511 \
+            and 0 <= offset <= self.size - length
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset % 512 or length % 512 or offset < 0 or length < 0:
