@@ -20,7 +20,7 @@ from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.link import IrqWaiter
 from ivshmem_virtio.spec import ivshmem as H
-from ivshmem_virtio.transport.device import DeviceTransport, Phase
+from ivshmem_virtio.transport.device import DeviceTransport
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
 log = structlog.get_logger("ivshmem_virtio.backend")
@@ -105,9 +105,8 @@ class LinkRunner:
     # -- control path ---------------------------------------------------------------------------
     def _control(self) -> None:
         t = self.transport
-        if t.phase is Phase.ACTIVE and not t.hdr.u32(H.HDR_WRITE_TRANSACTION) \
-                and self.dev.peer_state(t.peer) == H.STATE_READY:
-            return  # the common case on a wake-up: nothing for the control path (no step())
+        if t.idle():
+            return  # the common case on a wake-up: nothing for the control path
         for _ in range(64):  # a transaction per step; the driver waits for each
             res = t.step()
             if res.reset:

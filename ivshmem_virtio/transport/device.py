@@ -115,6 +115,14 @@ class DeviceTransport:
         fence()
         hdr.set_u32(H.HDR_REVISION, H.REVISION)
 
+    def idle(self) -> bool:
+        """True when :meth:`step` would find nothing to do: both READY, no transaction pending.
+
+        A cheap check for every wake-up of the data path (step() builds a result each time).
+        """
+        return (self.phase is Phase.ACTIVE and not self.hdr.u32(H.HDR_WRITE_TRANSACTION)
+                and self.dev.peer_state(self.peer) == H.STATE_READY)
+
     def step(self) -> StepResult:
         """Advance the READY protocol and apply a pending transaction. Never raises on peer data."""
         res = StepResult()
