@@ -1,8 +1,10 @@
 """The machine's own floor, measured in the same run as the project.
 
 ``pingpong``: two-process round trips in C and in Python over a blocking eventfd and over a
-busy-polled shared-memory flag. ``disk``: single-process ``os.preadv`` of the test image from page
-cache (128 KiB sequential, 4 KiB random) and ``fio`` (psync engine, same file) when installed.
+busy-polled shared-memory flag. ``minring``: the least a 512 B virtio-blk read costs in Python
+(a bare split ring, see minring.py), busy-polled and over eventfds. ``disk``: single-process
+``os.preadv`` of the test image from page cache (128 KiB sequential, 4 KiB random) and ``fio``
+(psync engine, same file) when installed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ def run_pingpong(ctx: Context) -> None:
         if exe is not None:
             _pingpong(ctx, "c", [str(exe)], mode, c_rounds)
         _pingpong(ctx, "py", [sys.executable, "-m", "benchmarks.pingpong"], mode, py_rounds)
+
+
+def run_minring(ctx: Context) -> None:
+    """The pure-Python floor of a QD1 request: a bare ring, no checks, no event loop."""
+    image = ctx.image()
+    rounds = ctx.pick(5_000, 50_000)
+    warmup = max(100, rounds // 20)
+    for mode in ("spin", "eventfd"):
+        out = ctx.workdir / f"minring-{mode}.u64"
+        ctx.progress.update(f"minring: {mode}, {rounds} 512 B reads")
+        ctx.run(f"minring-{mode}", [sys.executable, "-m", "benchmarks.minring", mode, str(image),
+                                    str(rounds), str(warmup), str(out)], timeout=120)
+        samples = np.fromfile(out, dtype=np.uint64)
+        out.unlink()
+        what = "busy-polled" if mode == "spin" else "blocking eventfds"
+        ctx.add(Measurement(
+            f"baseline.minring.{mode}", "minring",
+            f"Python bare ring 512 B read, {what}",
+            params={"rounds": rounds, "warmup": warmup, "processes": 2,
+                    "note": "no validation, no event loop, one request in flight"},
+            latency_us=summarize_ns(samples), samples_ns=samples))
 
 
 # -- disk ------------------------------------------------------------------------------------------

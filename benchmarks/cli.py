@@ -37,10 +37,12 @@ def _suites() -> dict[str, Suite]:
     table = [
         Suite("pingpong", baselines.run_pingpong,
               "two-process ping-pong, C and Python, eventfd and busy-poll"),
+        Suite("minring", baselines.run_minring,
+              "the least a 512 B virtio-blk read costs in Python: a bare ring, spin and eventfd"),
         Suite("disk", baselines.run_disk, "os.preadv of the image from page cache, fio psync"),
         Suite("doorbell", doorbell.run_doorbell, "doorbell round trip over the sim link"),
         Suite("blk-latency", blk.run_latency, "blk 512 B read QD1 in block/poll/adaptive",
-              ("pingpong",)),
+              ("pingpong", "minring")),
         Suite("blk-seq", blk.run_seq, "blk 128 KiB sequential read/write, QD 1..32", ("disk",)),
         Suite("blk-rand", blk.run_rand, "blk 4 KiB random read/write IOPS, QD 1..32",
               ("disk",)),

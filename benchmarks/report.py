@@ -79,7 +79,7 @@ def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
     written = []
 
     cdf = [m for m in results if m.samples_ns is not None and m.samples_ns.size
-           and m.suite in ("pingpong", "doorbell", "blk-latency", "can")]
+           and m.suite in ("pingpong", "minring", "doorbell", "blk-latency", "can")]
     if cdf:
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for m in cdf:

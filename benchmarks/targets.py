@@ -53,6 +53,14 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         _ratio(_p50(a), _p50(b)), "<=", 1.3, "x",
         f"{_p50(a)} us / {_p50(b)} us", ["blk-latency", "pingpong"], a, b))
 
+    # reported, no goal: how far the product is from the least Python can do (minring.py)
+    for mode, floor in (("poll", "spin"), ("block", "eventfd")):
+        a, b = g(f"blk-latency.{mode}"), g(f"baseline.minring.{floor}")
+        out.append(_target(
+            f"blk 512 B read QD1 {mode} p50 / Python bare ring ({floor}) p50",
+            _ratio(_p50(a), _p50(b)), None, None, "x",
+            f"{_p50(a)} us / {_p50(b)} us; reported, no goal", ["blk-latency", "minring"], a, b))
+
     a, b = g("blk-seq.read.qd8"), g("baseline.preadv.seq128k")
     out.append(_target(
         "blk 128 KiB sequential read QD8 / single-process preadv",

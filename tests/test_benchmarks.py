@@ -55,7 +55,7 @@ def test_unknown_suite_is_a_usage_error():
 
 def test_select_adds_the_baselines_targets_need():
     suites = _suites()
-    assert select(["blk-latency"], suites) == ["pingpong", "blk-latency"]
+    assert select(["blk-latency"], suites) == ["pingpong", "minring", "blk-latency"]
     assert select(["blk-rand", "blk-seq"], suites) == ["disk", "blk-seq", "blk-rand"]
     assert select([], suites) == list(suites)
     with pytest.raises(ValueError):
@@ -108,6 +108,20 @@ def test_pingpong_programs_run(tmp_path):
             ctx.run("pp", [*argv, mode, "50", "5", str(out)], timeout=60)
             samples = np.fromfile(out, dtype=np.uint64)
             assert samples.size == 50 and (samples > 0).all()
+    assert not ctx.children
+
+
+def test_minring_reads_the_image(tmp_path):
+    """The bare-ring floor moves real bytes: the driver checks every sector against the image."""
+    ctx = _ctx(tmp_path)
+    image = tmp_path / "img"
+    image.write_bytes(np.random.default_rng(3).bytes(64 << 10))
+    for mode in ("spin", "eventfd"):
+        out = tmp_path / "lat.u64"
+        ctx.run("minring", [sys.executable, "-m", "benchmarks.minring", mode, str(image), "200",
+                            "10", str(out)], timeout=60)
+        samples = np.fromfile(out, dtype=np.uint64)
+        assert samples.size == 200 and (samples > 0).all()
     assert not ctx.children
 
 
