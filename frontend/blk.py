@@ -22,6 +22,7 @@ from ivshmem_virtio.spec import virtio as V
 
 from .driver import VirtioDriver
 
+INLINE_YIELD_EVERY = 8  # a lone caller completing in place yields to the loop this often
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
 WANTED = (V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
           | V.bit(B.F_RO) | V.bit(B.F_DISCARD) | V.bit(B.F_WRITE_ZEROES))
@@ -68,6 +69,7 @@ class BlkClient(VirtioDriver):
         super().__init__(dev, features=features, **kw)  # type: ignore[arg-type]
         self._backlog: list[_Req] = []
         self._callers = 0  # tasks inside _submit: the inline QD1 path is for a lone caller
+        self._inline_run = 0  # inline completions since the caller last yielded
         self.completed = 0
         # requests added to the ring whose on_used has not run yet: they still hold bounce
         # memory even after get_used() returned their descriptors to the free list
@@ -183,21 +185,29 @@ class BlkClient(VirtioDriver):
     async def _submit(self, req: _Req) -> bytes:
         if self.closed:
             raise ConnectionError("device closed")
+        # the only caller with the only request: wait for it right here (the QD1 latency
+        # path). Never with more callers: their requests would be serialized behind our spin
+        # instead of being in flight together.
+        lone = not self._callers and not self._outstanding and not self._backlog \
+            and self.connected.is_set() and self.inline_ok()
+        if lone:
+            self.quiet(0)
+        else:
+            self.loud(0)  # before the request is in the ring: its completion must interrupt
         self._backlog.append(req)
         self._pump()
         self._callers += 1
         try:
-            if self._callers == 1 and self._outstanding == 1 and not self._backlog \
-                    and req.allocs:
-                # the only caller with the only request in flight: wait for it right here
-                # (the QD1 latency path). Never with more callers: their requests would be
-                # serialized behind our spin instead of being in flight together.
+            if lone and req.allocs:
                 self.reap_inline(0)
                 if req.future.done():
-                    # it never suspended: give the other tasks their turn, as awaiting a
-                    # pending future would (a task issuing requests back to back would
-                    # otherwise keep the loop to itself)
-                    await asyncio.sleep(0)
+                    # it never suspended: every few requests give the other tasks their turn,
+                    # as awaiting a pending future would (a task issuing requests back to back
+                    # would otherwise keep the loop to itself)
+                    self._inline_run += 1
+                    if self._inline_run >= INLINE_YIELD_EVERY:
+                        self._inline_run = 0
+                        await asyncio.sleep(0)
             return await req.future
         finally:
             self._callers -= 1

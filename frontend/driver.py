@@ -106,37 +106,53 @@ class VirtioDriver:
     def _has_used(self) -> bool:
         return self._ring_fault is not None or any(vq.has_used() for vq in self.vqs)
 
+    def inline_ok(self) -> bool:
+        """May a lone request be waited for in place (see :meth:`reap_inline`) right now?"""
+        return self.mode != "block" and bool(self.vqs) and self._ring_fault is None and (
+            self.mode == "poll" or spinning_pays(time.monotonic()))
+
+    def quiet(self, index: int) -> None:
+        """Before adding a request that :meth:`reap_inline` will wait for: no interrupt for it
+        (the backend skips the doorbell, we skip a wake-up). It stays off over consecutive
+        inline requests, costing nothing per request, until :meth:`loud` turns it back on."""
+        vq = self.vqs[index]
+        if vq.interrupts_on:
+            vq.suppress_interrupts(True)
+
+    def loud(self, index: int) -> None:
+        """Before adding a request the interrupt task will reap: interrupts on."""
+        vq = self.vqs[index] if index < len(self.vqs) else None
+        if vq is not None and not vq.interrupts_on:
+            vq.suppress_interrupts(False)
+
     def reap_inline(self, index: int) -> None:
         """Spin for queue ``index``'s completions right here, in the submitting task.
 
         The latency path of a lone request (QD1): waiting in the caller, not in the interrupt
-        task, saves two task switches and an event-loop pass per request. Bounded by
-        ``spin_us`` and only in poll/adaptive mode while spinning pays; the caller must be the
-        only request in flight (it blocks the loop, which has nothing else of ours to do).
-        A ring fault found here is left to the interrupt task, which recovers the device.
+        task, saves two task switches and an event-loop pass per request. The caller checked
+        :meth:`inline_ok` and called :meth:`quiet` before adding its request, and must be the
+        only request in flight (we block the loop, which has nothing else of ours to do).
+        Bounded by ``spin_us``; past it interrupts go back on and the interrupt task takes
+        over. A ring fault found here is left to the interrupt task, which recovers the device.
         """
-        if self.mode == "block" or not self.vqs or self._ring_fault is not None:
-            return
         clock = time.perf_counter
-        if self.mode == "adaptive" and not spinning_pays(time.monotonic()):
-            return
         vq = self.vqs[index]
-        # no interrupt for what we spin on: the backend skips the doorbell, we skip a wake-up
-        vq.suppress_interrupts(True)
         deadline = clock() + self.spin_us / 1e6
         while not vq.has_used() and clock() <= deadline:
             pass
-        vq.suppress_interrupts(False)  # the interrupt task relies on it from here on
-        if not vq.has_used():
+        t = self.transport
+        if not vq.has_used() or not t.backend_ready() or t.needs_reset():
+            self.loud(index)  # the interrupt task relies on it from here on
+            if self._waiter is not None:
+                self._waiter.kick()  # it re-checks everything (used entries, backend state)
             return
-        if not self.transport.backend_ready() or self.transport.needs_reset():
-            return  # the interrupt task recovers
         try:
             for token, length in vq.get_used():
                 self.on_used(index, token, length)
                 self.inline_reaps += 1
         except RingError as e:
             self._ring_fault = str(e)
+            self.loud(index)
             if self._waiter is not None:
                 self._waiter.kick()
 

@@ -57,10 +57,11 @@ async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  
                      serial: str = "", vectors: int = 2, queue_size: int = 256,
                      client_queue: int = 256, event_idx: bool = True, indirect: bool = True,
                      rw_size: int = 0xDF000, mode: str = "block",
-                    page_segments: bool = True) -> AsyncIterator[Stack]:
+                     page_segments: bool = True, backend_mode: str | None = None,
+                     spin_us: float = 50.0) -> AsyncIterator[Stack]:
     """The same stack with the hub and the backend as separate processes."""
     procs.hub(sock, "--vectors", str(vectors), "--rw-size", hex(rw_size))
-    args = ["--queue-size", str(queue_size), "--mode", mode]
+    args = ["--queue-size", str(queue_size), "--mode", backend_mode or mode]
     if read_only:
         args.append("--read-only")
     if serial:
@@ -68,7 +69,7 @@ async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  
     procs.blk(sock, image, *args, name=f"blk-{len(procs.children)}")
     fdev = SimIvshmem(sock, 1)
     client = BlkClient(fdev, event_idx=event_idx, indirect=indirect, page_segments=page_segments,
-                       queue_size=client_queue, mode=mode, timeout=10.0)
+                       queue_size=client_queue, mode=mode, spin_us=spin_us, timeout=10.0)
     try:
         await client.start(timeout=10.0)
         yield Stack(None, None, client, sock)  # type: ignore[arg-type]

@@ -93,6 +93,27 @@ def test_event_idx_suppression_both_ways():
     assert not dev.publish()  # nothing new
 
 
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_suppressed_interrupts_stay_off_across_get_used(event_idx):
+    """A polling driver consumes completions with interrupts off, across 16-bit wraps: not one
+    interrupt is asked for until it turns them on again; then the next completion asks."""
+    _, drv, dev = make(event_idx=event_idx)
+    drv.suppress_interrupts(True)
+    for k in range(70000):
+        drv.add([(0x100, 16)], [], token=k)
+        chain = dev.pop()
+        assert chain is not None
+        dev.push(chain.head, 0)
+        assert not dev.publish(), k
+        assert drv.get_used() == [(k, 0)]
+    drv.suppress_interrupts(False)
+    drv.add([(0x100, 16)], [], token="on")
+    chain = dev.pop()
+    assert chain is not None
+    dev.push(chain.head, 0)
+    assert dev.publish()
+
+
 def test_flags_suppression_without_event_idx():
     _, drv, dev = make()
     dev.disable_notifications()

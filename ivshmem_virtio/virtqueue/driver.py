@@ -51,6 +51,7 @@ class DriverQueue:
         self.avail_idx = 0  # our shadow of avail->idx
         self.kicked_idx = 0  # avail idx at the last kick decision
         self.last_used = 0
+        self.interrupts_on = True  # False while suppress_interrupts(True) holds
         self._tokens: list[object | None] = [None] * size
         self._chains: list[list[int]] = [[] for _ in range(size)]
         self._indirect_addr: list[int | None] = [None] * size
@@ -165,8 +166,11 @@ class DriverQueue:
             self._release(head)
             last = self.last_used = (last + 1) & 0xFFFF
         if self.event_idx:
-            self._used_event[0] = last  # interrupt us at the next completion
-            full_fence()  # ... before the caller re-checks used->idx and sleeps
+            if self.interrupts_on:
+                self._used_event[0] = last  # interrupt us at the next completion
+                full_fence()  # ... before the caller re-checks used->idx and sleeps
+            else:
+                self._used_event[0] = (last - 1) & 0xFFFF  # still suppressed: stay parked
         return out
 
     def _release(self, head: int) -> None:
@@ -187,9 +191,11 @@ class DriverQueue:
         """While the driver polls used entries it does not need interrupts.
 
         With EVENT_IDX, used_event one behind ``last_used`` asks for an interrupt only after
-        65535 more completions (need_event is false for every batch until then); turning
-        interrupts back on sets it to ``last_used``: the next completion interrupts.
+        65535 more completions (need_event is false for every batch until then; get_used keeps
+        it parked there while suppressed); turning interrupts back on sets it to
+        ``last_used``: the next completion interrupts.
         """
+        self.interrupts_on = not suppress
         if self.event_idx:
             event = self.last_used if not suppress else (self.last_used - 1) & 0xFFFF
             self._used_event[0] = event
