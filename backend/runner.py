@@ -19,7 +19,6 @@ import structlog
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.link import IrqWaiter
-from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.transport.device import DeviceTransport
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
@@ -53,8 +52,8 @@ class LinkRunner:
     """Serve one device over one ivshmem link until :meth:`stop`."""
 
     def __init__(self, dev: IvshmemDevice, service: Service, *, mode: str = "adaptive",
-                 spin_us: float = 50.0, queue_size: int = 256, batch: int | None = None,
-                 workers: int = 2) -> None:
+                 spin_us: float = 50.0, burst_us: float = 5.0, queue_size: int = 256,
+                 batch: int | None = None, workers: int = 2) -> None:
         self.dev = dev
         self.service = service
         self.transport = DeviceTransport(dev, device_features=service.features,
@@ -63,6 +62,7 @@ class LinkRunner:
                                          queue_max_size=queue_size)
         self.mode = mode
         self.spin_us = spin_us
+        self.burst_us = burst_us  # checks between loop passes while spinning (IrqWaiter)
         self.batch = batch or queue_size
         self.generation = 0  # bumped on every reset: completions of an older ring are dropped
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
@@ -77,7 +77,8 @@ class LinkRunner:
     async def run(self) -> None:
         t = self.transport
         t.start()
-        self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us)
+        self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
+                                             burst_us=self.burst_us)
         log.info("serving", link=self.dev.name, device_id=self.service.device_id,
                  mode=self.mode)
         try:
@@ -118,14 +119,15 @@ class LinkRunner:
                 break
 
     def _has_work(self) -> bool:
+        """Checked over and over while spinning: kept to a few loads."""
         t = self.transport
-        if t.hdr.u32(H.HDR_WRITE_TRANSACTION):
+        if t.transaction_pending():
             return True
         if not t.serving:
             return False
         passive = self._passive
         for i, vq in enumerate(t.vqs):  # (a bad avail index counts as work: serve reports it)
-            if vq is not None and i not in passive and vq.has_new():
+            if vq is not None and vq.has_new() and i not in passive:
                 return True
         return False
 
@@ -141,7 +143,7 @@ class LinkRunner:
                     n = self.service.serve(index, vq, self)
                     if vq.publish():
                         t.notify_queue(index)
-                    if t.hdr.u32(H.HDR_WRITE_TRANSACTION):
+                    if t.transaction_pending():
                         self._control()  # keep the control path prompt between batches
                         if t.vqs[index] is not vq:
                             break

@@ -101,17 +101,21 @@ class IrqWaiter:
     ``mode`` is ``block`` (sleep in the event loop until an fd is readable), ``poll`` (never
     sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (spin for
     ``spin_us`` after activity, then block; no spinning while tasks wait for a CPU, see
-    :class:`SpinGate`). Interrupts are level-like here: an eventfd keeps its
+    :class:`SpinGate`). While spinning, ``has_work`` is checked in bursts of ``burst_us``
+    between event-loop passes (a pass costs more than a check: with no burst, work that arrives
+    waits for the rest of one; a burst delays the loop's other tasks by at most that long).
+    Interrupts are level-like here: an eventfd keeps its
     count until read, so nothing that arrives between a check and the wait is lost.
     """
 
     def __init__(self, dev: IvshmemDevice, *, mode: str = "adaptive",
-                 spin_us: float = 50.0) -> None:
+                 spin_us: float = 50.0, burst_us: float = 0.0) -> None:
         if mode not in ("block", "poll", "adaptive"):
             raise ConfigError(f"notification mode {mode!r}: expected block, poll or adaptive")
         self.dev = dev
         self.mode = mode
         self.spin = spin_us / 1e6
+        self.burst = burst_us / 1e6
         self._event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._fds: list[int] = []
@@ -150,10 +154,16 @@ class IrqWaiter:
         if self.mode == "poll" or (self.mode == "adaptive"
                                    and spinning_pays(time.monotonic())):
             deadline = None if self.mode == "poll" else time.perf_counter() + self.spin
+            clock, burst_s = time.perf_counter, self.burst
             while not self._event.is_set():
-                if has_work():
-                    return
-                if deadline is not None and time.perf_counter() > deadline:
+                burst_end = clock() + burst_s
+                while True:  # a burst of checks between event-loop passes
+                    if has_work():
+                        return
+                    now = clock()
+                    if now >= burst_end:
+                        break
+                if deadline is not None and now > deadline:
                     break
                 await asyncio.sleep(0)
         if prepare_block is not None and not self._event.is_set() and prepare_block():

@@ -220,11 +220,18 @@ class Region:
         Bounds are checked here, once; indexing the result checks the index. For the hot
         paths that set a ring up once and then touch it per request.
         """
-        self.check(off, 2 * count)
-        if off & 1 or not _LE:
-            raise MemoryAccessError(f"{self.name}: u16 array at {off:#x} needs an aligned "
-                                    "offset on a little-endian host")
-        return self._mv[off:off + 2 * count].cast("H")
+        return self._scalars(off, count, "H", 2)
+
+    def u32_array(self, off: int, count: int) -> memoryview:
+        """Like :meth:`u16_array`, for aligned u32 (a header word polled on the hot path)."""
+        return self._scalars(off, count, "I", 4)
+
+    def _scalars(self, off: int, count: int, code: str, size: int) -> memoryview:
+        self.check(off, size * count)
+        if off % size or not _LE:
+            raise MemoryAccessError(f"{self.name}: u{8 * size} array at {off:#x} needs an "
+                                    "aligned offset on a little-endian host")
+        return self._mv[off:off + size * count].cast(code)
 
     def array(self, dtype: np.dtype | type, off: int, count: int) -> np.ndarray:
         """A numpy view of ``count`` items of ``dtype`` at ``off`` (ring arrays, bulk fills)."""

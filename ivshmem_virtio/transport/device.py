@@ -71,6 +71,7 @@ class DeviceTransport:
             raise ValueError(f"queue size {queue_max_size} is not a power of two")
         self.dev = dev
         self.hdr = dev.rw
+        self._write_tx = dev.rw.u32_array(H.HDR_WRITE_TRANSACTION, 1)  # polled on every spin
         self.config = bytes(config)
         self.header_size = H.header_size(len(self.config))
         if self.hdr.size < 2 * H.PAGE_SIZE:
@@ -120,8 +121,12 @@ class DeviceTransport:
 
         A cheap check for every wake-up of the data path (step() builds a result each time).
         """
-        return (self.phase is Phase.ACTIVE and not self.hdr.u32(H.HDR_WRITE_TRANSACTION)
+        return (self.phase is Phase.ACTIVE and not self._write_tx[0]
                 and self.dev.peer_state(self.peer) == H.STATE_READY)
+
+    def transaction_pending(self) -> bool:
+        """The driver wrote a register and waits for us to take it (§8.7)."""
+        return self._write_tx[0] != 0
 
     def step(self) -> StepResult:
         """Advance the READY protocol and apply a pending transaction. Never raises on peer data."""
