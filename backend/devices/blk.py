@@ -59,11 +59,26 @@ class BlkMetrics:
 def _split_last_byte(segs: list[SEG]) -> tuple[list[SEG], int]:
     """Separate the status byte (the last writable byte) from the data before it."""
     addr, length = segs[-1]
-    status = addr + length - 1
-    data = segs[:-1]
-    if length > 1:
-        data = [*data, (addr, length - 1)]
-    return data, status
+    if length == 1:  # the usual layout: the status byte has a descriptor of its own
+        return segs[:-1], addr
+    return [*segs[:-1], (addr, length - 1)], addr + length - 1
+
+
+def _total(segs: list[SEG]) -> int:
+    """Bytes in ``segs`` (one segment is the common case: no generator for it)."""
+    if len(segs) == 1:
+        return segs[0][1]
+    total = 0
+    for _, length in segs:
+        total += length
+    return total
+
+
+def _views(mem: Region, segs: list[SEG]) -> list[memoryview]:
+    """Shared-memory views of the non-empty segments, for preadv/pwritev straight into them."""
+    if len(segs) == 1 and segs[0][1]:
+        return [mem.view(*segs[0])]
+    return [mem.view(a, n) for a, n in segs if n]
 
 
 def _skip(segs: list[SEG], nbytes: int) -> list[SEG]:
@@ -145,7 +160,7 @@ class BlkModel:
             rtype, _ioprio, sector = mem.unpack(B.OUTHDR, readable[0][0])
             data_r: list[SEG] = []
         else:
-            if sum(n for _, n in readable) < B.OUTHDR_SIZE:
+            if _total(readable) < B.OUTHDR_SIZE:
                 self.metrics.invalid_request_count += 1
                 return status, B.S_IOERR
             rtype, _ioprio, sector = B.OUTHDR.unpack(_gather(mem, readable, B.OUTHDR_SIZE))
@@ -160,12 +175,12 @@ class BlkModel:
         if rtype == B.T_FLUSH:
             return BlkRequest(chain.head, rtype, 0, [], 0, status)
         if rtype == B.T_GET_ID:
-            return BlkRequest(chain.head, rtype, 0, data_w, sum(n for _, n in data_w), status)
+            return BlkRequest(chain.head, rtype, 0, data_w, _total(data_w), status)
         if rtype in (B.T_DISCARD, B.T_WRITE_ZEROES):
             if self.read_only:
                 self.metrics.io_fails += 1
                 return status, B.S_IOERR
-            n = sum(n for _, n in data_r)
+            n = _total(data_r)
             if n == 0 or n % B.DWZ_SEG_SIZE or n // B.DWZ_SEG_SIZE > self.max_discard_seg:
                 self.metrics.invalid_request_count += 1
                 return status, B.S_IOERR
@@ -175,7 +190,7 @@ class BlkModel:
 
     def _rw(self, head: int, rtype: int, sector: int, data: list[SEG],
             status: int) -> BlkRequest | tuple[int, int]:
-        n = sum(length for _, length in data)
+        n = _total(data) if data else 0
         if n % 512 or n > self.max_data or sector >= self.capacity \
                 or sector + n // 512 > self.capacity:
             self.metrics.io_fails += 1
@@ -189,7 +204,7 @@ class BlkModel:
         written = 0
         try:
             if req.type == B.T_IN:
-                views = [mem.view(a, n) for a, n in req.data if n]
+                views = _views(mem, req.data)
                 got = image.readv(views, req.sector * 512) if views else 0
                 if got != req.data_len:
                     raise OSError(5, "short read: the image shrank")
@@ -197,7 +212,7 @@ class BlkModel:
                 m.read_count += 1
                 m.read_bytes += got
             elif req.type == B.T_OUT:
-                views = [mem.view(a, n) for a, n in req.data if n]
+                views = _views(mem, req.data)
                 done = image.writev(views, req.sector * 512) if views else 0
                 if done != req.data_len:
                     raise OSError(28, "short write")
