@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -18,7 +19,7 @@ import structlog
 
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
-from ivshmem_virtio.link import IrqWaiter
+from ivshmem_virtio.link import IrqWaiter, spinning_pays
 from ivshmem_virtio.transport.device import DeviceTransport
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
@@ -79,6 +80,7 @@ class LinkRunner:
         t.start()
         self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
                                              burst_us=self.burst_us)
+        waiter.handler = self._on_interrupt
         log.info("serving", link=self.dev.name, device_id=self.service.device_id,
                  mode=self.mode)
         try:
@@ -158,6 +160,24 @@ class LinkRunner:
                 t.mark_needs_reset(f"queue {index}: internal error {e!r}")
                 self.generation += 1
                 return
+
+    def _on_interrupt(self) -> bool:
+        """Serve the queues from the doorbell's fd callback while the task sleeps (block mode,
+        or adaptive once spinning stopped): the completion leaves one task switch sooner.
+
+        Returns True to wake the task: for the control path, a stop, a fault that stopped
+        the queues, work that keeps coming, or (adaptive) to spin for the next request.
+        """
+        t = self.transport
+        if self._stopping or not t.idle() or not t.serving:
+            return True
+        for _ in range(8):
+            self._serve_queues()
+            if not t.serving or t.transaction_pending():
+                return True
+            if not self._enable_notifications():  # kicks on again; False: nothing slipped in
+                return self.mode == "adaptive" and spinning_pays(time.monotonic())
+        return True
 
     def _enable_notifications(self) -> bool:
         """Before sleeping: ask for kicks again, and report work that slipped in meanwhile."""

@@ -353,3 +353,38 @@ def test_interrupts_come_back_after_inline_completions(procs, tmp_path, image_fa
             await lone(8192)
 
     run(body())
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_block_mode_serves_and_completes_in_the_interrupt_callbacks(tmp_path, image_factory,
+                                                                      event_idx):
+    """Block mode: the backend serves a kick, and the frontend takes the completion, in the fd
+    callback while their tasks sleep. A handler that fails hands every interrupt back to the
+    task (and is dropped), and no request is lost."""
+    image = image_factory(MiB)
+    with open(image, "rb") as f:
+        disk = f.read()
+
+    async def body():
+        async with blk_stack(str(tmp_path / "h.sock"), image, event_idx=event_idx) as s:
+            c, runner = s.client, s.runner
+            assert c._waiter is not None and runner._waiter is not None
+            for i in range(50):
+                assert await c.read(512 * i, 512) == disk[512 * i:512 * i + 512]
+            assert c._waiter.handled >= 40 and runner._waiter.handled >= 40
+            # FLUSH goes to a worker thread; its completion comes back through the loop
+            await c.write(0, disk[:4096])
+            await c.flush()
+
+            def broken() -> bool:
+                raise RuntimeError("handler bug")
+
+            c._waiter.handler = broken
+            runner._waiter.handler = broken
+            woke = c._waiter.wakeups, runner._waiter.wakeups
+            for i in range(20):
+                assert await c.read(4096 * i, 4096) == disk[4096 * i:4096 * i + 4096]
+            assert c._waiter.handler is None and runner._waiter.handler is None
+            assert c._waiter.wakeups > woke[0] + 10 and runner._waiter.wakeups > woke[1] + 10
+
+    run(body())
