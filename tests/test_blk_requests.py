@@ -388,3 +388,36 @@ def test_block_mode_serves_and_completes_in_the_interrupt_callbacks(tmp_path, im
             assert c._waiter.wakeups > woke[0] + 10 and runner._waiter.wakeups > woke[1] + 10
 
     run(body())
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+@pytest.mark.parametrize("backend_mode", ["adaptive", "block"])
+def test_no_lost_wakeup_under_mixed_concurrency(procs, tmp_path, image_factory, monkeypatch,
+                                                event_idx, backend_mode):
+    """Lone requests (reaped in place, interrupts parked), bursts of concurrent ones (reaped by
+    the interrupt task or its fd callback) and pauses (the interrupt task falls asleep), mixed
+    at random: every request completes with the right bytes; a lost wake-up would hang one."""
+    import random
+
+    monkeypatch.setattr("frontend.driver.spinning_pays", lambda now: True)
+    image = image_factory(MiB)
+    with open(image, "rb") as f:
+        disk = f.read()
+    rng = random.Random(5)
+
+    async def body():
+        async with proc_stack(procs, str(tmp_path / "m.sock"), image, mode="adaptive",
+                              backend_mode=backend_mode, spin_us=20.0,
+                              event_idx=event_idx) as s:
+            c = s.client
+
+            async def one(off):
+                assert await c.read(off, 512) == disk[off:off + 512]
+
+            for _ in range(1500):
+                offs = [512 * rng.randrange(2048) for _ in range(rng.choice((1, 1, 1, 2, 3, 8)))]
+                await asyncio.wait_for(asyncio.gather(*[one(o) for o in offs]), 10)
+                if rng.random() < 0.05:
+                    await asyncio.sleep(rng.choice((0.0001, 0.001, 0.003)))
+
+    run(body())
