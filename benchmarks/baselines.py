@@ -1,10 +1,10 @@
 """The machine's own floor, measured in the same run as the project.
 
 ``pingpong``: two-process round trips in C and in Python over a blocking eventfd and over a
-busy-polled shared-memory flag. ``minring``: the least a 512 B virtio-blk read costs in Python
-(a bare split ring, see minring.py), busy-polled and over eventfds. ``disk``: single-process
-``os.preadv`` of the test image from page cache (128 KiB sequential, 4 KiB random) and ``fio``
-(psync engine, same file) when installed.
+busy-polled shared-memory flag. ``minring``: the least a 512 B virtio-blk read costs on a bare
+split ring, in Python (minring.py) and in C (minring.c), busy-polled and over eventfds.
+``disk``: single-process ``os.preadv`` of the test image from page cache (128 KiB sequential,
+4 KiB random) and ``fio`` (psync engine, same file) when installed.
 """
 
 from __future__ import annotations
@@ -24,18 +24,22 @@ from .core import Context, Measurement, summarize_ns
 HERE = Path(__file__).resolve().parent
 
 
-def compile_pingpong(ctx: Context) -> Path | None:
-    """Build pingpong.c with the system compiler into the work dir (None without a compiler)."""
+def compile_c(ctx: Context, name: str) -> Path | None:
+    """Build ``name``.c with the system compiler into the work dir (None without a compiler)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    exe = ctx.workdir / "pingpong"
+    exe = ctx.workdir / name
     if not exe.exists():
         r = subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-o", str(exe),
-                            str(HERE / "pingpong.c")], capture_output=True, timeout=60)
+                            str(HERE / f"{name}.c")], capture_output=True, timeout=60)
         if r.returncode != 0:
-            raise RuntimeError(f"{cc} pingpong.c failed:\n{r.stderr.decode(errors='replace')}")
+            raise RuntimeError(f"{cc} {name}.c failed:\n{r.stderr.decode(errors='replace')}")
     return exe
+
+
+def compile_pingpong(ctx: Context) -> Path | None:
+    return compile_c(ctx, "pingpong")
 
 
 def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int) -> Measurement:
@@ -68,24 +72,30 @@ def run_pingpong(ctx: Context) -> None:
 
 
 def run_minring(ctx: Context) -> None:
-    """The pure-Python floor of a QD1 request: a bare ring, no checks, no event loop."""
+    """The floor of a QD1 request on a bare ring (no checks, no event loop): Python and C."""
     image = ctx.image()
-    rounds = ctx.pick(5_000, 50_000)
-    warmup = max(100, rounds // 20)
-    for mode in ("spin", "eventfd"):
-        out = ctx.workdir / f"minring-{mode}.u64"
-        ctx.progress.update(f"minring: {mode}, {rounds} 512 B reads")
-        ctx.run(f"minring-{mode}", [sys.executable, "-m", "benchmarks.minring", mode, str(image),
-                                    str(rounds), str(warmup), str(out)], timeout=120)
-        samples = np.fromfile(out, dtype=np.uint64)
-        out.unlink()
-        what = "busy-polled" if mode == "spin" else "blocking eventfds"
-        ctx.add(Measurement(
-            f"baseline.minring.{mode}", "minring",
-            f"Python bare ring 512 B read, {what}",
-            params={"rounds": rounds, "warmup": warmup, "processes": 2,
-                    "note": "no validation, no event loop, one request in flight"},
-            latency_us=summarize_ns(samples), samples_ns=samples))
+    exe = compile_c(ctx, "minring")
+    if exe is None:
+        ctx.unavailable["minring C"] = "no C compiler (cc/gcc) on PATH"
+    langs = [("py", [sys.executable, "-m", "benchmarks.minring"], ctx.pick(5_000, 50_000))]
+    if exe is not None:
+        langs.append(("c", [str(exe)], ctx.pick(20_000, 200_000)))
+    for lang, argv0, rounds in langs:
+        warmup = max(100, rounds // 20)
+        for mode in ("spin", "eventfd"):
+            out = ctx.workdir / f"minring-{lang}-{mode}.u64"
+            ctx.progress.update(f"minring: {lang} {mode}, {rounds} 512 B reads")
+            ctx.run(f"minring-{lang}-{mode}", [*argv0, mode, str(image), str(rounds),
+                                               str(warmup), str(out)], timeout=120)
+            samples = np.fromfile(out, dtype=np.uint64)
+            out.unlink()
+            what = "busy-polled" if mode == "spin" else "blocking eventfds"
+            ctx.add(Measurement(
+                f"baseline.minring.{lang}.{mode}", "minring",
+                f"{'C' if lang == 'c' else 'Python'} bare ring 512 B read, {what}",
+                params={"rounds": rounds, "warmup": warmup, "processes": 2,
+                        "note": "no validation, no event loop, one request in flight"},
+                latency_us=summarize_ns(samples), samples_ns=samples))
 
 
 # -- disk ------------------------------------------------------------------------------------------

@@ -22,32 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void efd_put(int fd)
-{
-	uint64_t one = 1;
-	if (write(fd, &one, sizeof one) != sizeof one) {
-		perror("eventfd write");
-		_exit(1);
-	}
-}
-
-static void efd_take(int fd)
-{
-	uint64_t v;
-	while (read(fd, &v, sizeof v) != sizeof v) {
-		if (errno != EINTR) {
-			perror("eventfd read");
-			_exit(1);
-		}
-	}
-}
+#include "bench.h"
 
 struct flags {
 	_Alignas(64) _Atomic uint64_t ping;
@@ -112,12 +87,5 @@ int main(int argc, char **argv)
 		if (i > warmup)
 			lat[i - warmup - 1] = dt;
 	}
-	int status = 0;
-	waitpid(child, &status, 0);
-	FILE *out = fopen(argv[4], "wb");
-	if (!out || fwrite(lat, sizeof *lat, (size_t)rounds, out) != (size_t)rounds || fclose(out)) {
-		perror(argv[4]);
-		return 1;
-	}
-	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+	return finish(child, argv[4], lat, rounds);
 }

@@ -53,13 +53,25 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         _ratio(_p50(a), _p50(b)), "<=", 1.3, "x",
         f"{_p50(a)} us / {_p50(b)} us", ["blk-latency", "pingpong"], a, b))
 
-    # reported, no goal: how far the product is from the least Python can do (minring.py)
+    # reported, no goal: the product against the least Python can do (minring.py), and the
+    # bare rings against the goals' own baselines: does a goal leave room for any product?
     for mode, floor in (("poll", "spin"), ("block", "eventfd")):
-        a, b = g(f"blk-latency.{mode}"), g(f"baseline.minring.{floor}")
+        a, b = g(f"blk-latency.{mode}"), g(f"baseline.minring.py.{floor}")
         out.append(_target(
             f"blk 512 B read QD1 {mode} p50 / Python bare ring ({floor}) p50",
             _ratio(_p50(a), _p50(b)), None, None, "x",
             f"{_p50(a)} us / {_p50(b)} us; reported, no goal", ["blk-latency", "minring"], a, b))
+    for lang in ("py", "c"):
+        name = "Python" if lang == "py" else "C"
+        for floor, base, title in (("spin", "baseline.pingpong.py.spin", "Python busy-poll"),
+                                   ("eventfd", "baseline.pingpong.c.eventfd", "C eventfd")):
+            a, b = g(f"baseline.minring.{lang}.{floor}"), g(base)
+            out.append(_target(
+                f"{name} bare ring ({floor}) p50 / {title} ping-pong p50",
+                _ratio(_p50(a), _p50(b)), None, None, "x",
+                f"{_p50(a)} us / {_p50(b)} us; reported, no goal (the goals are "
+                f"{'15x' if floor == 'spin' else '1.3x'} for the whole product)",
+                ["minring", "pingpong"], a, b))
 
     a, b = g("blk-seq.read.qd8"), g("baseline.preadv.seq128k")
     out.append(_target(

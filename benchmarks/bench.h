@@ -1,0 +1,55 @@
+/* Helpers shared by the C baselines (pingpong.c, minring.c). */
+#ifndef IVSHMEM_VIRTIO_BENCH_H
+#define IVSHMEM_VIRTIO_BENCH_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One doorbell: add 1 to an eventfd (the sim link's primitive). */
+static inline void efd_put(int fd)
+{
+	uint64_t one = 1;
+	if (write(fd, &one, sizeof one) != sizeof one) {
+		perror("eventfd write");
+		_exit(1);
+	}
+}
+
+/* Wait for a doorbell: a blocking read of the eventfd. */
+static inline void efd_take(int fd)
+{
+	uint64_t v;
+	while (read(fd, &v, sizeof v) != sizeof v) {
+		if (errno != EINTR) {
+			perror("eventfd read");
+			_exit(1);
+		}
+	}
+}
+
+/* Reap the answering child, write the samples (native uint64 ns); the exit status of main. */
+static inline int finish(pid_t child, const char *path, const uint64_t *lat, long rounds)
+{
+	int status = 0;
+	waitpid(child, &status, 0);
+	FILE *out = fopen(path, "wb");
+	if (!out || fwrite(lat, sizeof *lat, (size_t)rounds, out) != (size_t)rounds || fclose(out)) {
+		perror(path);
+		return 1;
+	}
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}
+
+#endif
