@@ -19,6 +19,7 @@ import numpy as np
 
 from ivshmem_virtio.procs import Child, cli
 
+from . import baselines
 from .core import Context, Measurement, pss_kb, rss_kb, run_loop, summarize_ns
 
 MODES = ("block", "poll", "adaptive")
@@ -99,6 +100,7 @@ def run_latency(ctx: Context) -> None:
                                     "spin_us": 50.0, "rw_size": DEFAULT_RW, "bytes": 512},
                             latency_us=summarize_ns(samples), samples_ns=samples,
                             extra=_reset_extra(resets)))
+    baselines.recheck_floor(ctx, "blk-latency")
 
 
 # -- blk-seq / blk-rand --------------------------------------------------------------------------
