@@ -42,8 +42,7 @@ def compile_pingpong(ctx: Context) -> Path | None:
     return compile_c(ctx, "pingpong")
 
 
-def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int,
-              again: bool = False) -> Measurement:
+def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int) -> Measurement:
     out = ctx.workdir / f"pingpong-{lang}-{mode}.u64"
     warmup = max(100, rounds // 20)
     ctx.progress.update(f"pingpong: {lang} {mode}, {rounds} round trips")
@@ -53,39 +52,40 @@ def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int,
     out.unlink()
     what = "blocking eventfd" if mode == "eventfd" else "busy-polled shared-memory flag"
     return ctx.add(Measurement(
-        f"baseline.pingpong.{lang}.{mode}" + (AGAIN if again else ""),
-        "pingpong-again" if again else "pingpong",
-        f"{'C' if lang == 'c' else 'Python'} ping-pong, {what}" + (", again" if again else ""),
+        f"baseline.pingpong.{lang}.{mode}", "pingpong",
+        f"{'C' if lang == 'c' else 'Python'} ping-pong, {what}",
         params={"rounds": rounds, "warmup": warmup, "processes": 2},
         latency_us=summarize_ns(samples), samples_ns=samples))
 
 
-AGAIN = ".again"
 DRIFT = 1.5  # a floor that moved by this factor between two measurements: two machine states
+FLOOR_ROUNDS = 20_000
 
 
-def recheck_floor(ctx: Context, after: str) -> None:
-    """Measure the ping-pong floors of the latency goals again, right after ``after``.
+def floor_p50(ctx: Context, lang: str, mode: str) -> float | None:
+    """A short ping-pong (``lang`` py/c, ``mode`` spin/eventfd): its p50 in us, not recorded.
 
-    A VM can move its vCPUs mid-run (on the 2-core VM this project is measured on, the busy-poll
-    ping-pong moves between ~0.18 and ~0.57 us and the eventfd one between ~4.4 and ~10.5 us,
-    with everything else); a ratio whose two sides come from different states means little, so
-    the run says when that happened (``notes``, and the targets' detail).
+    The QD1 suite brackets each of its measurements with two of these. A VM can move its vCPUs
+    mid-run (on the 2-core VM this project is measured on, the busy-poll ping-pong moves between
+    ~0.18 and ~0.6 us and the eventfd one between ~1.4, ~4.4 and ~10.5 us, and everything else
+    moves with them), so a ratio is only meaningful against a floor of the same moment.
     """
-    floors = [("py", [sys.executable, "-m", "benchmarks.pingpong"], "spin", 20_000)]
-    exe = compile_pingpong(ctx)
-    if exe is not None:
-        floors.append(("c", [str(exe)], "eventfd", 20_000))
-    for lang, argv0, mode, rounds in floors:
-        first = ctx.get(f"baseline.pingpong.{lang}.{mode}")
-        if first is None:
-            continue
-        again = _pingpong(ctx, lang, argv0, mode, ctx.pick(rounds // 4, rounds), again=True)
-        a, b = first.latency_us.get("p50"), again.latency_us.get("p50")
-        if a and b and not 1 / DRIFT <= b / a <= DRIFT:
-            ctx.notes.append(f"the machine changed speed during the run: {first.title} p50 "
-                             f"{a} us at the start, {b} us after {after}; ratios to it mix two "
-                             "machine states")
+    argv0 = [sys.executable, "-m", "benchmarks.pingpong"]
+    if lang == "c":
+        exe = compile_pingpong(ctx)
+        if exe is None:
+            return None
+        argv0 = [str(exe)]
+    out = ctx.workdir / f"floor-{lang}-{mode}.u64"
+    ctx.run(f"floor-{lang}-{mode}", [*argv0, mode, str(FLOOR_ROUNDS), "1000", str(out)],
+            timeout=120)
+    samples = np.fromfile(out, dtype=np.uint64)
+    out.unlink()
+    return summarize_ns(samples).get("p50")
+
+
+def stable(before: float | None, after: float | None) -> bool:
+    return bool(before and after) and 1 / DRIFT <= after / before <= DRIFT  # type: ignore[operator]
 
 
 def run_pingpong(ctx: Context) -> None:

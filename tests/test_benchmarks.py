@@ -96,22 +96,24 @@ def test_targets_from_synthetic_measurements(tmp_path):
     assert "not measured" in text and "NO" in text and "yes" in text
 
 
-def test_targets_say_when_the_floor_moved(tmp_path):
-    """A floor measured again after the QD1 suite at a different speed marks its ratios."""
+def test_qd1_goals_use_the_floor_measured_around_them(tmp_path):
+    """The QD1 ratios divide by the floor bracketing the measurement, and say when it moved."""
     ctx = _ctx(tmp_path)
-    ctx.add(Measurement("baseline.pingpong.py.spin", "pingpong", "py spin", latency_us=_lat(0.2)))
-    ctx.add(Measurement("baseline.pingpong.py.spin.again", "pingpong-again", "again",
-                        latency_us=_lat(0.6)))
-    ctx.add(Measurement("baseline.pingpong.c.eventfd", "pingpong", "c efd", latency_us=_lat(4.0)))
-    ctx.add(Measurement("baseline.pingpong.c.eventfd.again", "pingpong-again", "again",
-                        latency_us=_lat(4.4)))
-    ctx.add(Measurement("blk-latency.adaptive", "blk-latency", "a", latency_us=_lat(10.0)))
-    ctx.add(Measurement("blk-latency.block", "blk-latency", "b", latency_us=_lat(20.0)))
+    ctx.add(Measurement("baseline.pingpong.py.spin", "pingpong", "py spin", latency_us=_lat(0.6)))
+    ctx.add(Measurement(
+        "blk-latency.adaptive", "blk-latency", "a", latency_us=_lat(10.0),
+        params={"floor": {"id": "baseline.pingpong.py.spin", "before_p50": 0.2,
+                          "after_p50": 0.2, "attempts": 1, "stable": True}}))
+    ctx.add(Measurement(
+        "blk-latency.block", "blk-latency", "b", latency_us=_lat(20.0),
+        params={"floor": {"id": "baseline.pingpong.c.eventfd", "before_p50": 4.0,
+                          "after_p50": 12.0, "attempts": 3, "stable": False}}))
     by_name = {t["name"]: t for t in targets.evaluate(ctx)}
-    assert "two machine states" in by_name[
-        "blk 512 B read QD1 adaptive p50 / Python busy-poll ping-pong p50"]["detail"]
-    assert "two machine states" not in by_name[
-        "blk 512 B read QD1 block p50 / C eventfd ping-pong p50"]["detail"]
+    adaptive = by_name["blk 512 B read QD1 adaptive p50 / Python busy-poll ping-pong p50"]
+    assert adaptive["value"] == pytest.approx(50.0)  # against 0.2 around it, not the 0.6 before
+    assert "two machine states" not in adaptive["detail"]
+    block = by_name["blk 512 B read QD1 block p50 / C eventfd ping-pong p50"]
+    assert block["value"] == pytest.approx(2.5) and "two machine states" in block["detail"]
 
 
 def test_pingpong_programs_run(tmp_path):
