@@ -20,7 +20,7 @@ import numpy as np
 from ivshmem_virtio.procs import Child, cli
 
 from . import baselines
-from .core import Context, Measurement, pss_kb, rss_kb, run_loop, summarize_ns
+from .core import Context, Measurement, pinned, pss_kb, rss_kb, run_loop, summarize_ns
 
 MODES = ("block", "poll", "adaptive")
 QDS = (1, 2, 4, 8, 16, 32)
@@ -82,39 +82,29 @@ WARMUP_SECONDS = 0.25
 
 # the ping-pong each mode's goal is a ratio to: (language, mode) of benchmarks.pingpong
 FLOORS = {"block": ("c", "eventfd"), "poll": ("py", "spin"), "adaptive": ("py", "spin")}
-ATTEMPTS = 3
 
 
 def run_latency(ctx: Context) -> None:
     """512 B read round trips at QD1, in block, poll and adaptive mode.
 
     Each mode is bracketed by a short run of its goal's ping-pong floor just before the backend
-    starts and just after it stops; when the two differ by DRIFT or more the machine changed
-    speed meanwhile and the mode is measured again (at most ATTEMPTS times).
+    starts and just after it stops (``baselines.bracketed``): the goals are ratios to that.
     """
     image = ctx.image()
     n = ctx.pick(3_000, 30_000)
     warmup = max(200, n // 20)
     for mode in MODES:
-        lang, fmode = FLOORS[mode]
-        for attempt in range(1, ATTEMPTS + 1):
-            ctx.progress.update(f"blk-latency: {mode}, attempt {attempt}: floor before "
-                                f"({lang} {fmode} ping-pong)")
-            before = baselines.floor_p50(ctx, lang, fmode)
+
+        def measure(mode: str = mode) -> tuple[np.ndarray, int]:
             with ctx.children_scope():
-                link, _ = start_backend(ctx, f"lat-{mode}", image, mode=mode)
+                link, backend = start_backend(ctx, f"lat-{mode}", image, mode=mode)
                 ctx.progress.update(f"blk-latency: {mode}, {n} reads of 512 B at QD1")
-                samples, resets = run_loop(_qd1_reads(link, mode, n, warmup, ctx.image_size),
-                                           timeout=60 + (n + warmup) * 0.005)
-            after = baselines.floor_p50(ctx, lang, fmode)
-            if baselines.stable(before, after):
-                break
-        floor = {"id": f"baseline.pingpong.{lang}.{fmode}", "before_p50": before,
-                 "after_p50": after, "attempts": attempt,
-                 "stable": baselines.stable(before, after)}
-        if not floor["stable"]:
-            ctx.notes.append(f"blk-latency {mode}: the machine changed speed around every one "
-                             f"of {attempt} attempts (floor {before} -> {after} us)")
+                with pinned(backend.proc.pid):  # two CPUs, as the floors and two cells
+                    return run_loop(_qd1_reads(link, mode, n, warmup, ctx.image_size),
+                                    timeout=60 + (n + warmup) * 0.005)
+
+        (samples, resets), floor = baselines.bracketed(ctx, FLOORS[mode],
+                                                       f"blk-latency {mode}", measure)
         if resets:
             ctx.notes.append(f"blk-latency {mode}: the device went NEEDS_RESET during the run")
         ctx.add(Measurement(f"blk-latency.{mode}", "blk-latency",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import Context, Progress, machine_info
+from .core import CPUS_ENV, Context, Progress, machine_info, two_cpus
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,11 @@ def run_bench(args: argparse.Namespace) -> int:
     progress = Progress()
     workdir = Path(tempfile.mkdtemp(prefix="ivshmem-virtio-bench-"))
     ctx = Context(workdir, bool(args.quick), progress)
+    cpus = two_cpus()
+    saved_env = os.environ.get(CPUS_ENV)
+    if cpus is not None:  # the floors' two processes on two CPUs, like two cells (core.pinned)
+        os.environ[CPUS_ENV] = f"{cpus[0]},{cpus[1]}"
+        ctx.params["latency_cpus"] = list(cpus)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     errors: dict[str, str] = {}
@@ -115,6 +120,10 @@ def run_bench(args: argparse.Namespace) -> int:
         ctx.stop_all()
         progress.done()
         shutil.rmtree(workdir, ignore_errors=True)
+        if saved_env is None:
+            os.environ.pop(CPUS_ENV, None)
+        else:
+            os.environ[CPUS_ENV] = saved_env
 
     from . import report, targets
 

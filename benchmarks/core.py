@@ -134,6 +134,32 @@ class PipedChild(Child):
         return super().stop(timeout)
 
 
+CPUS_ENV = "IVSHMEM_BENCH_CPUS"
+
+
+def two_cpus() -> tuple[int, int] | None:
+    """The two CPUs the two sides of a round trip run on, as two cells always do (None: < 2)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+@contextmanager
+def pinned(peer_pid: int) -> Iterator[None]:
+    """This process on the first CPU of :func:`two_cpus`, ``peer_pid`` on the second, inside
+    the block (the C and Python floors pin the same way, through IVSHMEM_BENCH_CPUS)."""
+    cpus = two_cpus()
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        os.sched_setaffinity(peer_pid, {cpus[1]})
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 @dataclass
 class Context:
     """One bench run: where temp files go, how long to measure, what came out."""

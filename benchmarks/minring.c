@@ -80,6 +80,7 @@ int main(int argc, char **argv)
 	uint32_t *used_ring = (uint32_t *)(mem + used_off + 4);
 	long total = rounds + warmup;
 
+	pin_from_env(0);
 	pid_t child = fork();
 	if (child < 0) {
 		perror("fork");
@@ -87,6 +88,7 @@ int main(int argc, char **argv)
 	}
 	if (child == 0) { /* the device */
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		pin_from_env(1);
 		if (getppid() == 1)
 			_exit(1);
 		uint16_t last = 0;

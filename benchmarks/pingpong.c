@@ -52,6 +52,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	long total = rounds + warmup;
+	pin_from_env(0);
 	pid_t child = fork();
 	if (child < 0) {
 		perror("fork");
@@ -59,6 +60,7 @@ int main(int argc, char **argv)
 	}
 	if (child == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed parent while spinning */
+		pin_from_env(1);
 		if (getppid() == 1)
 			_exit(1);
 		for (long i = 1; i <= total; i++) {

@@ -21,24 +21,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _qd1_ratio(ctx: Context, mid: str, name: str, goal: float) -> dict[str, Any]:
-    """A QD1 goal: the mode's p50 over its floor measured just before and after it."""
+def _bracket_ratio(ctx: Context, mid: str, name: str, goal: float | None,
+                   fallback: str) -> dict[str, Any]:
+    """``mid``'s p50 over the floor measured just before and after it (``params["floor"]``,
+    see baselines.bracketed); over the run's ``fallback`` baseline when there is no bracket."""
     a = ctx.get(mid)
     floor = a.params.get("floor") if a is not None else None
+    op = None if goal is None else "<="
     if floor and floor.get("before_p50") and floor.get("after_p50"):
         base = (floor["before_p50"] + floor["after_p50"]) / 2
         detail = (f"{_p50(a)} us / {base:.3g} us (its floor, {floor['id']}, measured just "
                   f"before and after it: {floor['before_p50']} / {floor['after_p50']} us)")
         if not floor.get("stable"):
             detail += "; the floor moved meanwhile: two machine states"
-        return _target(name, _ratio(_p50(a), base), "<=", goal, "x", detail,
-                       ["blk-latency"], a)
-    b = ctx.get(floor["id"]) if floor else None  # no bracket (older JSON, synthetic tests)
-    if b is None:
-        b = ctx.get("baseline.pingpong.c.eventfd" if mid.endswith("block")
-                    else "baseline.pingpong.py.spin")
-    return _target(name, _ratio(_p50(a), _p50(b)), "<=", goal, "x",
-                   f"{_p50(a)} us / {_p50(b)} us", ["blk-latency", "pingpong"], a, b)
+        if goal is None:
+            detail += "; reported, no goal"
+        return _target(name, _ratio(_p50(a), base), op, goal, "x", detail, [mid], a)
+    b = ctx.get(fallback)
+    return _target(name, _ratio(_p50(a), _p50(b)), op, goal, "x",
+                   f"{_p50(a)} us / {_p50(b)} us", [mid, fallback], a, b)
 
 
 def _target(name: str, value: float | None, op: str | None, goal: float | None, unit: str,
@@ -61,14 +62,17 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
     g = ctx.get
     out = []
 
-    out.append(_qd1_ratio(ctx, "blk-latency.adaptive",
-                          "blk 512 B read QD1 adaptive p50 / Python busy-poll ping-pong p50",
-                          15.0))
-    out.append(_qd1_ratio(ctx, "blk-latency.block",
-                          "blk 512 B read QD1 block p50 / C eventfd ping-pong p50", 1.3))
+    spin, efd = "baseline.pingpong.py.spin", "baseline.pingpong.c.eventfd"
+    out.append(_bracket_ratio(
+        ctx, "blk-latency.adaptive",
+        "blk 512 B read QD1 adaptive p50 / Python busy-poll ping-pong p50", 15.0, spin))
+    out.append(_bracket_ratio(
+        ctx, "blk-latency.block",
+        "blk 512 B read QD1 block p50 / C eventfd ping-pong p50", 1.3, efd))
 
     # reported, no goal: the product against the least Python can do (minring.py), and the
-    # bare rings against the goals' own baselines: does a goal leave room for any product?
+    # bare rings against the goals' floors: does a goal leave room for any Python product?
+    # would native code meet it?
     for mode, floor in (("poll", "spin"), ("block", "eventfd")):
         a, b = g(f"blk-latency.{mode}"), g(f"baseline.minring.py.{floor}")
         out.append(_target(
@@ -77,15 +81,12 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
             f"{_p50(a)} us / {_p50(b)} us; reported, no goal", ["blk-latency", "minring"], a, b))
     for lang in ("py", "c"):
         name = "Python" if lang == "py" else "C"
-        for floor, base, title in (("spin", "baseline.pingpong.py.spin", "Python busy-poll"),
-                                   ("eventfd", "baseline.pingpong.c.eventfd", "C eventfd")):
-            a, b = g(f"baseline.minring.{lang}.{floor}"), g(base)
-            out.append(_target(
-                f"{name} bare ring ({floor}) p50 / {title} ping-pong p50",
-                _ratio(_p50(a), _p50(b)), None, None, "x",
-                f"{_p50(a)} us / {_p50(b)} us; reported, no goal (the goals are "
-                f"{'15x' if floor == 'spin' else '1.3x'} for the whole product)",
-                ["minring", "pingpong"], a, b))
+        out.append(_bracket_ratio(
+            ctx, f"baseline.minring.{lang}.spin",
+            f"{name} bare ring (spin) p50 / Python busy-poll ping-pong p50", None, spin))
+        out.append(_bracket_ratio(
+            ctx, f"baseline.minring.{lang}.eventfd",
+            f"{name} bare ring (eventfd) p50 / C eventfd ping-pong p50", None, efd))
 
     a, b = g("blk-seq.read.qd8"), g("baseline.preadv.seq128k")
     out.append(_target(
