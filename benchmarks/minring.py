@@ -28,7 +28,7 @@ import time
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import ring as R
 
-from .pingpong import _die_with_parent, _reap, pin_from_env
+from .pingpong import _reap, fork_pinned
 
 QSIZE = 256
 _HDR = struct.Struct("<IIQ")
@@ -55,11 +55,8 @@ def run(mode: str, image: str, rounds: int, warmup: int) -> array.array:
     to_drv = os.eventfd(0, os.EFD_CLOEXEC)
     block = mode == "eventfd"
     total = rounds + warmup
-    pin_from_env(0)
-    pid = os.fork()
+    pid = fork_pinned()
     if pid == 0:  # the device
-        _die_with_parent()
-        pin_from_env(1)
         try:
             unpack, preadv = _HDR.unpack_from, os.preadv
             last = 0

@@ -19,11 +19,8 @@ def _eventfd(rounds: int, warmup: int) -> array.array:
     to_child = os.eventfd(0, os.EFD_CLOEXEC)
     to_parent = os.eventfd(0, os.EFD_CLOEXEC)
     total = rounds + warmup
-    pin_from_env(0)
-    pid = os.fork()
+    pid = fork_pinned()
     if pid == 0:
-        _die_with_parent()
-        pin_from_env(1)
         try:
             for _ in range(total):
                 os.eventfd_read(to_child)
@@ -47,11 +44,8 @@ def _spin(rounds: int, warmup: int) -> array.array:
     shm = mmap.mmap(-1, 4096)  # anonymous and MAP_SHARED: both processes see the same page
     words = memoryview(shm).cast("Q")  # ping at word 0, pong at word 8 (another cache line)
     total = rounds + warmup
-    pin_from_env(0)
-    pid = os.fork()
+    pid = fork_pinned()
     if pid == 0:
-        _die_with_parent()
-        pin_from_env(1)
         try:
             for i in range(1, total + 1):
                 while words[0] != i:
@@ -81,6 +75,17 @@ def pin_from_env(which: int) -> None:
     cpus = os.environ.get("IVSHMEM_BENCH_CPUS", "").split(",")
     if len(cpus) == 2 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(cpus[which])})
+
+
+def fork_pinned() -> int:
+    """``os.fork()`` for a two-process round trip: parent and child each on its CPU (see
+    :func:`pin_from_env`), the child killed with its parent (it may be spinning)."""
+    pin_from_env(0)
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent()
+        pin_from_env(1)
+    return pid
 
 
 def _die_with_parent() -> None:
