@@ -28,18 +28,21 @@ async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: s
                     vectors: int = 2, queue_size: int = 256, client_queue: int = 256,
                     event_idx: bool = True, indirect: bool = True,
                     rw_size: int = 0xDF000, mode: str = "block",
-                    page_segments: bool = True) -> AsyncIterator[Stack]:
+                    page_segments: bool = True, spin_us: float = 50.0,
+                    service: BlkService | None = None) -> AsyncIterator[Stack]:
+    """``service``: a BlkService (subclass) of the test's own instead of one over ``image``."""
     geo = Geometry(vectors=vectors, rw_size=rw_size)
     with HubThread(sock, geo) as hub:
         bdev = SimIvshmem(sock, 0)
-        service = BlkService(BlockImage(image, read_only=read_only), serial=serial,
-                             rw_size=rw_size)
+        if service is None:
+            service = BlkService(BlockImage(image, read_only=read_only), serial=serial,
+                                 rw_size=rw_size)
         runner = LinkRunner(bdev, service, mode=mode, queue_size=queue_size)
         task = asyncio.create_task(runner.run())
         fdev = SimIvshmem(sock, 1)
         client = BlkClient(fdev, event_idx=event_idx, indirect=indirect,
-                           page_segments=page_segments,
-                           queue_size=client_queue, mode=mode, timeout=5.0)
+                           page_segments=page_segments, queue_size=client_queue, mode=mode,
+                           spin_us=spin_us, timeout=5.0)
         try:
             await client.start(timeout=5.0)
             yield Stack(hub, runner, client, sock)

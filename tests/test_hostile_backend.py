@@ -20,11 +20,11 @@ from backend.devices.blk_service import BlkService
 from backend.resources.image import BlockImage
 from backend.runner import LinkRunner
 from frontend.blk import BlkClient, BlkIOError
-from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
+from .blk_helpers import blk_stack
 from .conftest import run
 
 MiB = 1 << 20
@@ -94,24 +94,11 @@ def test_frontend_survives_a_lying_backend(tmp_path, image_factory, mode, lie):
     sock = str(tmp_path / "h.sock")
 
     async def body():
-        with HubThread(sock, Geometry(vectors=2, rw_size=0xDF000)):
-            bdev = SimIvshmem(sock, 0)
-            service = LyingService(BlockImage(image), LIES[lie], lie_at=5)
-            runner = LinkRunner(bdev, service, mode=mode)
-            task = asyncio.create_task(runner.run())
-            fdev = SimIvshmem(sock, 1)
-            client = BlkClient(fdev, mode=mode, timeout=5.0, spin_us=5.0)
-            try:
-                await client.start(timeout=5.0)
-                await _reads(client, disk, lie)
-                assert service.lie is None  # the lie was told
-            finally:
-                await client.close()
-                fdev.close()
-                runner.stop()
-                await task
-                service.close()
-                bdev.close()
+        service = LyingService(BlockImage(image), LIES[lie], lie_at=5)
+        async with blk_stack(sock, image, mode=mode, spin_us=5.0, page_segments=False,
+                             service=service) as s:
+            await _reads(s.client, disk, lie)
+            assert service.lie is None  # the lie was told
 
     run(body())
 
