@@ -8,7 +8,6 @@ child process; the test talks CAN on the same virtual channel.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import subprocess
@@ -28,6 +27,8 @@ from ivshmem_virtio.hwsim import mcp2515 as m
 from ivshmem_virtio.hwsim import spisock
 from ivshmem_virtio.hwsim.mcp2515 import Mcp2515
 from ivshmem_virtio.hwsim.spisock import SpiSocketServer
+
+from .lines import Lines
 
 REPO = Path(__file__).resolve().parents[2]
 INMATE = REPO / "rtos_inmate"
@@ -59,49 +60,25 @@ class Inmate:
             text=True,
             bufsize=1,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.history: list[str] = []
         self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+        assert self.proc.stdout is not None
+        self.out = Lines(self.proc.stdout, lambda: f"stderr={self.stderr[-20:]}")
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
 
-    def _pump(self, stream: object, is_stdout: bool) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            line = line.rstrip("\n")
-            if is_stdout:
-                self.lines.put(line)
-            else:
-                self.stderr.append(line)
+    def _pump_stderr(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.stderr.append(line.rstrip("\n"))
+
+    @property
+    def history(self) -> list[str]:
+        return self.out.history
 
     def expect(self, prefix: str, timeout: float = 5.0) -> str:
         """Next stdout line starting with prefix (other lines are kept in history)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"no {prefix!r} within {timeout}s; stdout={self.history[-20:]} "
-                    f"stderr={self.stderr[-20:]}"
-                )
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            self.history.append(line)
-            if line.startswith(prefix):
-                return line
+        return self.out.expect(prefix, timeout)
 
     def drain(self, settle: float = 0.2) -> list[str]:
-        out = []
-        deadline = time.monotonic() + settle
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.02)
-            except queue.Empty:
-                continue
-            self.history.append(line)
-            out.append(line)
-        return out
+        return self.out.drain(settle)
 
     def cmd(self, line: str) -> None:
         assert self.proc.stdin is not None

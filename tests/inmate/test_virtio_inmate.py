@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -39,6 +38,8 @@ from ivshmem_virtio.transport.device import DeviceTransport
 
 # the virtio-can backend, its Python driver and the cross-process test bus
 from tests import can_helpers as helpers  # noqa: E402
+
+from .lines import Lines
 
 CAN_PROTOCOLS, RW_SIZE = helpers.CAN_PROTOCOLS, helpers.RW_SIZE
 Observer, SockBus, plugin_env = helpers.Observer, helpers.SockBus, helpers.plugin_env
@@ -74,30 +75,16 @@ class Inmate:
                                      stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      bufsize=1)
         self.log = log
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.history: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+        self.out = Lines(self.proc.stdout, lambda: f"stderr tail:\n{self.stderr()}")
+
+    @property
+    def history(self) -> list[str]:
+        return self.out.history
 
     def expect(self, prefix: str, timeout: float = 10.0) -> str:
         """The next stdout line starting with ``prefix`` (others go to the history)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {prefix!r} within {timeout}s; stdout tail "
-                                     f"{self.history[-15:]}\nstderr tail:\n{self.stderr()}")
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            self.history.append(line)
-            if line.startswith(prefix):
-                return line
+        return self.out.expect(prefix, timeout)
 
     def event(self, name: str, timeout: float = 10.0) -> str:
         return self.expect(f"EV {name}", timeout)
