@@ -45,14 +45,32 @@ def compile_pingpong(ctx: Context) -> Path | None:
     return compile_c(ctx, "pingpong")
 
 
-def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int) -> Measurement:
-    out = ctx.workdir / f"pingpong-{lang}-{mode}.u64"
-    warmup = max(100, rounds // 20)
-    ctx.progress.update(f"pingpong: {lang} {mode}, {rounds} round trips")
-    ctx.run(f"pingpong-{lang}-{mode}", [*argv0, mode, str(rounds), str(warmup), str(out)],
-            timeout=120)
+def _argv0(ctx: Context, program: str, lang: str) -> list[str] | None:
+    """How to run the round-trip program ``program`` in ``lang`` ("py": benchmarks/PROGRAM.py,
+    "c": PROGRAM.c compiled into the work dir; None without a compiler)."""
+    if lang == "py":
+        return [sys.executable, "-m", f"benchmarks.{program}"]
+    exe = compile_c(ctx, program)
+    return None if exe is None else [str(exe)]
+
+
+def _warmup(rounds: int) -> int:
+    return max(100, rounds // 20)
+
+
+def _samples(ctx: Context, name: str, argv: list[str]) -> np.ndarray:
+    """Run a round-trip program (its last argument: the file its samples go to) and read them."""
+    out = ctx.workdir / f"{name}.u64"
+    ctx.run(name, [*argv, str(out)], timeout=120)
     samples = np.fromfile(out, dtype=np.uint64)
     out.unlink()
+    return samples
+
+
+def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int) -> Measurement:
+    warmup = _warmup(rounds)
+    ctx.progress.update(f"pingpong: {lang} {mode}, {rounds} round trips")
+    samples = _samples(ctx, f"pingpong-{lang}-{mode}", [*argv0, mode, str(rounds), str(warmup)])
     what = "blocking eventfd" if mode == "eventfd" else "busy-polled shared-memory flag"
     return ctx.add(Measurement(
         f"baseline.pingpong.{lang}.{mode}", "pingpong",
@@ -63,6 +81,9 @@ def _pingpong(ctx: Context, lang: str, argv0: list[str], mode: str, rounds: int)
 
 DRIFT = 1.5  # a floor that moved by this factor between two measurements: two machine states
 FLOOR_ROUNDS = 20_000
+# the floor of the latency goals for each way of waiting: busy-polling is compared with the
+# Python busy-poll ping-pong, blocking with the C eventfd one (issue 5's targets)
+GOAL_FLOORS = {"spin": ("py", "spin"), "eventfd": ("c", "eventfd")}
 
 
 def floor_p50(ctx: Context, lang: str, mode: str) -> float | None:
@@ -73,18 +94,11 @@ def floor_p50(ctx: Context, lang: str, mode: str) -> float | None:
     ~0.18 and ~0.6 us and the eventfd one between ~1.4, ~4.4 and ~10.5 us, and everything else
     moves with them), so a ratio is only meaningful against a floor of the same moment.
     """
-    argv0 = [sys.executable, "-m", "benchmarks.pingpong"]
-    if lang == "c":
-        exe = compile_pingpong(ctx)
-        if exe is None:
-            return None
-        argv0 = [str(exe)]
-    out = ctx.workdir / f"floor-{lang}-{mode}.u64"
-    ctx.run(f"floor-{lang}-{mode}", [*argv0, mode, str(FLOOR_ROUNDS), "1000", str(out)],
-            timeout=120)
-    samples = np.fromfile(out, dtype=np.uint64)
-    out.unlink()
-    return summarize_ns(samples).get("p50")
+    argv0 = _argv0(ctx, "pingpong", lang)
+    if argv0 is None:
+        return None
+    argv = [*argv0, mode, str(FLOOR_ROUNDS), str(_warmup(FLOOR_ROUNDS))]
+    return summarize_ns(_samples(ctx, f"floor-{lang}-{mode}", argv)).get("p50")
 
 
 def stable(before: float | None, after: float | None) -> bool:
@@ -107,6 +121,7 @@ def bracketed(ctx: Context, floor: tuple[str, str], what: str,
     for attempt in range(1, ATTEMPTS + 1):
         ctx.progress.update(f"{what}: attempt {attempt}, floor before ({lang} {mode} ping-pong)")
         before = floor_p50(ctx, lang, mode)
+        ctx.progress.update(f"{what}: attempt {attempt}, measuring")
         result = measure()
         after = floor_p50(ctx, lang, mode)
         if stable(before, after):
@@ -121,43 +136,35 @@ def bracketed(ctx: Context, floor: tuple[str, str], what: str,
 
 def run_pingpong(ctx: Context) -> None:
     """Round trips between two processes: C and Python, eventfd and spin."""
-    exe = compile_pingpong(ctx)
-    c_rounds = ctx.pick(20_000, 200_000)
-    py_rounds = ctx.pick(5_000, 50_000)
-    if exe is None:
+    programs = [("py", _argv0(ctx, "pingpong", "py"), ctx.pick(5_000, 50_000))]
+    c = _argv0(ctx, "pingpong", "c")
+    if c is None:
         ctx.unavailable["pingpong C"] = "no C compiler (cc/gcc) on PATH"
+    else:
+        programs.insert(0, ("c", c, ctx.pick(20_000, 200_000)))
     for mode in ("eventfd", "spin"):
-        if exe is not None:
-            _pingpong(ctx, "c", [str(exe)], mode, c_rounds)
-        _pingpong(ctx, "py", [sys.executable, "-m", "benchmarks.pingpong"], mode, py_rounds)
-
-
-def _minring(ctx: Context, lang: str, mode: str, argv: list[str]) -> np.ndarray:
-    out = ctx.workdir / f"minring-{lang}-{mode}.u64"
-    ctx.progress.update(f"minring: {lang} {mode}, {argv[-2]} 512 B reads")
-    ctx.run(f"minring-{lang}-{mode}", [*argv, str(out)], timeout=120)
-    samples = np.fromfile(out, dtype=np.uint64)
-    out.unlink()
-    return samples
+        for lang, argv0, rounds in programs:
+            assert argv0 is not None
+            _pingpong(ctx, lang, argv0, mode, rounds)
 
 
 def run_minring(ctx: Context) -> None:
     """The floor of a QD1 request on a bare ring (no checks, no event loop): Python and C."""
     image = ctx.image()
-    exe = compile_c(ctx, "minring")
-    if exe is None:
+    programs = [("py", _argv0(ctx, "minring", "py"), ctx.pick(5_000, 50_000))]
+    c = _argv0(ctx, "minring", "c")
+    if c is None:
         ctx.unavailable["minring C"] = "no C compiler (cc/gcc) on PATH"
-    langs = [("py", [sys.executable, "-m", "benchmarks.minring"], ctx.pick(5_000, 50_000))]
-    if exe is not None:
-        langs.append(("c", [str(exe)], ctx.pick(20_000, 200_000)))
-    for lang, argv0, rounds in langs:
-        warmup = max(100, rounds // 20)
+    else:
+        programs.append(("c", c, ctx.pick(20_000, 200_000)))
+    for lang, argv0, rounds in programs:
+        assert argv0 is not None
+        warmup = _warmup(rounds)
         for mode in ("spin", "eventfd"):
             argv = [*argv0, mode, str(image), str(rounds), str(warmup)]
-            # the floor of the goal this bare ring is compared with (targets.py)
-            floor = ("py", "spin") if mode == "spin" else ("c", "eventfd")
-            samples, bracket = bracketed(ctx, floor, f"minring {lang} {mode}",
-                                         functools.partial(_minring, ctx, lang, mode, argv))
+            samples, bracket = bracketed(  # against the floor of the goal it is compared with
+                ctx, GOAL_FLOORS[mode], f"minring {lang} {mode}",
+                functools.partial(_samples, ctx, f"minring-{lang}-{mode}", argv))
             what = "busy-polled" if mode == "spin" else "blocking eventfds"
             ctx.add(Measurement(
                 f"baseline.minring.{lang}.{mode}", "minring",

@@ -81,7 +81,8 @@ WARMUP_SECONDS = 0.25
 
 
 # the ping-pong each mode's goal is a ratio to: (language, mode) of benchmarks.pingpong
-FLOORS = {"block": ("c", "eventfd"), "poll": ("py", "spin"), "adaptive": ("py", "spin")}
+FLOORS = {"block": baselines.GOAL_FLOORS["eventfd"], "poll": baselines.GOAL_FLOORS["spin"],
+          "adaptive": baselines.GOAL_FLOORS["spin"]}
 
 
 def run_latency(ctx: Context) -> None:
