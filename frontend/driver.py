@@ -107,6 +107,23 @@ class VirtioDriver:
     def _has_used(self) -> bool:
         return self._ring_fault is not None or any(vq.has_used() for vq in self.vqs)
 
+    def _backend_trouble(self) -> str | None:
+        """Why the completions cannot be trusted to the data path now (the interrupt task
+        recovers the device), or None."""
+        t = self.transport
+        if not t.backend_ready():
+            return "backend left"
+        return "needs reset" if t.needs_reset() else None
+
+    def _complete(self, index: int, vq: DriverQueue) -> int:
+        """Hand queue ``index``'s completed chains to :meth:`on_used`; how many there were.
+        A device that lies about them raises RingError (nothing is handed on then)."""
+        n = 0
+        for token, length in vq.get_used():
+            self.on_used(index, token, length)
+            n += 1
+        return n
+
     def inline_ok(self) -> bool:
         """May a lone request be waited for in place (see :meth:`reap_inline`) right now?"""
         return self.mode != "block" and bool(self.vqs) and self._ring_fault is None and (
@@ -141,16 +158,13 @@ class VirtioDriver:
         deadline = clock() + self.spin_us / 1e6
         while not vq.has_used() and clock() <= deadline:
             pass
-        t = self.transport
-        if not vq.has_used() or not t.backend_ready() or t.needs_reset():
+        if not vq.has_used() or self._backend_trouble() is not None:
             self.loud(index)  # the interrupt task relies on it from here on
             if self._waiter is not None:
                 self._waiter.kick()  # it re-checks everything (used entries, backend state)
             return
         try:
-            for token, length in vq.get_used():
-                self.on_used(index, token, length)
-                self.inline_reaps += 1
+            self.inline_reaps += self._complete(index, vq)
         except RingError as e:
             self._ring_fault = str(e)
             self.loud(index)
@@ -164,11 +178,10 @@ class VirtioDriver:
         Returns True to wake the task instead: the backend left or wants a reset, a ring
         fault, completions that keep coming, or (adaptive) to spin for the next ones.
         """
-        t = self.transport
         if self.closed or not self.vqs or self._ring_fault is not None \
-                or not t.backend_ready() or t.needs_reset():
+                or self._backend_trouble() is not None:
             return True
-        cfg, _qev = t.take_events()
+        cfg, _qev = self.transport.take_events()
         if cfg:
             self.on_config_change()
         try:
@@ -176,8 +189,7 @@ class VirtioDriver:
                 for _ in range(8):  # get_used re-arms the interrupt; then re-check
                     if not vq.has_used():
                         break
-                    for token, length in vq.get_used():
-                        self.on_used(index, token, length)
+                    self._complete(index, vq)
                 else:
                     return True
         except RingError as e:
@@ -190,8 +202,9 @@ class VirtioDriver:
         t = self.transport
         while not self.closed:
             await self._waiter.wait(self._has_used)
-            if not t.backend_ready() or t.needs_reset():
-                await self._recover("backend left" if not t.backend_ready() else "needs reset")
+            trouble = self._backend_trouble()
+            if trouble is not None:
+                await self._recover(trouble)
                 continue
             cfg, _qev = t.take_events()
             if cfg:
@@ -204,8 +217,7 @@ class VirtioDriver:
             try:
                 for index, vq in enumerate(self.vqs):
                     if vq.has_used():
-                        for token, length in vq.get_used():
-                            self.on_used(index, token, length)
+                        self._complete(index, vq)
             except RingError as e:
                 log.warning("backend broke a ring", link=self.dev.name, error=str(e))
                 await self._recover(str(e))

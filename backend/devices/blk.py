@@ -66,12 +66,7 @@ def _split_last_byte(segs: list[SEG]) -> tuple[list[SEG], int]:
 
 def _total(segs: list[SEG]) -> int:
     """Bytes in ``segs`` (one segment is the common case: no generator for it)."""
-    if len(segs) == 1:
-        return segs[0][1]
-    total = 0
-    for _, length in segs:
-        total += length
-    return total
+    return segs[0][1] if len(segs) == 1 else sum(n for _, n in segs)
 
 
 def _views(mem: Region, segs: list[SEG]) -> list[memoryview]:
@@ -190,7 +185,7 @@ class BlkModel:
 
     def _rw(self, head: int, rtype: int, sector: int, data: list[SEG],
             status: int) -> BlkRequest | tuple[int, int]:
-        n = _total(data) if data else 0
+        n = _total(data)
         if n % 512 or n > self.max_data or sector >= self.capacity \
                 or sector + n // 512 > self.capacity:
             self.metrics.io_fails += 1

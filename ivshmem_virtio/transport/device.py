@@ -121,7 +121,7 @@ class DeviceTransport:
 
         A cheap check for every wake-up of the data path (step() builds a result each time).
         """
-        return (self.phase is Phase.ACTIVE and not self._write_tx[0]
+        return (self.phase is Phase.ACTIVE and not self.transaction_pending()
                 and self.dev.peer_state(self.peer) == H.STATE_READY)
 
     def transaction_pending(self) -> bool:
