@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -55,6 +57,26 @@ static inline void pin_from_env(int which)
 	CPU_SET(cpu[which], &set);
 	if (sched_setaffinity(0, sizeof set, &set) != 0)
 		perror("sched_setaffinity");
+}
+
+/* fork() for a two-process round trip: parent and child each on its CPU, the child killed
+ * with its parent (it may be spinning). Returns the child's pid in the parent, 0 in the child;
+ * exits on failure. */
+static inline pid_t fork_pinned(void)
+{
+	pin_from_env(0);
+	pid_t child = fork();
+	if (child < 0) {
+		perror("fork");
+		exit(1);
+	}
+	if (child == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		pin_from_env(1);
+		if (getppid() == 1) /* the parent died before PDEATHSIG was armed */
+			_exit(1);
+	}
+	return child;
 }
 
 /* Reap the answering child, write the samples (native uint64 ns); the exit status of main. */

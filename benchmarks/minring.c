@@ -22,7 +22,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -80,17 +79,8 @@ int main(int argc, char **argv)
 	uint32_t *used_ring = (uint32_t *)(mem + used_off + 4);
 	long total = rounds + warmup;
 
-	pin_from_env(0);
-	pid_t child = fork();
-	if (child < 0) {
-		perror("fork");
-		return 1;
-	}
+	pid_t child = fork_pinned();
 	if (child == 0) { /* the device */
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		pin_from_env(1);
-		if (getppid() == 1)
-			_exit(1);
 		uint16_t last = 0;
 		for (long r = 0; r < total; r++) {
 			if (!spin)

@@ -9,7 +9,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,7 +16,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,17 +50,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	long total = rounds + warmup;
-	pin_from_env(0);
-	pid_t child = fork();
-	if (child < 0) {
-		perror("fork");
-		return 1;
-	}
+	pid_t child = fork_pinned();
 	if (child == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed parent while spinning */
-		pin_from_env(1);
-		if (getppid() == 1)
-			_exit(1);
 		for (long i = 1; i <= total; i++) {
 			if (spin) {
 				while (atomic_load_explicit(&f->ping, memory_order_acquire) != (uint64_t)i)
