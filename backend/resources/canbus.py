@@ -345,17 +345,22 @@ class CanBusBridge:
         """add_reader callback: drain what the bus has without waiting."""
         msgs: list[can.Message] = []
         try:
-            while len(msgs) < RX_BATCH:
-                msg = self.bus.recv(0)
-                if msg is None:
-                    break
-                msgs.append(msg)
+            self._take_ready(msgs)
         except Exception as e:  # noqa: BLE001 - any interface failure is a bus error
             self._deliver(msgs)
             self._error(f"receive failed: {e}")
             self._pause_reader()
             return
         self._deliver(msgs)
+
+    def _take_ready(self, msgs: list[can.Message]) -> None:
+        """Append what the bus holds without waiting, up to RX_BATCH frames in ``msgs``
+        (appended in place: a recv that raises leaves what came before it there)."""
+        while len(msgs) < RX_BATCH:
+            msg = self.bus.recv(0)
+            if msg is None:
+                return
+            msgs.append(msg)
 
     def _pause_reader(self) -> None:
         """A failing fd stays readable: stop watching it for a while instead of spinning."""
@@ -378,11 +383,7 @@ class CanBusBridge:
                 if msg is None:
                     continue
                 msgs = [msg]
-                while len(msgs) < RX_BATCH:
-                    more = self.bus.recv(0)
-                    if more is None:
-                        break
-                    msgs.append(more)
+                self._take_ready(msgs)
             except Exception as e:  # noqa: BLE001 - any interface failure is a bus error
                 if self._closed.is_set():
                     return
