@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,15 +27,18 @@ from .core import Context, Measurement, summarize_ns
 HERE = Path(__file__).resolve().parent
 
 
-def compile_c(ctx: Context, name: str) -> Path | None:
-    """Build ``name``.c with the system compiler into the work dir (None without a compiler)."""
+def compile_c(ctx: Context, name: str, sources: Sequence[Path] = (),
+              includes: Sequence[Path] = ()) -> Path | None:
+    """Build ``name``.c (linked with ``sources``, ``includes`` on the header path) with the
+    system compiler into the work dir (None without a compiler)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     exe = ctx.workdir / name
     if not exe.exists():
-        r = subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-o", str(exe),
-                            str(HERE / f"{name}.c")], capture_output=True, timeout=60)
+        r = subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", *(f"-I{d}" for d in includes),
+                            "-o", str(exe), str(HERE / f"{name}.c"), *map(str, sources)],
+                           capture_output=True, timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} {name}.c failed:\n{r.stderr.decode(errors='replace')}")
     return exe

@@ -32,7 +32,7 @@ class Suite:
 
 
 def _suites() -> dict[str, Suite]:
-    from . import baselines, blk, can, doorbell, inmate
+    from . import baselines, blk, can, cfront, doorbell, inmate
 
     table = [
         Suite("pingpong", baselines.run_pingpong,
@@ -42,6 +42,8 @@ def _suites() -> dict[str, Suite]:
         Suite("doorbell", doorbell.run_doorbell, "doorbell round trip over the sim link"),
         Suite("blk-latency", blk.run_latency, "blk 512 B read QD1 in block/poll/adaptive",
               ("pingpong", "minring")),
+        Suite("cfront", cfront.run_cfront, "blk 512 B read QD1 from a blocking C frontend",
+              ("pingpong",)),
         # after the QD1 suite: the latency floors are measured right before it, not 20 s earlier
         Suite("disk", baselines.run_disk, "os.preadv of the image from page cache, fio psync"),
         Suite("blk-seq", blk.run_seq, "blk 128 KiB sequential read/write, QD 1..32", ("disk",)),
