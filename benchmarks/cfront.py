@@ -84,10 +84,9 @@ def run_cfront(ctx: Context) -> None:
                                          "blk-latency cfront", measure)
     ctx.add(Measurement(
         "blk-latency.cfront", "cfront",
-        "blk 512 B read, QD1, blocking C frontend (Linux-like), backend default mode",
+        "blk 512 B read, QD1, blocking C frontend, default mode",
         params={"requests": n, "warmup": warmup, "warmup_min_s": blk.WARMUP_SECONDS,
                 "bytes": 512, "backend_mode": BACKEND_MODE, "rw_size": blk.DEFAULT_RW,
-                "frontend": "benchmarks/blkfront.c: sleeps on its interrupt eventfd",
                 "floor": floor},
         latency_us=summarize_ns(samples), samples_ns=samples,
         extra=_counters(ctx.workdir / "cfront.log")))
