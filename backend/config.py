@@ -5,7 +5,7 @@ A config names global options and a list of devices, each on its own link::
     log_level = "info"            # debug, info, warning, error
     log_json = false
     mode = "adaptive"             # block, poll or adaptive (per-device override allowed)
-    spin_us = 50.0
+    spin_us = 200.0               # adaptive: the longest poll window (each link learns its own)
     retry_interval = 2.0          # seconds between attempts to reach a link that is not there
 
     [[devices]]
@@ -301,7 +301,7 @@ def parse_config(data: dict[str, Any]) -> ServeConfig:
     """Validate a decoded TOML document into a :class:`ServeConfig`."""
     _unknown_keys(data, _GLOBAL_KEYS, "")
     defaults = {"mode": _choice(data, "mode", "", "adaptive", MODES),
-                "spin_us": _number(data, "spin_us", "", 50.0, 0, 1e6)}
+                "spin_us": _number(data, "spin_us", "", 200.0, 0, 1e6)}
     level = _choice(data, "log_level", "", "info", LOG_LEVELS)
     log_json = _bool(data, "log_json", "", False)
     retry = _number(data, "retry_interval", "", 2.0, 0.05, 3600)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,7 +18,7 @@ import structlog
 
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
-from ivshmem_virtio.link import IrqWaiter, spinning_pays
+from ivshmem_virtio.link import SPIN_CAP_US, IrqWaiter
 from ivshmem_virtio.transport.device import DeviceTransport
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
@@ -53,7 +52,7 @@ class LinkRunner:
     """Serve one device over one ivshmem link until :meth:`stop`."""
 
     def __init__(self, dev: IvshmemDevice, service: Service, *, mode: str = "adaptive",
-                 spin_us: float = 50.0, burst_us: float = 5.0, queue_size: int = 256,
+                 spin_us: float = SPIN_CAP_US, burst_us: float = 5.0, queue_size: int = 256,
                  batch: int | None = None, workers: int = 2) -> None:
         self.dev = dev
         self.service = service
@@ -163,10 +162,11 @@ class LinkRunner:
 
     def _on_interrupt(self) -> bool:
         """Serve the queues from the doorbell's fd callback while the task sleeps (block mode,
-        or adaptive once spinning stopped): the completion leaves one task switch sooner.
+        or adaptive between poll windows): the completion leaves one task switch sooner.
 
         Returns True to wake the task: for the control path, a stop, a fault that stopped
-        the queues, work that keeps coming, or (adaptive) to spin for the next request.
+        the queues, or work that keeps coming (the waiter itself wakes the task to poll when
+        its window says so).
         """
         t = self.transport
         if self._stopping or not t.idle() or not t.serving:
@@ -176,7 +176,7 @@ class LinkRunner:
             if not t.serving or t.transaction_pending():
                 return True
             if not self._enable_notifications():  # kicks on again; False: nothing slipped in
-                return self.mode == "adaptive" and spinning_pays(time.monotonic())
+                return False
         return True
 
     def _enable_notifications(self) -> bool:

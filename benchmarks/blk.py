@@ -29,7 +29,7 @@ BIG_RW = 0x1000000  # 16 MiB: room for 32 x 128 KiB in flight in the bounce buff
 
 
 def start_backend(ctx: Context, name: str, image: Path, *, mode: str = "adaptive",
-                  rw_size: int = DEFAULT_RW, spin_us: float = 50.0) -> tuple[str, Child]:
+                  rw_size: int = DEFAULT_RW, spin_us: float = 200.0) -> tuple[str, Child]:
     """Start a hub and a blk backend on it; returns the link name and the backend child."""
     sock = str(ctx.workdir / f"{name}.sock")
     hub = ctx.child(f"{name}-hub", cli("hub", "--socket", sock, "--rw-size", hex(rw_size)))
@@ -60,8 +60,8 @@ async def _qd1_reads(link: str, mode: str, n: int, warmup: int,
         offsets = ((np.arange(n + warmup) * 4096) % span).tolist()
         now = time.perf_counter_ns
         read = client.read
-        # warm up for a count and a time: the adaptive spin gate judges CPU pressure over 20 ms
-        # windows, and the backend's start-up is still in the first of them
+        # warm up for a count and a time: adaptive poll windows learn from the first wake-ups,
+        # and the backend's start-up is still in the first of them
         settle = now() + int(WARMUP_SECONDS * 1e9)
         i = 0
         while i < warmup or now() < settle:
@@ -112,7 +112,7 @@ def run_latency(ctx: Context) -> None:
                             f"blk 512 B read, QD1, {mode} mode",
                             params={"mode": mode, "requests": n, "warmup": warmup,
                                     "warmup_min_s": WARMUP_SECONDS,
-                                    "spin_us": 50.0, "rw_size": DEFAULT_RW, "bytes": 512,
+                                    "spin_us": 200.0, "rw_size": DEFAULT_RW, "bytes": 512,
                                     "floor": floor},
                             latency_us=summarize_ns(samples), samples_ns=samples,
                             extra=_reset_extra(resets)))

@@ -189,16 +189,19 @@ class BlkClient(VirtioDriver):
         # path). Never with more callers: their requests would be serialized behind our spin
         # instead of being in flight together.
         lone = not self._callers and not self._outstanding and not self._backlog \
-            and self.connected.is_set() and self.inline_ok()
-        if lone:
+            and self.connected.is_set()
+        inline = lone and self.inline_ok()
+        if inline:
             self.quiet(0)
         else:
             self.loud(0)  # before the request is in the ring: its completion must interrupt
+            if lone:
+                self.lone_waiting()
         self._backlog.append(req)
         self._pump()
         self._callers += 1
         try:
-            if lone and req.allocs:
+            if inline and req.allocs:
                 self.reap_inline(0)
                 if req.future.done():
                     # it never suspended: every few requests give the other tasks their turn,

@@ -15,7 +15,7 @@ import structlog
 
 from ivshmem_virtio.errors import IvshmemVirtioError, RingError, TransportError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
-from ivshmem_virtio.link import IrqWaiter, spinning_pays
+from ivshmem_virtio.link import SPIN_CAP_US, IrqWaiter, PollWindow
 from ivshmem_virtio.transport.driver import DriverTransport
 from ivshmem_virtio.virtqueue.driver import DriverQueue
 
@@ -29,7 +29,7 @@ class VirtioDriver:
     num_queues = 1
 
     def __init__(self, dev: IvshmemDevice, *, features: int = 0, queue_size: int = 256,
-                 mode: str = "block", spin_us: float = 50.0, timeout: float = 10.0,
+                 mode: str = "block", spin_us: float = SPIN_CAP_US, timeout: float = 10.0,
                  reconnect: bool = True) -> None:
         self.dev = dev
         self.transport = DriverTransport(dev, timeout=timeout)
@@ -47,13 +47,19 @@ class VirtioDriver:
         self._waiter: IrqWaiter | None = None
         self._ring_fault: str | None = None  # found by an inline reap, recovered by _irq_loop
         self.inline_reaps = 0  # completions taken by reap_inline (the rest: interrupt task)
+        # how long a lone caller polls for its completion (adaptive: learnt, as IrqWaiter's)
+        self.inline_window = PollWindow(spin_us)
+        if mode == "poll":
+            self.inline_window.window = spin_us / 1e6
+        self._lone_t0 = 0.0  # a lone request left to interrupts: when it was submitted
         self.error: BaseException | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> None:
         """Bring the device up (waiting up to ``timeout`` for a READY backend)."""
         await self._bring_up(timeout)
-        self._waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us)
+        self._waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
+                                 expecting=self._expecting)
         self._waiter.handler = self._on_interrupt
         self._irq_task = asyncio.create_task(self._irq_loop())
 
@@ -104,6 +110,10 @@ class VirtioDriver:
         self.fail_all(ConnectionError("device closed"))
 
     # -- interrupts -----------------------------------------------------------------------------
+    def _expecting(self) -> bool:
+        """Can a completion arrive at all? (Nothing in flight: nothing to poll for.)"""
+        return any(vq.num_free < vq.size for vq in self.vqs)
+
     def _has_used(self) -> bool:
         return self._ring_fault is not None or any(vq.has_used() for vq in self.vqs)
 
@@ -118,6 +128,10 @@ class VirtioDriver:
     def _complete(self, index: int, vq: DriverQueue) -> int:
         """Hand queue ``index``'s completed chains to :meth:`on_used`; how many there were.
         A device that lies about them raises RingError (nothing is handed on then)."""
+        if self._lone_t0:  # a lone request that waited for its interrupt: teach the window
+            now = time.perf_counter()
+            self.inline_window.record(now - self._lone_t0, False, now)
+            self._lone_t0 = 0.0
         n = 0
         for token, length in vq.get_used():
             self.on_used(index, token, length)
@@ -126,8 +140,13 @@ class VirtioDriver:
 
     def inline_ok(self) -> bool:
         """May a lone request be waited for in place (see :meth:`reap_inline`) right now?"""
-        return self.mode != "block" and bool(self.vqs) and self._ring_fault is None and (
-            self.mode == "poll" or spinning_pays(time.monotonic()))
+        return self.inline_window.window > 0 and bool(self.vqs) and self._ring_fault is None
+
+    def lone_waiting(self) -> None:
+        """A lone request goes to the interrupt path (no inline window yet): its completion
+        time teaches the inline window, as a wake-up teaches a waiter's (adaptive mode)."""
+        if self.mode == "adaptive":
+            self._lone_t0 = time.perf_counter()
 
     def quiet(self, index: int) -> None:
         """Before adding a request that :meth:`reap_inline` will wait for: no interrupt for it
@@ -150,18 +169,33 @@ class VirtioDriver:
         task, saves two task switches and an event-loop pass per request. The caller checked
         :meth:`inline_ok` and called :meth:`quiet` before adding its request, and must be the
         only request in flight (we block the loop, which has nothing else of ours to do).
-        Bounded by ``spin_us``; past it interrupts go back on and the interrupt task takes
-        over. A ring fault found here is left to the interrupt task, which recovers the device.
+        Bounded by the inline :class:`PollWindow` (poll mode: ``spin_us``); past it interrupts
+        go back on and the interrupt task takes over, without polling again. A ring fault found
+        here is left to the interrupt task, which recovers the device.
         """
         clock = time.perf_counter
         vq = self.vqs[index]
-        deadline = clock() + self.spin_us / 1e6
-        while not vq.has_used() and clock() <= deadline:
-            pass
+        policy = self.inline_window
+        t0 = clock()
+        cpu0 = time.thread_time()
+        deadline = t0 + policy.window
+        while not vq.has_used():
+            now = clock()
+            if now > deadline:
+                if self.mode == "adaptive":
+                    policy.judge(now - t0, time.thread_time() - cpu0, now)
+                    self._lone_t0 = t0  # its completion time teaches the window
+                break
+        else:
+            if self.mode == "adaptive":
+                now = clock()
+                policy.record(now - t0, True, now)
         if not vq.has_used() or self._backend_trouble() is not None:
             self.loud(index)  # the interrupt task relies on it from here on
             if self._waiter is not None:
-                self._waiter.kick()  # it re-checks everything (used entries, backend state)
+                # it re-checks everything (used entries, backend state), without polling: we
+                # spent the window already
+                self._waiter.kick(poll=False)
             return
         try:
             self.inline_reaps += self._complete(index, vq)
@@ -176,7 +210,8 @@ class VirtioDriver:
         sleeps: the waiting caller resumes one task switch sooner.
 
         Returns True to wake the task instead: the backend left or wants a reset, a ring
-        fault, completions that keep coming, or (adaptive) to spin for the next ones.
+        fault, or completions that keep coming (the waiter itself wakes the task to poll for
+        the next ones when its window says so).
         """
         if self.closed or not self.vqs or self._ring_fault is not None \
                 or self._backend_trouble() is not None:
@@ -195,7 +230,7 @@ class VirtioDriver:
         except RingError as e:
             self._ring_fault = str(e)
             return True
-        return self.mode == "adaptive" and spinning_pays(time.monotonic())
+        return False
 
     async def _irq_loop(self) -> None:
         assert self._waiter is not None

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     def runner_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=("block", "poll", "adaptive"), default="adaptive",
                         help="wait for doorbells, busy-poll the rings, or spin then block")
-        sp.add_argument("--spin-us", type=float, default=50.0)
+        sp.add_argument("--spin-us", type=float, default=200.0,
+                        help="adaptive mode: the longest poll window in microseconds; each "
+                        "link learns its own up to this (default 200)")
         sp.add_argument("--queue-size", type=_int, default=256)
 
     b = sub.add_parser("blk", help="serve a disk image as virtio-blk over a link")

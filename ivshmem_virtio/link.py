@@ -7,7 +7,6 @@ the one uio_ivshmem device whose protocol matches the role and device (pyudev di
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 
@@ -43,99 +42,129 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
     return UioIvshmem(path)
 
 
-_NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-_PSI = "/proc/pressure/cpu"
-STALL_LIMIT = 0.05  # spin while tasks waited for a CPU less than 5 % of the last window
+SPIN_CAP_US = 200.0  # the longest poll window (KVM's halt_poll_ns default on x86 is 200 us)
 
 
-class SpinGate:
-    """Decides whether spinning pays: only while no task on the machine waits for a CPU.
+class PollWindow:
+    """How long ONE waiter polls for work before it sleeps: KVM's halt-polling rule.
 
-    A spinning waiter on an oversubscribed machine takes the CPU the peer needs to answer it:
-    three spinning processes on two cores measured slower than all of them blocking. The
-    kernel's CPU pressure (PSI, ``/proc/pressure/cpu``: microseconds some task was runnable but
-    not running) over the last window measures exactly that. An instantaneous run-queue sample
-    (``/proc/loadavg``) is the fallback for kernels without PSI; it is noisy (any kworker waking
-    counts), so it turned spinning off most of the time on a 2-core VM with two spinners.
+    After each wait the waiter reports how long it was idle (from running out of work to the
+    next work, polling and sleeping together) and whether polling caught it:
+
+    - caught while polling: the window stays;
+    - idle longer than the cap (no window we allow would have caught it): the window halves,
+      and drops to 0 below ``start`` (an idle device stops polling after a few such gaps);
+    - otherwise a window up to the cap would have caught it: the window doubles (from
+      ``start``), up to the cap.
+
+    Each waiter learns from its own wake-ups: a backend serving a frontend that sleeps between
+    requests grows a window that covers the frontend's turnaround (one wake-up saved per round
+    trip); one whose peer goes quiet stops polling. The one signal from outside is the waiter's
+    own CPU: a poll during which this thread got much less CPU time than wall time was
+    preempted (another task wanted this CPU: the machine is oversubscribed where we run), so
+    the window drops to 0 and stays there for a back-off that doubles while it keeps happening
+    (``HOLD_MIN``..``HOLD_MAX``) and resets after a poll that kept its CPU.
     """
 
-    def __init__(self, period: float = 0.02, psi_path: str = _PSI) -> None:
-        self.period = period
-        self.psi_path = psi_path
-        self.at = -1.0
-        self.stall_us: int | None = None
-        self.spin_ok = True
+    HOLD_MIN = 0.01
+    HOLD_MAX = 1.0
+    PREEMPTED = 0.5  # CPU time under this share of a failed poll's wall time: preempted
+    MEASURED = 20e-6  # polls shorter than this are not judged (the clocks cost ~0.5 us)
 
-    def _stall_total(self) -> int | None:
-        try:
-            with open(self.psi_path, "rb") as f:
-                some = f.readline().split()
-            return int(some[4].split(b"=")[1])
-        except (OSError, ValueError, IndexError):
-            return None
+    __slots__ = ("cap", "start", "window", "hold_until", "hold", "grows", "shrinks",
+                 "preemptions", "caught")
 
-    def __call__(self, now: float) -> bool:
-        if now - self.at < self.period:
-            return self.spin_ok
-        elapsed, self.at = now - self.at, now
-        total = self._stall_total() if self.psi_path else None
-        if total is None:
-            self.psi_path = ""
-            self.spin_ok = _runnable() <= _NCPU
-        elif self.stall_us is not None and elapsed > 0:
-            self.spin_ok = (total - self.stall_us) / 1e6 / elapsed < STALL_LIMIT
-        self.stall_us = total
-        return self.spin_ok
+    def __init__(self, cap_us: float = SPIN_CAP_US, start_us: float = 10.0) -> None:
+        self.cap = max(0.0, cap_us) / 1e6
+        self.start = min(max(0.0, start_us) / 1e6, self.cap)
+        self.window = 0.0
+        self.hold_until = 0.0
+        self.hold = self.HOLD_MIN
+        self.grows = self.shrinks = self.preemptions = self.caught = 0
 
+    def record(self, idle: float, caught: bool, now: float) -> None:
+        """One wait ended after ``idle`` seconds (``caught``: while polling); ``now`` is
+        ``time.perf_counter()``."""
+        if caught:
+            self.caught += 1
+        elif idle > self.cap:
+            if self.window:
+                self.window = w = self.window / 2
+                if w < self.start:
+                    self.window = 0.0
+                self.shrinks += 1
+        elif self.window < self.cap and now >= self.hold_until:
+            self.window = min(self.cap, max(self.start, self.window * 2))
+            self.grows += 1
 
-def _runnable() -> int:
-    try:
-        with open("/proc/loadavg", "rb") as f:
-            return int(f.read().split()[3].split(b"/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-spinning_pays = SpinGate()
+    def judge(self, polled: float, cpu: float, now: float) -> None:
+        """A poll of ``polled`` wall seconds ran out, having had ``cpu`` seconds of CPU."""
+        if polled < self.MEASURED:
+            return
+        if cpu < self.PREEMPTED * polled:
+            self.window = 0.0
+            self.hold_until = now + self.hold
+            self.hold = min(self.HOLD_MAX, self.hold * 2)
+            self.preemptions += 1
+        else:
+            self.hold = self.HOLD_MIN
 
 
 class IrqWaiter:
-    """Turns a device's interrupt fds into an awaitable, with optional bounded spinning.
+    """Turns a device's interrupt fds into an awaitable, polling first when that pays.
 
     ``mode`` is ``block`` (sleep in the event loop until an fd is readable), ``poll`` (never
-    sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (spin for
-    ``spin_us`` after activity, then block; no spinning while tasks wait for a CPU, see
-    :class:`SpinGate`). While spinning, ``has_work`` is checked in bursts of ``burst_us``
-    between event-loop passes (a pass costs more than a check: with no burst, work that arrives
-    waits for the rest of one; a burst delays the loop's other tasks by at most that long).
-    Interrupts are level-like here: an eventfd keeps its
-    count until read, so nothing that arrives between a check and the wait is lost.
+    sleep: re-check ``has_work`` continuously, yielding to the loop) or ``adaptive`` (poll for
+    this waiter's :class:`PollWindow`, at most ``spin_us``, then sleep). While polling,
+    ``has_work`` is checked in bursts of ``burst_us`` between event-loop passes (a pass costs
+    more than a check: with no burst, work that arrives waits for the rest of one; a burst
+    delays the loop's other tasks by at most that long). ``expecting`` (optional) says whether
+    anything can arrive at all (a frontend with nothing in flight has nothing to poll for).
+    Interrupts are level-like here: an eventfd keeps its count until read, so nothing that
+    arrives between a check and the wait is lost.
     """
 
     def __init__(self, dev: IvshmemDevice, *, mode: str = "adaptive",
-                 spin_us: float = 50.0, burst_us: float = 0.0) -> None:
+                 spin_us: float = SPIN_CAP_US, burst_us: float = 0.0,
+                 expecting: Callable[[], bool] | None = None) -> None:
         if mode not in ("block", "poll", "adaptive"):
             raise ConfigError(f"notification mode {mode!r}: expected block, poll or adaptive")
         self.dev = dev
         self.mode = mode
-        self.spin = spin_us / 1e6
+        self.policy = PollWindow(spin_us if mode == "adaptive" else 0.0)
         self.burst = burst_us / 1e6
+        self.expecting = expecting
         self._event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._fds: list[int] = []
+        self._epoch = -1
         self.wakeups = 0
         # the owner's data path, run from the fd callback while the waiter sleeps (see _fire)
         self.handler: Callable[[], bool] | None = None
         self.handled = 0  # interrupts the handler took without waking the waiter
         self._sleeping = False
+        self._idle_since = 0.0  # when the owner last ran out of work (perf_counter)
+        self._no_poll = False  # the next wait sleeps at once (see kick)
         self.refresh()
 
     def refresh(self) -> None:
         """(Re-)register the device's fds: they change when the hub connection ends."""
         self.close()
+        self._epoch = self.dev.fd_epoch
         self._fds = list(self.dev.interrupt_fds())
         for fd in self._fds:
             self._loop.add_reader(fd, self._fire, fd)
+
+    def _window(self) -> float:
+        """Seconds to poll before sleeping in this wait (inf: never sleep)."""
+        if self.mode == "poll":
+            return float("inf")
+        if self.mode == "block" or self._no_poll:
+            return 0.0
+        w = self.policy.window
+        if w and self.expecting is not None and not self.expecting():
+            return 0.0
+        return w
 
     def _fire(self, fd: int) -> None:
         """An fd became readable: consume just that interrupt and remember the wake-up.
@@ -144,25 +173,38 @@ class IrqWaiter:
         EOF, an eventfd while the owner is busy reconnecting) would spin the event loop.
         """
         self.dev.ack_fd(fd)
-        if self.dev.interrupt_fds() != self._fds:
+        if self.dev.fd_epoch != self._epoch:
             self.refresh()
-        if self._sleeping and self.handler is not None:
-            # interrupt context, as in a kernel driver: the work the interrupt announces is
-            # done right here, one task switch sooner than by waking the waiting task (which
-            # is parked at its await, so no state is half-updated). The handler returns True
-            # for what it leaves to the task (control path, faults, spinning for more).
-            try:
-                if not self.handler():
-                    self.handled += 1
-                    return
-            except Exception:  # noqa: BLE001 - a bug there must not cost the interrupt
-                log.warning("interrupt handler failed: the task takes every interrupt from "
-                            "now on", link=self.dev.name, exc_info=True)
-                self.handler = None
+        if self._sleeping:
+            now = time.perf_counter()
+            # the sleep ended: a window up to the cap would have caught this if it came soon
+            self.policy.record(now - self._idle_since, False, now)
+            if self.handler is not None:
+                # interrupt context, as in a kernel driver: the work the interrupt announces
+                # is done right here, one task switch sooner than by waking the waiting task
+                # (which is parked at its await, so no state is half-updated). The handler
+                # returns True for what it leaves to the task (control path, faults).
+                try:
+                    if not self.handler():
+                        self.handled += 1
+                        self._idle_since = time.perf_counter()
+                        if self._window() == 0.0:
+                            return  # nothing to poll for: stay asleep
+                        # else wake the task: it polls for the next request
+                except Exception:  # noqa: BLE001 - a bug there must not cost the interrupt
+                    log.warning("interrupt handler failed: the task takes every interrupt "
+                                "from now on", link=self.dev.name, exc_info=True)
+                    self.handler = None
         self._event.set()
 
-    def kick(self) -> None:
-        """Wake the waiter from inside the process (new work submitted, shutdown)."""
+    def kick(self, poll: bool = True) -> None:
+        """Wake the waiter from inside the process (new work submitted, shutdown).
+
+        ``poll=False``: its next wait sleeps at once (a caller that polled in vain already
+        spent the window: the interrupt task must not poll a second time for the same work).
+        """
+        if not poll:
+            self._no_poll = True
         self._event.set()
 
     async def wait(self, has_work: Callable[[], bool], timeout: float | None = None,
@@ -170,28 +212,41 @@ class IrqWaiter:
         """Return when an interrupt arrived or ``has_work()`` became true.
 
         ``prepare_block`` runs once before sleeping (re-enable the peer's notifications, which
-        are left off while we spin) and returns True if work showed up meanwhile.
+        are left off while we poll) and returns True if work showed up meanwhile.
         """
-        if self.mode == "poll" or (self.mode == "adaptive"
-                                   and spinning_pays(time.monotonic())):
-            deadline = None if self.mode == "poll" else time.perf_counter() + self.spin
-            clock, burst_s = time.perf_counter, self.burst
+        clock = time.perf_counter
+        self._idle_since = start = clock()
+        window = self._window()
+        if not self._event.is_set():  # (a pending kick returns at once: "no poll" is for
+            self._no_poll = False     # the wait after it)
+        if window:
+            cpu0 = time.thread_time() if window != float("inf") else 0.0
+            deadline = start + window
+            burst_s = self.burst
             while not self._event.is_set():
                 burst_end = clock() + burst_s
                 while True:  # a burst of checks between event-loop passes
                     if has_work():
+                        now = clock()
+                        self.policy.record(now - start, True, now)
                         return
                     now = clock()
                     if now >= burst_end:
                         break
-                if deadline is not None and now > deadline:
+                if now > deadline:
+                    self.policy.judge(now - start, time.thread_time() - cpu0, now)
                     break
                 await asyncio.sleep(0)
         if prepare_block is not None and not self._event.is_set() and prepare_block():
+            now = clock()
+            self.policy.record(now - start, False, now)  # just after the window: grow
             return
         # re-check before sleeping: with EVENT_IDX a peer may have published work before it saw
         # our new used_event/avail_event and decided no interrupt was needed
-        if not self._event.is_set() and not has_work():
+        if not self._event.is_set() and has_work():
+            now = clock()
+            self.policy.record(now - start, False, now)
+        elif not self._event.is_set():
             self._sleeping = True
             try:
                 if timeout is None:

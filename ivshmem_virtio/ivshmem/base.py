@@ -47,6 +47,9 @@ class IvshmemDevice(abc.ABC):
     def set_int_control(self, enabled: bool) -> None:
         """Write INT_CONTROL; interrupts arriving while it is 0 are lost."""
 
+    # bumped whenever interrupt_fds() changes: a waiter re-registers its fds when it moved
+    fd_epoch = 0
+
     @abc.abstractmethod
     def interrupt_fds(self) -> list[int]:
         """File descriptors that become readable when an interrupt is pending."""

@@ -141,6 +141,7 @@ class SimIvshmem(IvshmemDevice):
                 if self._hub_open:
                     log.warning("ivshmem hub connection closed", link=self.name)
                 self._hub_open = False
+                self.fd_epoch += 1
                 return
             self._rxbuf += data
             if len(self._rxbuf) == 8:
@@ -149,6 +150,8 @@ class SimIvshmem(IvshmemDevice):
                 self._on_message(value, fd)
 
     def _on_message(self, peer: int, fd: int | None) -> None:
+        if peer == self.id:
+            self.fd_epoch += 1  # our own vectors (never re-sent today; kept honest anyway)
         if fd is None:
             for old in self._peers.pop(peer, []):
                 os.close(old)
@@ -232,6 +235,7 @@ class SimIvshmem(IvshmemDevice):
             for fd in fds:
                 os.close(fd)
         self._peers.clear()
+        self.fd_epoch += 1
         sock = getattr(self, "_sock", None)
         if sock is not None:
             sock.close()

@@ -147,3 +147,4 @@ class UioIvshmem(IvshmemDevice):
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)  # the driver writes STATE = 0 on release
             self.fd = -1
+            self.fd_epoch += 1
