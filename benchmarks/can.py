@@ -6,6 +6,13 @@ classic 8-byte frames in flight; each send completes once the device put the fra
 (LATE_TX_ACK), so the rate is frontend -> backend -> bus. Round trip: an echo peer on link 1 (a
 child process, ``python -m benchmarks.can --link L``) answers every frame with ID + 1, and the
 bench process times send -> echo received, one frame at a time.
+
+python-can's ``bus.send`` through ``can.Bus(interface="ivshmem")`` on link 0, with LATE_TX_ACK
+negotiated off (returns once the request is on the ring) and on (returns once the backend put
+the frame on the bus), one frame every ``PACE_US`` as on a real bus (the caller spins between
+frames, see :func:`_pace`). One echo hop, measured in
+the same run: a second bus on link 1 in the same process, the time from ``send`` on link 0 to
+``recv`` returning the frame on link 1 (one clock, no halving of a round trip).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .core import Context, Measurement, run_loop, summarize_ns
 
 RW_SIZE = 0x40000
 WINDOW = 64  # frames in flight one way (the TX queue holds 256)
+PACE_US = 200  # python-can sends: one frame per 200 us (a 1 Mbit/s bus: ~110 us per 8 B frame)
 
 
 def missing() -> str | None:
@@ -107,6 +115,69 @@ async def _echo_rtt(link: str, rounds: int, warmup: int) -> np.ndarray:
         await close_driver(driver)
 
 
+def _bus(link: str, **kw: Any) -> Any:  # noqa: ANN401 - can.BusABC
+    import can
+
+    return can.Bus(interface="ivshmem", channel=link, timeout=15.0, **kw)
+
+
+def _pace(t0_ns: int) -> None:
+    """Wait out the rest of one frame time after ``t0_ns``, spinning as the caller of every
+    latency loop here does: a caller that slept instead pays this VM's wake-up from idle
+    (~13 us measured) in its next ``send``, which is not the cost of ``send``."""
+    end = t0_ns + PACE_US * 1000
+    now = time.perf_counter_ns
+    while now() < end:
+        pass
+
+
+def _send_latency(link: str, late_tx_ack: bool, n: int, warmup: int) -> np.ndarray:
+    """python-can ``bus.send`` times, one frame per PACE_US."""
+    import can
+
+    bus = _bus(link, late_tx_ack=late_tx_ack)
+    try:
+        msg = can.Message(arbitration_id=0x300, data=bytes(range(8)), is_extended_id=False)
+        out = np.empty(n + warmup, dtype=np.uint64)
+        now = time.perf_counter_ns
+        for i in range(n + warmup):
+            t0 = now()
+            bus.send(msg, 5.0)
+            out[i] = now() - t0
+            _pace(t0)
+        return out[warmup:]
+    finally:
+        bus.shutdown()
+
+
+def _hop_latency(links: list[str], n: int, warmup: int) -> np.ndarray:
+    """``send`` on link 0 (no LATE_TX_ACK) until ``recv`` on link 1 returns the frame."""
+    import can
+
+    tx = _bus(links[0], late_tx_ack=False)
+    try:
+        rx = _bus(links[1])
+        try:
+            out = np.empty(n + warmup, dtype=np.uint64)
+            now = time.perf_counter_ns
+            for i in range(n + warmup):
+                msg = can.Message(arbitration_id=0x400 + (i & 0xFF),
+                                  data=i.to_bytes(8, "little"), is_extended_id=False)
+                t0 = now()
+                tx.send(msg, 5.0)
+                got = rx.recv(10.0)
+                out[i] = now() - t0
+                if got is None or got.arbitration_id != msg.arbitration_id \
+                        or bytes(got.data) != bytes(msg.data):
+                    raise RuntimeError(f"hop {i}: sent {msg}, received {got}")
+                _pace(t0)
+            return out[warmup:]
+        finally:
+            rx.shutdown()
+    finally:
+        tx.shutdown()
+
+
 def run_can(ctx: Context) -> None:
     """Frames/s one way (link 0 -> bus) and the echo round trip through a second link."""
     why = missing()
@@ -142,6 +213,26 @@ def run_can(ctx: Context) -> None:
             params={"frames": n, "window": WINDOW, "late_tx_ack": True, "bus": "virtual",
                     "mode": "adaptive", "seconds": round(elapsed, 2)},
             ops_per_s=n / elapsed, extra={"tx_not_ok": failed}))
+        sends = ctx.pick(2_000, 10_000)
+        warm = max(100, sends // 20)
+        for late in (False, True):
+            name = "on" if late else "off"
+            ctx.progress.update(f"can: {sends} python-can sends, LATE_TX_ACK {name}")
+            samples = _send_latency(f"sim:{socks[0]}", late, sends, warm)
+            ctx.add(Measurement(
+                f"can.send.late-ack-{name}", "can",
+                f"python-can bus.send, LATE_TX_ACK {name}"
+                + (" (frame on the bus)" if late else " (request on the ring)"),
+                params={"sends": sends, "late_tx_ack": late, "pace_us": PACE_US,
+                        "backend_mode": "adaptive", "bus": "virtual"},
+                latency_us=summarize_ns(samples), samples_ns=samples))
+        ctx.progress.update(f"can: {sends} hops link 0 -> link 1")
+        samples = _hop_latency([f"sim:{s}" for s in socks], sends, warm)
+        ctx.add(Measurement(
+            "can.hop", "can", "CAN one hop: python-can send on link 0 -> recv on link 1",
+            params={"frames": sends, "pace_us": PACE_US, "backend_mode": "adaptive",
+                    "clock": "one process, send start to recv return"},
+            latency_us=summarize_ns(samples), samples_ns=samples))
         echo = ctx.child("can-echo", [sys.executable, "-m", "benchmarks.can", "--link",
                                       f"sim:{socks[1]}"])
         echo.wait_for("echo ready", timeout=20)

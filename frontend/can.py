@@ -11,11 +11,19 @@ every buffer of the ivshmem transport: from a slab of fixed slots carved once pe
 list pop instead of an allocator call per frame), or from the allocator for what does not fit.
 Requests in flight when the backend goes away fail with :class:`ConnectionError`; a CAN frame is
 not worth resending late.
+
+Threads: :meth:`CanDriver.send_from_thread` submits a frame straight from the caller's thread
+(python-can's blocking ``send``), without a hand-off to the driver's event loop. Everything the
+TX path shares (the TX and control rings, their free lists, the TX slab, the allocator, the
+backlog) is therefore touched only under ``tx_lock``, by the loop thread and the callers alike.
+While only such callers use the TX ring, its completions raise no interrupt (used_event parked):
+a caller reaps them itself, in place, and re-arms the interrupt only before it blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,12 +31,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from ivshmem_virtio.errors import TransportError
+from ivshmem_virtio.errors import RingError, TransportError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
+from ivshmem_virtio.log import RateLimiter
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec import virtio as V
 from ivshmem_virtio.spec.can import CanFrame, CanFrameError, decode_frame, encode_frame
-from ivshmem_virtio.virtqueue.driver import Buffers
+from ivshmem_virtio.virtqueue.driver import Buffers, DriverQueue
 
 from .driver import VirtioDriver
 
@@ -47,16 +56,25 @@ class Received:
 class _Req:
     """A TX or control request: readable bytes, then one result byte (a bounce buffer of
     ``len(payload) + 1`` bytes at ``addr`` while it is on the ring; ``slot``: it is a TX slab
-    slot rather than an allocation)."""
+    slot rather than an allocation).
 
-    __slots__ = ("queue", "payload", "future", "addr", "slot")
+    ``future`` is None for a request submitted from a thread (:meth:`CanDriver.send_from_thread`):
+    its answer lands in ``result`` (or ``error``) under ``tx_lock``; ``waited``: its caller
+    waits for the answer (else a NOT_OK is reported later, see ``CanDriver.refused``).
+    """
 
-    def __init__(self, queue: int, payload: bytes, future: asyncio.Future) -> None:
+    __slots__ = ("queue", "payload", "future", "addr", "slot", "result", "error", "waited")
+
+    def __init__(self, queue: int, payload: bytes, future: asyncio.Future | None,
+                 waited: bool = True) -> None:
         self.queue = queue
         self.payload = payload
         self.future = future
         self.addr = -1
         self.slot = False
+        self.result: int | None = None
+        self.error: BaseException | None = None
+        self.waited = waited
 
     @property
     def result_addr(self) -> int:
@@ -80,6 +98,7 @@ class _Raw:
 class CanDriverMetrics:
     tx_count: int = 0  # TX requests answered OK
     tx_fails: int = 0  # TX requests answered NOT_OK
+    tx_fails_unwaited: int = 0  # ... of which sent from a thread that did not wait for the answer
     rx_count: int = 0  # frames delivered
     rx_empty: int = 0  # RX buffers returned with used length 0 (frame too big for them)
     rx_invalid: int = 0  # RX buffers with an impossible length, bad frame or unnegotiated type
@@ -102,6 +121,16 @@ class CanDriver(VirtioDriver):
                   | (wire.F_RTR_FRAMES if rtr else 0)
                   | (wire.F_LATE_TX_ACK if late_tx_ack else 0)
                   | (V.bit(V.F_EVENT_IDX) if event_idx else 0))
+        # before the base class assigns ``vqs`` (a property taking it, see there)
+        self.tx_lock = threading.RLock()
+        self._tx_cond = threading.Condition(self.tx_lock)
+        self._vqs: list[DriverQueue] = []
+        self._tx_waiters = 0  # threads blocked for a TX answer (they need the interrupt)
+        self._tx_async = 0  # TX requests with an asyncio future on the ring (need it too)
+        #: NOT_OK answers to thread sends nobody waited for, not yet reported (see ``refused``)
+        self.refused = 0
+        self._refused_log = RateLimiter()
+        self._loop: asyncio.AbstractEventLoop | None = None
         super().__init__(dev, features=wanted, **kw)  # type: ignore[arg-type]
         self.rx_buffer_size = rx_buffer_size
         self.rx_size = 0  # the size of the buffers posted by the last bring-up
@@ -123,6 +152,23 @@ class CanDriver(VirtioDriver):
         self._kick_scheduled = False
         self._attach_task: asyncio.Task | None = None
 
+    # -- the rings, shared with sending threads -------------------------------------------------
+    @property  # type: ignore[override]
+    def vqs(self) -> list[DriverQueue]:
+        return self._vqs
+
+    @vqs.setter
+    def vqs(self, vqs: list[DriverQueue]) -> None:
+        """Rings are replaced (reset, reconnect) only under ``tx_lock``: a thread in the middle of
+        :meth:`send_from_thread` finishes on the old ring first. What it left there is failed
+        here: the base class collected the in-flight tokens before taking the lock."""
+        with self.tx_lock:
+            old, self._vqs = self._vqs, vqs
+            self._tx_async = 0  # what was on the old rings is failed by the caller
+            if old and old is not vqs and len(old) > wire.TXQ:
+                self._fail_thread_calls(old[wire.TXQ].in_flight(),
+                                        ConnectionError("the rings were reset"))
+
     # -- negotiated properties -----------------------------------------------------------------
     def has(self, feature: int) -> bool:
         return bool(self.features & feature)
@@ -140,6 +186,7 @@ class CanDriver(VirtioDriver):
     # -- bring-up ----------------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> None:
         """Bring the device up and (with ``auto_start``) START the controller."""
+        self._loop = asyncio.get_running_loop()
         await super().start(timeout)
         if self.auto_start:
             await asyncio.wait_for(self.attached.wait(), self.timeout if timeout is None
@@ -148,6 +195,10 @@ class CanDriver(VirtioDriver):
                 raise TransportError(f"{self.dev.name}: the device refused START")
 
     def on_queues_ready(self) -> None:
+        with self.tx_lock:  # the allocator is shared with sending threads
+            self._fill_rings()
+
+    def _fill_rings(self) -> None:
         self.status = self._read_status()
         self.bus_off = bool(self.status & wire.VIRTIO_CAN_S_CTRL_BUSOFF)
         self.controller_started = False
@@ -184,8 +235,9 @@ class CanDriver(VirtioDriver):
     async def _bring_up(self, timeout: float | None = None) -> None:
         await super()._bring_up(timeout)
         self.transport.kick(wire.RXQ)
-        for q in self._backlog:
-            self._pump(q)
+        with self.tx_lock:
+            for q in self._backlog:
+                self._pump(q)
         if self.auto_start:
             self._attach_task = asyncio.create_task(self._attach())
 
@@ -202,11 +254,143 @@ class CanDriver(VirtioDriver):
     async def send(self, frame: CanFrame) -> int:
         """Transmit ``frame``; returns the device's result (0 = OK, anything else NOT_OK)."""
         result = await self._submit(wire.TXQ, encode_frame(frame, wire.VIRTIO_CAN_TX))
-        if result == wire.VIRTIO_CAN_RESULT_OK:
-            self.metrics.tx_count += 1
-        else:
-            self.metrics.tx_fails += 1
+        with self.tx_lock:  # the metrics are shared with sending threads
+            if result == wire.VIRTIO_CAN_RESULT_OK:
+                self.metrics.tx_count += 1
+            else:
+                self.metrics.tx_fails += 1
         return result
+
+    # -- sending from another thread --------------------------------------------------------------
+    def submit_from_thread(self, payload: bytes, *, waited: bool) -> _Req | None:
+        """Put one TX request on the ring from the calling thread and kick; never blocks.
+
+        Returns None when it cannot go this way now (not connected, ring or slab full, requests
+        of the event loop in the way): the caller then uses :meth:`send` on the loop, whose
+        backlog keeps the order. ``waited``: the caller will :meth:`wait_from_thread` for the
+        answer; otherwise a NOT_OK answer is counted in ``refused`` when it arrives.
+        """
+        req = _Req(wire.TXQ, payload, None, waited)
+        n = len(payload)
+        with self.tx_lock:
+            vqs = self._vqs
+            if (self.closed or not vqs or not self.connected.is_set() or self._tx_async
+                    or self._backlog[wire.TXQ] or self._ring_fault is not None):
+                return None
+            vq = vqs[wire.TXQ]
+            if vq.has_used():  # free the slots the device answered meanwhile
+                self._reap(vq)
+            slots = self._tx_slots
+            if not slots or n >= self._tx_slot_size or not vq.can_add(2):
+                return None
+            req.addr = addr = slots.pop()
+            req.slot = True
+            mem = self.transport.hdr
+            mem.write(addr, payload)
+            mem.set_u8(addr + n, 0xFF)
+            if vq.interrupts_on and not self._tx_waiters:
+                vq.suppress_interrupts(True)  # reaped by the next caller, or on any interrupt
+            vq.add(((addr, n),), ((addr + n, wire.RESULT_SIZE),), req)
+            kick = vq.kick_needed()
+        if kick:
+            self.transport.kick(wire.TXQ)
+        return req
+
+    def wait_from_thread(self, req: _Req, timeout: float | None, spin_us: float = 0.0) -> int:
+        """The device's answer to a request of :meth:`submit_from_thread` (calling thread).
+
+        Spins up to ``spin_us`` on the used ring and reaps in place (no interrupt, no thread
+        switch); then turns the TX interrupt on and sleeps until the loop thread's interrupt
+        handler (or another caller) hands the answer over. Raises TimeoutError (the answer then
+        counts in ``refused`` if it is NOT_OK) or ConnectionError (the rings went away).
+        """
+        vqs = self._vqs
+        vq = vqs[wire.TXQ] if vqs else None
+        if spin_us > 0 and vq is not None:
+            clock = time.perf_counter
+            end = clock() + spin_us / 1e6
+            while req.result is None and req.error is None:
+                if vq.has_used():
+                    with self.tx_lock:
+                        if self._may_reap(vq):
+                            self._reap(vq)
+                            continue
+                    break  # the loop thread reaps: sleep below
+                if clock() > end:
+                    break
+        with self.tx_lock:
+            if req.result is None and req.error is None:
+                self._tx_waiters += 1
+                try:
+                    if vq is not None and self._vqs and self._vqs[wire.TXQ] is vq:
+                        self._interrupts_for(vq)  # the next answer interrupts ...
+                        if vq.has_used() and self._may_reap(vq):
+                            self._reap(vq)  # ... and one that came before it is taken here
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    while req.result is None and req.error is None:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            req.waited = False  # a late NOT_OK is reported through `refused`
+                            raise TimeoutError(f"send not answered within {timeout} s")
+                        self._tx_cond.wait(left)
+                finally:
+                    self._tx_waiters -= 1
+            if req.error is not None:
+                raise req.error
+            assert req.result is not None
+            return req.result
+
+    def take_refused(self) -> int:
+        """How many thread sends were refused since the last call (and forget them)."""
+        with self.tx_lock:
+            n, self.refused = self.refused, 0
+        return n
+
+    def _may_reap(self, vq: DriverQueue) -> bool:
+        """May a sending thread take TX completions itself now (under ``tx_lock``)? Not while
+        the loop has requests with asyncio futures there (those must complete on the loop)."""
+        vqs = self._vqs
+        return (bool(vqs) and vqs[wire.TXQ] is vq and not self._tx_async
+                and not self._backlog[wire.TXQ] and self._ring_fault is None)
+
+    def _reap(self, vq: DriverQueue) -> None:
+        """A sending thread takes the TX completions (under ``tx_lock``); a ring fault is left
+        to the loop's interrupt task, which recovers the device."""
+        try:
+            self._complete_locked(wire.TXQ, vq)
+        except RingError as e:
+            self._ring_fault = str(e)
+            self._interrupts_for(vq)
+            loop, waiter = self._loop, self._waiter
+            if loop is not None and waiter is not None:
+                loop.call_soon_threadsafe(waiter.kick)
+
+    def _thread_answer(self, req: _Req, result: int) -> None:
+        """The answer to a thread's request (under ``tx_lock``, on whichever thread reaped it)."""
+        req.result = result
+        m = self.metrics
+        if result == wire.VIRTIO_CAN_RESULT_OK:
+            m.tx_count += 1
+        else:
+            m.tx_fails += 1
+            if not req.waited:
+                m.tx_fails_unwaited += 1
+                self.refused += 1
+                if self._refused_log.allow(time.monotonic()):
+                    log.warning("the device refused a frame after send() returned (NOT_OK)",
+                                link=self.dev.name, bus_off=self.bus_off,
+                                started=self.controller_started)
+        if self._tx_waiters:
+            self._tx_cond.notify_all()
+
+    def _fail_thread_calls(self, tokens: list[object], exc: BaseException) -> None:
+        """Thread requests among ``tokens`` that will never be answered (under ``tx_lock``)."""
+        for t in tokens:
+            if isinstance(t, _Req) and t.future is None and t.result is None \
+                    and t.error is None:
+                t.addr = -1
+                t.error = exc
+        self._tx_cond.notify_all()
 
     async def send_raw(self, request: bytes) -> int:
         """Transmit arbitrary TX request bytes (header + payload, unchecked); returns the result."""
@@ -242,9 +426,14 @@ class CanDriver(VirtioDriver):
         if not self.connected.is_set():
             raise ConnectionError("device not connected")
         tok = _Raw(asyncio.get_running_loop().create_future())
-        vq = self.vqs[queue]
-        vq.add(out, inn, tok)
-        if vq.kick_needed():
+        with self.tx_lock:
+            vq = self.vqs[queue]
+            if queue == wire.TXQ:
+                self._tx_async += 1
+                self._interrupts_for(vq)
+            vq.add(out, inn, tok)
+            kick = vq.kick_needed()
+        if kick:
             self.transport.kick(queue)
         return await tok.future
 
@@ -266,14 +455,33 @@ class CanDriver(VirtioDriver):
         """Queue a request; the future gets its result byte (awaited by the caller)."""
         if self.closed:
             raise ConnectionError("device closed")
-        req = _Req(queue, payload, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        req = _Req(queue, payload, future)
         backlog = self._backlog[queue]
-        backlog.append(req)
-        self._pump(queue, backlog)
-        return req.future
+        with self.tx_lock:
+            backlog.append(req)
+            self._pump(queue, backlog)
+        return future
+
+    def _interrupts_for(self, vq: DriverQueue) -> None:
+        """Someone will wait for an interrupt from this TX ring: un-park used_event. (Answers
+        that came while it was parked raised none: the caller re-checks the ring.)"""
+        if not vq.interrupts_on:
+            vq.suppress_interrupts(False)
+
+    def _complete(self, index: int, vq: DriverQueue) -> int:
+        """TX and control completions are taken under ``tx_lock`` (shared with senders)."""
+        if index == wire.RXQ:
+            return super()._complete(index, vq)
+        with self.tx_lock:
+            return self._complete_locked(index, vq)
+
+    def _complete_locked(self, index: int, vq: DriverQueue) -> int:
+        return super()._complete(index, vq)
 
     def _pump(self, q: int, backlog: deque[_Req] | None = None) -> None:
-        """Move backlog requests into the ring while descriptors and shared memory last."""
+        """Move backlog requests into the ring while descriptors and shared memory last
+        (under ``tx_lock``)."""
         if backlog is None:
             backlog = self._backlog[q]
         if not backlog or not self.connected.is_set() or not self.vqs:
@@ -302,24 +510,40 @@ class CanDriver(VirtioDriver):
             backlog.popleft()
             mem.write(addr, req.payload)
             mem.set_u8(addr + n, 0xFF)
+            if q == wire.TXQ:
+                self._tx_async += 1
+                self._interrupts_for(vq)
             vq.add(((addr, n),), ((addr + n, wire.RESULT_SIZE),), req)
             added = True
+        if q == wire.TXQ and backlog and not vq.interrupts_on:
+            # what waits in the backlog moves on at the next completion: it must interrupt
+            vq.suppress_interrupts(False)
+            if vq.has_used() and self._waiter is not None:
+                self._waiter.kick()  # answered while parked: no interrupt will come for those
         if added and vq.kick_needed():
             self.transport.kick(q)
 
     def on_used(self, index: int, token: object, length: int) -> None:
         if isinstance(token, _RxBuf):
             self._on_rx(token, length)
-        elif isinstance(token, _Req):
+        elif isinstance(token, _Req):  # (TX and control: called under tx_lock, see _complete)
             mem = self.transport.hdr
             result = mem.u8(token.result_addr) if length >= wire.RESULT_SIZE else \
                 wire.VIRTIO_CAN_RESULT_NOT_OK
             self._free(token)
-            if not token.future.done():
-                token.future.set_result(result)
+            future = token.future
+            if future is None:
+                self._thread_answer(token, result)
+            else:
+                if index == wire.TXQ:
+                    self._tx_async -= 1
+                if not future.done():
+                    future.set_result(result)
             if self._backlog[index]:
                 self._pump(index)
         elif isinstance(token, _Raw):
+            if index == wire.TXQ:
+                self._tx_async -= 1
             if not token.future.done():
                 token.future.set_result(length)
 
@@ -399,6 +623,10 @@ class CanDriver(VirtioDriver):
         self.fail_all(ConnectionError("backend restarted"), tokens)
 
     def fail_all(self, exc: BaseException, tokens: list[object] | None = None) -> None:
+        with self.tx_lock:
+            self._fail_all(exc, tokens)
+
+    def _fail_all(self, exc: BaseException, tokens: list[object] | None) -> None:
         reqs: list[_Req | _Raw] = []
         if tokens is None:
             for backlog in self._backlog.values():
@@ -409,9 +637,17 @@ class CanDriver(VirtioDriver):
         for r in reqs:
             if isinstance(r, _Req):
                 r.addr = -1  # the allocator is rebuilt by every bring-up
-            if not r.future.done():
-                r.future.set_exception(exc)
-                r.future.exception()  # retrieved: nobody may be waiting any more
+            future = r.future
+            if future is None:  # a thread's request
+                assert isinstance(r, _Req)
+                if r.result is None and r.error is None:
+                    r.error = exc
+            elif not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: nobody may be waiting any more
+        if tokens is None:
+            self._tx_async = 0
+        self._tx_cond.notify_all()
 
     async def close(self) -> None:
         if self._attach_task is not None and not self._attach_task.done():

@@ -10,6 +10,15 @@ a private event loop in one background thread, which also keeps the RX ring full
 application is busy elsewhere. Received frames wait in a queue whose state an eventfd mirrors:
 ``fileno()`` returns that eventfd, so ``can.Notifier`` watches it with ``add_reader`` and needs
 no thread of its own.
+
+``send`` does not hand the frame to that thread: it puts it on the TX ring itself, under a lock
+it shares with the loop thread, and kicks the device (:meth:`CanDriver.submit_from_thread`).
+Without LATE_TX_ACK it then returns: the device answers only NOT_OK for a stopped or bus-off
+controller, which ``send`` checks before it submits; a NOT_OK that still arrives later (the
+controller went bus-off meanwhile) is counted in ``tx_errors``, logged, and raised by the next
+``send``, which then does not send its own frame (as a socket reports an asynchronous error on
+the next call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
+up to ``spin_us`` and takes the answer itself, then sleeps until the loop thread hands it over.
 """
 
 from __future__ import annotations
@@ -31,7 +40,12 @@ from can import BusABC, BusState, CanInitializationError, CanOperationError, Can
 from ivshmem_virtio.errors import ConfigError, IvshmemVirtioError
 from ivshmem_virtio.link import open_link, parse_link
 from ivshmem_virtio.spec import can as wire
-from ivshmem_virtio.spec.can import CanFrameError, frame_from_message, frame_to_message
+from ivshmem_virtio.spec.can import (
+    CanFrameError,
+    encode_frame,
+    frame_from_message,
+    frame_to_message,
+)
 
 from .can import CanDriver, Received
 
@@ -47,12 +61,14 @@ class IvshmemCanBus(BusABC):
     :param rx_queue_size: received frames kept for ``recv`` (0 = unbounded); when full the
         oldest is dropped, as python-can's ``virtual`` interface does.
     :param timeout: seconds to wait for the backend at start-up.
+    :param spin_us: with LATE_TX_ACK, how long ``send`` polls for the device's answer before
+        it sleeps (0: always sleep).
     """
 
     def __init__(self, channel: str, can_filters: can.typechecking.CanFilters | None = None, *,
                  fd: bool | None = None, receive_own_messages: bool = False,
                  late_tx_ack: bool = True, rx_queue_size: int = 0, timeout: float = 10.0,
-                 **kwargs: Any) -> None:
+                 spin_us: float = 100.0, **kwargs: Any) -> None:
         try:
             parse_link(str(channel))
         except ConfigError as e:
@@ -61,6 +77,7 @@ class IvshmemCanBus(BusABC):
         self.receive_own_messages = receive_own_messages
         self.rx_queue_size = rx_queue_size
         self.rx_dropped = 0
+        self.spin_us = spin_us
         self._timeout = timeout
         self._rxq: collections.deque[can.Message] = collections.deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -150,7 +167,8 @@ class IvshmemCanBus(BusABC):
             select.select([self._efd], [], [], 1.0 if left is None else min(left, 1.0))
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
-        """Send ``msg``; returns once the device accepted it (on the bus, with LATE_TX_ACK)."""
+        """Send ``msg``. With LATE_TX_ACK: returns once the frame is on the bus. Without: once
+        the device has the request (a later refusal is raised by the next call, see above)."""
         if self._is_shutdown:
             raise CanOperationError("the bus is shut down")
         driver = self._driver
@@ -159,19 +177,40 @@ class IvshmemCanBus(BusABC):
             frame = frame_from_message(msg)
         except CanFrameError as e:
             raise CanOperationError(f"cannot send this message over virtio-can: {e}") from None
+        if driver.refused and (n := driver.take_refused()):
+            raise CanOperationError(f"the device refused {n} frame(s) sent before (NOT_OK, "
+                                    f"{self._why(driver)}); this one was not sent")
+        if driver.bus_off or not driver.controller_started:
+            raise CanOperationError(f"the controller is {self._why(driver)}: frame not sent")
+        late = driver.has(wire.F_LATE_TX_ACK)
         try:
-            result = self._call(driver.send(frame), timeout)
-        except concurrent.futures.TimeoutError:
+            req = driver.submit_from_thread(encode_frame(frame, wire.VIRTIO_CAN_TX), waited=late)
+            if req is None:  # reconnecting, ring full: through the loop's backlog, in order
+                result = self._call(driver.send(frame), timeout)
+            elif late:
+                result = driver.wait_from_thread(req, timeout, self.spin_us)
+            else:
+                result = wire.VIRTIO_CAN_RESULT_OK
+        except TimeoutError:
             raise CanOperationError(f"send not answered within {timeout} s") from None
         except (ConnectionError, IvshmemVirtioError) as e:
             raise CanOperationError(f"ivshmem {self.channel}: {e}") from None
         if result != wire.VIRTIO_CAN_RESULT_OK:
-            why = "bus-off" if driver.bus_off else (
-                "controller stopped" if not driver.controller_started else "frame refused")
-            raise CanOperationError(f"the device answered NOT_OK ({why})")
+            raise CanOperationError(f"the device answered NOT_OK ({self._why(driver)})")
         if self.receive_own_messages:
             self._enqueue(frame_to_message(frame, timestamp=time.time(), channel=self.channel,
                                            is_rx=False))
+
+    @property
+    def tx_errors(self) -> int:
+        """Frames the device refused after ``send`` had returned (no LATE_TX_ACK), in total."""
+        driver = self._driver
+        return 0 if driver is None else driver.metrics.tx_fails_unwaited
+
+    @staticmethod
+    def _why(driver: CanDriver) -> str:
+        return "bus-off" if driver.bus_off else (
+            "stopped" if not driver.controller_started else "frame refused")
 
     def fileno(self) -> int:
         return self._efd
