@@ -10,6 +10,7 @@ on its own hub(s) and image in the bench work dir.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ivshmem_virtio.link import SPIN_CAP_US
 from ivshmem_virtio.procs import Child, cli
 
 from . import baselines
@@ -28,15 +30,21 @@ DEFAULT_RW = 0xDF000  # the R/W section of a stock Jailhouse virtio-ivshmem link
 BIG_RW = 0x1000000  # 16 MiB: room for 32 x 128 KiB in flight in the bounce buffers
 
 
-def start_backend(ctx: Context, name: str, image: Path, *, mode: str = "adaptive",
-                  rw_size: int = DEFAULT_RW, spin_us: float = 200.0) -> tuple[str, Child]:
-    """Start a hub and a blk backend on it; returns the link name and the backend child."""
+# what `ivshmem-virtio blk` runs with when not told (its CLI defaults), for the JSON's params
+START_DEFAULTS: dict[str, Any] = {"mode": "adaptive", "spin_us": SPIN_CAP_US}
+
+
+def start_backend(ctx: Context, name: str, image: Path, *, mode: str | None = None,
+                  rw_size: int = DEFAULT_RW, spin_us: float | None = None) -> tuple[str, Child]:
+    """Start a hub and a blk backend on it; returns the link name and the backend child.
+    ``mode``/``spin_us`` None: the backend's own defaults (no option passed)."""
     sock = str(ctx.workdir / f"{name}.sock")
     hub = ctx.child(f"{name}-hub", cli("hub", "--socket", sock, "--rw-size", hex(rw_size)))
     hub.wait_for("hub listening")
+    opts = ([] if mode is None else ["--mode", mode]) \
+        + ([] if spin_us is None else ["--spin-us", str(spin_us)])
     backend = ctx.child(f"{name}-backend",
-                        cli("blk", "--link", f"sim:{sock}", "--image", str(image), "--mode", mode,
-                            "--spin-us", str(spin_us)))
+                        cli("blk", "--link", f"sim:{sock}", "--image", str(image), *opts))
     backend.wait_for("backend ready", timeout=15.0)
     return f"sim:{sock}", backend
 
@@ -85,37 +93,105 @@ FLOORS = {"block": baselines.GOAL_FLOORS["eventfd"], "poll": baselines.GOAL_FLOO
           "adaptive": baselines.GOAL_FLOORS["spin"]}
 
 
+SLICES = 3  # each mode is measured in this many slices, interleaved with the other modes
+
+
+def _merge_floors(brackets: list[dict[str, Any]]) -> dict[str, Any]:
+    """One bracket for a mode measured in slices: the mean of its slices' floors."""
+    return {"id": brackets[0]["id"],
+            "before_p50": round(float(np.mean([b["before_p50"] for b in brackets])), 3),
+            "after_p50": round(float(np.mean([b["after_p50"] for b in brackets])), 3),
+            "attempts": sum(b["attempts"] for b in brackets),
+            "stable": all(b["stable"] for b in brackets), "slices": brackets}
+
+
 def run_latency(ctx: Context) -> None:
     """512 B read round trips at QD1, in block, poll and adaptive mode.
 
-    Each mode is bracketed by a short run of its goal's ping-pong floor just before the backend
-    starts and just after it stops (``baselines.bracketed``): the goals are ratios to that.
+    The modes take turns (block, poll, adaptive, block, ...: ``SLICES`` slices each, a fresh
+    backend per slice), so that a VM changing speed by the minute moves all three alike: the
+    adaptive goals compare the modes with each other. Each slice is bracketed by a short run
+    of its goal's ping-pong floor just before the backend starts and just after it stops
+    (``baselines.bracketed``); a mode's floor is the mean of its slices' brackets.
     """
     image = ctx.image()
     n = ctx.pick(3_000, 30_000)
-    warmup = max(200, n // 20)
+    per = -(-n // SLICES)
+    warmup = max(200, per // 20)
+    got: dict[str, list[np.ndarray]] = {m: [] for m in MODES}
+    floors: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    resets = dict.fromkeys(MODES, 0)
+    for part in range(1, SLICES + 1):
+        for mode in MODES:
+
+            def measure(mode: str = mode, part: int = part) -> tuple[np.ndarray, int]:
+                with ctx.children_scope():
+                    link, backend = start_backend(ctx, f"lat-{mode}-{part}", image, mode=mode)
+                    ctx.progress.update(f"blk-latency: {mode} ({part}/{SLICES}), {per} reads "
+                                        "of 512 B at QD1")
+                    with pinned(backend.proc.pid):  # two CPUs, as the floors and two cells
+                        return run_loop(_qd1_reads(link, mode, per, warmup, ctx.image_size),
+                                        timeout=60 + (per + warmup) * 0.005)
+
+            (samples, r), floor = baselines.bracketed(
+                ctx, FLOORS[mode], f"blk-latency {mode} ({part}/{SLICES})", measure)
+            got[mode].append(samples)
+            floors[mode].append(floor)
+            resets[mode] += r
     for mode in MODES:
-
-        def measure(mode: str = mode) -> tuple[np.ndarray, int]:
-            with ctx.children_scope():
-                link, backend = start_backend(ctx, f"lat-{mode}", image, mode=mode)
-                ctx.progress.update(f"blk-latency: {mode}, {n} reads of 512 B at QD1")
-                with pinned(backend.proc.pid):  # two CPUs, as the floors and two cells
-                    return run_loop(_qd1_reads(link, mode, n, warmup, ctx.image_size),
-                                    timeout=60 + (n + warmup) * 0.005)
-
-        (samples, resets), floor = baselines.bracketed(ctx, FLOORS[mode],
-                                                       f"blk-latency {mode}", measure)
-        if resets:
+        if resets[mode]:
             ctx.notes.append(f"blk-latency {mode}: the device went NEEDS_RESET during the run")
+        samples = np.concatenate(got[mode])
         ctx.add(Measurement(f"blk-latency.{mode}", "blk-latency",
                             f"blk 512 B read, QD1, {mode} mode",
-                            params={"mode": mode, "requests": n, "warmup": warmup,
-                                    "warmup_min_s": WARMUP_SECONDS,
-                                    "spin_us": 200.0, "rw_size": DEFAULT_RW, "bytes": 512,
-                                    "floor": floor},
+                            params={"mode": mode, "requests": len(samples), "slices": SLICES,
+                                    "warmup": warmup, "warmup_min_s": WARMUP_SECONDS,
+                                    "spin_us": START_DEFAULTS["spin_us"],
+                                    "rw_size": DEFAULT_RW, "bytes": 512,
+                                    "floor": _merge_floors(floors[mode])},
                             latency_us=summarize_ns(samples), samples_ns=samples,
-                            extra=_reset_extra(resets)))
+                            extra=_reset_extra(resets[mode])))
+
+
+IDLE_SECONDS = 10.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _busy_then_idle(link: str, reads: int, pid: int) -> tuple[float, float, float]:
+    """QD1 reads (the poll windows grow), then nothing for IDLE_SECONDS with the frontend
+    still attached: (backend CPU s, our CPU s, wall s) over the idle part."""
+    client = await connect(link, "adaptive")
+    try:
+        for i in range(reads):
+            await client.read((i * 4096) % (1 << 20), 512)
+        await asyncio.sleep(0.05)  # the last request's poll window runs out
+        cpu0, own0, t0 = _cpu_seconds(pid), time.process_time(), time.perf_counter()
+        await asyncio.sleep(IDLE_SECONDS)
+        return (_cpu_seconds(pid) - cpu0, time.process_time() - own0,
+                time.perf_counter() - t0)
+    finally:
+        await disconnect(client)
+
+
+def run_idle(ctx: Context) -> None:
+    """The adaptive backend's CPU while its frontend is attached but idle: polling must stop."""
+    image = ctx.image()
+    with ctx.children_scope():
+        link, backend = start_backend(ctx, "idle", image)
+        ctx.progress.update(f"idle: 2,000 reads, then {IDLE_SECONDS:.0f} s of nothing")
+        cpu, own, wall = run_loop(_busy_then_idle(link, 2_000, backend.proc.pid),
+                                  timeout=60 + IDLE_SECONDS)
+    ctx.add(Measurement("idle.adaptive", "idle",
+                        "backend CPU while its frontend is attached and idle (adaptive mode)",
+                        params={"seconds": round(wall, 2), "reads_before": 2_000,
+                                "mode": START_DEFAULTS["mode"]},
+                        extra={"backend_cpu_percent": round(100 * cpu / wall, 3),
+                               "frontend_cpu_percent": round(100 * own / wall, 3)}))
 
 
 # -- blk-seq / blk-rand --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ ping-pong of the same moment (a bracket, ``baselines.bracketed``).
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,6 @@ def _counters(log: Path) -> dict[str, Any]:
     return {"frontend_sleeps": int(m[1]), "queue_interrupts": int(m[2]), "kicks": int(m[3])}
 
 
-def _backend_defaults() -> dict[str, Any]:
-    """The mode and spin blk.start_backend starts the backend with when not told (the CLI's
-    defaults, which it follows), for the measurement's parameters."""
-    p = inspect.signature(blk.start_backend).parameters
-    return {"backend_mode": p["mode"].default, "spin_us": p["spin_us"].default}
-
-
 def run_cfront(ctx: Context) -> None:
     """512 B reads at QD1 from blkfront against `ivshmem-virtio blk` in its default mode."""
     exe = build(ctx)
@@ -93,7 +85,8 @@ def run_cfront(ctx: Context) -> None:
         "blk-latency.cfront", "cfront",
         "blk 512 B read, QD1, blocking C frontend, default mode",
         params={"requests": n, "warmup": warmup, "warmup_min_s": blk.WARMUP_SECONDS,
-                "bytes": 512, **_backend_defaults(), "rw_size": blk.DEFAULT_RW,
+                "bytes": 512, "backend_mode": blk.START_DEFAULTS["mode"],
+                "spin_us": blk.START_DEFAULTS["spin_us"], "rw_size": blk.DEFAULT_RW,
                 "floor": floor},
         latency_us=summarize_ns(samples), samples_ns=samples,
         extra=_counters(ctx.workdir / "cfront.log")))

@@ -45,6 +45,7 @@ def _suites() -> dict[str, Suite]:
         Suite("cfront", cfront.run_cfront, "blk 512 B read QD1 from a blocking C frontend",
               ("pingpong",)),
         # after the QD1 suite: the latency floors are measured right before it, not 20 s earlier
+        Suite("idle", blk.run_idle, "the adaptive backend's CPU with its frontend idle (10 s)"),
         Suite("disk", baselines.run_disk, "os.preadv of the image from page cache, fio psync"),
         Suite("blk-seq", blk.run_seq, "blk 128 KiB sequential read/write, QD 1..32", ("disk",)),
         Suite("blk-rand", blk.run_rand, "blk 4 KiB random read/write IOPS, QD 1..32",

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .errors import ConfigError, IvshmemVirtioError
+from .link import SPIN_CAP_US
 from .log import setup_logging
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     def runner_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=("block", "poll", "adaptive"), default="adaptive",
                         help="wait for doorbells, busy-poll the rings, or spin then block")
-        sp.add_argument("--spin-us", type=float, default=200.0,
+        sp.add_argument("--spin-us", type=float, default=SPIN_CAP_US,
                         help="adaptive mode: the longest poll window in microseconds; each "
                         "link learns its own up to this (default 200)")
         sp.add_argument("--queue-size", type=_int, default=256)
