@@ -152,6 +152,16 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         "CAN echo through the switch p50 / C eventfd ping-pong p50",
         _ratio(_p50(a), _p50(b)), "<=", 2.5, "x",
         f"{_p50(a)} us / {_p50(b)} us (issue 12)", ["can", "pingpong"], a, b))
+    a = g("can.send.late-ack-off")
+    out.append(_target(
+        "python-can bus.send p50, LATE_TX_ACK off", _p50(a), "<=", 10.0, "us",
+        "the request on the ring, the completion reaped later", ["can"], a))
+    a, b = g("can.send.late-ack-on"), g("can.hop")
+    out.append(_target(
+        "python-can bus.send p50, LATE_TX_ACK on / one hop (link 0 -> link 1) p50",
+        _ratio(_p50(a), _p50(b)), "<=", 1.2, "x",
+        f"{_p50(a)} us / {_p50(b)} us (the frame on the bus before send returns)",
+        ["can"], a, b))
 
     m = g("rss.serve")
     other = g("rss.blk-processes")
