@@ -133,8 +133,11 @@ class Region:
         self._i = mv[: n - n % 4].cast("I") if _LE else None
         self._q = mv[: n - n % 8].cast("Q") if _LE else None
 
+    # The hot accessors spell the bounds check out instead of calling :meth:`check`: the same
+    # test, one Python call less per access (~60 ns on the per-request path).
     def u8(self, off: int) -> int:
-        self.check(off, 1)
+        if not 0 <= off < self.size:
+            self.check(off, 1)
         return self._mv[off]
 
     def u16(self, off: int) -> int:
@@ -156,7 +159,8 @@ class Region:
         return _U64.unpack_from(self._mv, off)[0]
 
     def set_u8(self, off: int, value: int) -> None:
-        self.check(off, 1)
+        if not 0 <= off < self.size:
+            self.check(off, 1)
         self._mv[off] = value & 0xFF
 
     def set_u16(self, off: int, value: int) -> None:
@@ -182,28 +186,34 @@ class Region:
 
     def unpack(self, st: struct.Struct, off: int) -> tuple:
         """Unpack a precompiled struct at ``off`` (one bounds check for the whole record)."""
-        self.check(off, st.size)
+        if not 0 <= off <= self.size - st.size:
+            self.check(off, st.size)
         return st.unpack_from(self._mv, off)
 
     def pack(self, st: struct.Struct, off: int, *values: int) -> None:
-        self.check(off, st.size)
+        if not 0 <= off <= self.size - st.size:
+            self.check(off, st.size)
         st.pack_into(self._mv, off, *values)
 
     # -- bulk access --------------------------------------------------------------------------
     def read(self, off: int, length: int) -> bytes:
-        self.check(off, length)
+        if not (0 <= off and 0 <= length and off + length <= self.size):
+            self.check(off, length)
         return bytes(self._mv[off:off + length])
 
     def read_into(self, off: int, dst: memoryview) -> None:
         """Copy ``len(dst)`` bytes at ``off`` into ``dst`` (one memcpy, no temporary bytes)."""
         n = len(dst)
-        self.check(off, n)
+        if not (0 <= off and off + n <= self.size):
+            self.check(off, n)
         dst[:] = self._mv[off:off + n]
 
     def write(self, off: int, data: Buffer) -> None:
         data = memoryview(data).cast("B")
-        self.check(off, len(data))
-        self._mv[off:off + len(data)] = data
+        n = len(data)
+        if not (0 <= off and off + n <= self.size):
+            self.check(off, n)
+        self._mv[off:off + n] = data
 
     def fill(self, off: int, length: int, value: int = 0) -> None:
         self.check(off, length)
@@ -211,7 +221,8 @@ class Region:
 
     def view(self, off: int, length: int) -> memoryview:
         """A writable view for zero-copy I/O (``os.preadv`` straight into shared memory)."""
-        self.check(off, length)
+        if not (0 <= off and 0 <= length and off + length <= self.size):
+            self.check(off, length)
         return self._mv[off:off + length]
 
     def u16_array(self, off: int, count: int) -> memoryview:

@@ -219,16 +219,16 @@ def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image
     async def body():
         async with blk_stack(str(tmp_path / "l.sock"), image) as s:
             model = s.runner.service.model
-            real = model.parse
+            real = model.handle
             calls = {"n": 0}
 
-            def broken(mem, chain):
+            def broken(mem, chain, image):
                 calls["n"] += 1
                 if calls["n"] == 1:
                     raise ValueError("simulated bug")
-                return real(mem, chain)
+                return real(mem, chain, image)
 
-            model.parse = broken
+            model.handle = broken
             await s.client.write(0, b"z" * 512)  # resubmitted after the automatic recovery
             assert calls["n"] >= 2
             assert s.runner.transport.metrics["needs_reset_count"] == 1
@@ -320,7 +320,6 @@ def test_interrupts_come_back_after_inline_completions(procs, tmp_path, image_fa
     pause. spin_us 1 always hands over; 5000 completes in place (backend in poll mode; 5 ms
     outlasts a scheduler slice on a loaded machine), so the concurrent callers meet parked
     interrupts."""
-    monkeypatch.setattr("frontend.driver.spinning_pays", lambda now: True)  # the gate is policy
     image = image_factory(MiB)
     with open(image, "rb") as f:
         disk = f.read()
@@ -400,7 +399,6 @@ def test_no_lost_wakeup_under_mixed_concurrency(procs, tmp_path, image_factory, 
     at random: every request completes with the right bytes; a lost wake-up would hang one."""
     import random
 
-    monkeypatch.setattr("frontend.driver.spinning_pays", lambda now: True)
     image = image_factory(MiB)
     with open(image, "rb") as f:
         disk = f.read()

@@ -8,12 +8,11 @@ from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
 from ..resources.image import BlockImage
-from .blk import BlkModel, BlkRequest
+from .blk import BlkModel
 
 if TYPE_CHECKING:
     from ..runner import LinkRunner
 
-_INLINE = (B.T_IN, B.T_OUT, B.T_GET_ID)
 PAGE = 4096
 
 
@@ -59,18 +58,16 @@ class BlkService:
     def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int:
         mem = vq.mem
         model = self.model
+        image = self.image
+        push = vq.push
         chains = vq.pop_all(runner.batch)
         for chain in chains:
-            req = model.parse(mem, chain)
-            if not isinstance(req, BlkRequest):
-                status_addr, status = req
-                mem.set_u8(status_addr, status)
-                vq.push(chain.head, 1)
-            elif req.type in _INLINE:
-                vq.push(chain.head, model.execute(mem, req, self.image))
+            done = model.handle(mem, chain, image)
+            if isinstance(done, int):
+                push(chain.head, done)
             else:
                 runner.defer(index, chain.head,
-                             lambda r=req: model.execute(mem, r, self.image))
+                             lambda r=done: model.execute(mem, r, image))
         return len(chains)
 
     def close(self) -> None:

@@ -21,6 +21,12 @@ from .views import ring_views
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
+# flag bits as module globals: the walk tests them per descriptor (a global is one cached load,
+# ``R.X`` a global plus an attribute lookup)
+_F_NEXT = R.DESC_F_NEXT
+_F_WRITE = R.DESC_F_WRITE
+_F_INDIRECT = R.DESC_F_INDIRECT
+_Desc = tuple[int, int, int, int]  # addr, len, flags, next: one descriptor, copied out
 
 
 class Chain:
@@ -28,11 +34,14 @@ class Chain:
 
     __slots__ = ("head", "readable", "writable", "error")
 
-    def __init__(self, head: int) -> None:
+    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
+                 writable: list[tuple[int, int]] | None = None,
+                 error: str | None = None) -> None:
         self.head = head
-        self.readable: list[tuple[int, int]] = []  # (addr, len) the device reads
-        self.writable: list[tuple[int, int]] = []  # (addr, len) the device writes
-        self.error: str | None = None
+        # (addr, len) the device reads, then (addr, len) it writes
+        self.readable: list[tuple[int, int]] = [] if readable is None else readable
+        self.writable: list[tuple[int, int]] = [] if writable is None else writable
+        self.error = error
 
     @property
     def readable_len(self) -> int:
@@ -109,7 +118,11 @@ class DeviceQueue:
 
     def pop_all(self, limit: int | None = None) -> list[Chain]:
         """Take every available chain (at most ``limit``): one batch per wake-up."""
-        n = self.pending()
+        last = self.last_avail
+        n = (self._avail_idx[0] - last) & 0xFFFF  # read once: the value we validate is the one
+        size = self.size                          # we use
+        if n > size:
+            raise RingError(f"avail index jumped {n} entries ahead on a queue of {size}")
         if limit is not None and n > limit:
             n = limit
         if not n:
@@ -117,9 +130,7 @@ class DeviceQueue:
         fence()  # avail->idx before the ring entries it covers
         ring = self._avail_ring
         mask = self._mask
-        size = self.size
         walk = self._walk
-        last = self.last_avail
         out = []
         for _ in range(n):
             head = ring[last & mask]
@@ -130,57 +141,62 @@ class DeviceQueue:
         return out
 
     def _walk(self, head: int) -> Chain:
-        mem = self.mem
-        chain = Chain(head)
-        readable, writable = chain.readable, chain.writable
-        size = mem.size
-        # the direct table is read one descriptor at a time; an indirect table is unpacked at
-        # once (one bounds check and one C loop instead of one unpack call per descriptor)
-        table: list[tuple[int, int, int, int]] | None = None
+        """Follow one chain from ``head`` (< size, checked by the caller), bounded by the table.
+
+        Each descriptor is copied out of shared memory (one unpack) before any of its fields is
+        checked. A direct chain is read one descriptor at a time; an indirect table is unpacked
+        at once (one bounds check and one C loop instead of one unpack call per descriptor).
+        """
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        error: str | None = None
+        mem_size = self.mem.size
+        table: list[_Desc] | None = None
         unpack = _DESC.unpack_from
         desc_mv = self._desc_mv
-        count = self.size
+        count = budget = self.size  # a chain can never hold more descriptors than its table
         index = head
-        budget = self.size  # a chain can never hold more descriptors than the table
-        seen_writable = False
         while True:
             if budget <= 0:
                 raise RingError(f"descriptor chain from head {head} loops or is longer than the "
                                 "table")
             budget -= 1
             if table is None:  # index < self.size: head checked by pop_all, next below
-                addr, length, flags, nxt = unpack(desc_mv, 16 * index)
+                addr, length, flags, nxt = unpack(desc_mv, index << 4)
             else:
                 addr, length, flags, nxt = table[index]
-            if flags & R.DESC_F_INDIRECT:
+            if flags & _F_INDIRECT:
                 if table is not None:
                     raise RingError("nested indirect descriptor table")
-                if not self.indirect:
-                    raise RingError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-                if flags & R.DESC_F_NEXT:
-                    raise RingError("indirect descriptor with NEXT set")
-                if length == 0 or length % 16 or length // 16 > R.MAX_QUEUE_SIZE:
-                    raise RingError(f"indirect table length {length} is not a multiple of 16")
-                if addr % 16 or not mem.contains(addr, length):
-                    raise RingError(f"indirect table {addr:#x}+{length:#x} outside the section")
-                table = list(_DESC.iter_unpack(mem.view(addr, length)))
+                table = self._indirect_table(addr, length, flags)
                 count = budget = len(table)
                 index = 0
                 continue
-            if flags & R.DESC_F_WRITE:
-                seen_writable = True
+            if flags & _F_WRITE:
                 writable.append((addr, length))
             else:
-                if seen_writable and chain.error is None:
-                    chain.error = "readable descriptor after a writable one"
+                if writable and error is None:
+                    error = "readable descriptor after a writable one"
                 readable.append((addr, length))
-            if chain.error is None and not (addr <= size and length <= size - addr):
-                chain.error = f"buffer {addr:#x}+{length:#x} outside the shared section"
-            if not flags & R.DESC_F_NEXT:
-                return chain
+            if (addr > mem_size or length > mem_size - addr) and error is None:
+                error = f"buffer {addr:#x}+{length:#x} outside the shared section"
+            if not flags & _F_NEXT:
+                return Chain(head, readable, writable, error)
             if nxt >= count:
                 raise RingError(f"next descriptor {nxt} beyond a table of {count}")
             index = nxt
+
+    def _indirect_table(self, addr: int, length: int, flags: int) -> list[_Desc]:
+        """The entries of the indirect table a direct descriptor names, after its checks."""
+        if not self.indirect:
+            raise RingError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+        if flags & _F_NEXT:
+            raise RingError("indirect descriptor with NEXT set")
+        if length == 0 or length % 16 or length // 16 > R.MAX_QUEUE_SIZE:
+            raise RingError(f"indirect table length {length} is not a multiple of 16")
+        if addr % 16 or not self.mem.contains(addr, length):
+            raise RingError(f"indirect table {addr:#x}+{length:#x} outside the section")
+        return list(_DESC.iter_unpack(self.mem.view(addr, length)))
 
     # -- used side ----------------------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
