@@ -24,6 +24,11 @@ from .driver import VirtioDriver
 
 INLINE_YIELD_EVERY = 8  # a lone caller completing in place yields to the loop this often
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
+_HDR = B.OUTHDR_SIZE  # the status byte follows the header
+_OUTHDR = B.OUTHDR
+_S_OK = B.S_OK
+_T_IN = B.T_IN
+_running_loop = asyncio.get_running_loop
 WANTED = (V.bit(B.F_SEG_MAX) | V.bit(B.F_BLK_SIZE) | V.bit(B.F_FLUSH)
           | V.bit(B.F_RO) | V.bit(B.F_DISCARD) | V.bit(B.F_WRITE_ZEROES))
 
@@ -35,8 +40,7 @@ class BlkIOError(OSError):
 class _Req:
     """One request in flight (a plain slots class: built once per request, on the hot path)."""
 
-    __slots__ = ("type", "sector", "out", "in_len", "into", "future", "allocs", "in_segs",
-                 "status_addr")
+    __slots__ = ("type", "sector", "out", "in_len", "into", "future", "base")
 
     def __init__(self, rtype: int, sector: int, out: bytes | memoryview = b"", in_len: int = 0,
                  into: memoryview | None = None) -> None:
@@ -45,10 +49,10 @@ class _Req:
         self.out = out  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
         self.in_len = in_len  # bytes the device writes before the status (IN, GET_ID)
         self.into = into  # readinto: the caller's buffer, filled on completion
-        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.allocs: list[int] = []
-        self.in_segs: list[tuple[int, int]] = []
-        self.status_addr = 0
+        self.future: asyncio.Future = _running_loop().create_future()
+        # offset of the bounce buffer while the request holds one (else -1), laid out as
+        # [outhdr 16][status 1][pad to _DATA_OFF][data]: every address derives from it
+        self.base = -1
 
 
 class BlkClient(VirtioDriver):
@@ -201,7 +205,7 @@ class BlkClient(VirtioDriver):
         self._pump()
         self._callers += 1
         try:
-            if inline and req.allocs:
+            if inline and req.base >= 0:
                 self.reap_inline(0)
                 if req.future.done():
                     # it never suspended: every few requests give the other tasks their turn,
@@ -220,21 +224,22 @@ class BlkClient(VirtioDriver):
         if not self.connected.is_set() or not self.vqs:
             return
         vq = self.vqs[0]
+        backlog = self._backlog
         added = False
-        while self._backlog:
-            req = self._backlog[0]
+        while backlog:
+            req = backlog[0]
             try:
                 out, inn = self._place(req)
             except TransportError as e:
                 if self._outstanding == 0:  # nothing in flight will free memory for it
-                    self._backlog.pop(0)
+                    backlog.pop(0)
                     req.future.set_exception(BlkIOError(errno.ENOMEM, str(e)))
                     continue
                 break  # shared memory full: wait for completions
             if not vq.can_add(len(out) + len(inn)):
                 self._free(req)
                 break
-            self._backlog.pop(0)
+            backlog.pop(0)
             vq.add(out, inn, req)
             self._outstanding += 1
             added = True
@@ -247,24 +252,28 @@ class BlkClient(VirtioDriver):
         ``[outhdr 16][status 1][pad to 64][data]``: the data stays cache-line aligned and a
         request costs one allocator call however many descriptors it spans.
         """
-        alloc = self.transport.allocator
+        t = self.transport
+        alloc = t.allocator
         assert alloc is not None
-        mem = self.transport.hdr
-        n = len(req.out) or req.in_len
-        base = alloc.alloc(_DATA_OFF + n)
-        req.allocs = [base]
-        mem.pack(B.OUTHDR, base, req.type, 0, req.sector)
-        req.status_addr = base + B.OUTHDR_SIZE
-        mem.set_u8(req.status_addr, 0xFF)
-        out = [(base, B.OUTHDR_SIZE)]
+        mem = t.hdr
+        payload = req.out
+        n = len(payload) or req.in_len
+        req.base = base = alloc.alloc(_DATA_OFF + n)
+        mem.pack(_OUTHDR, base, req.type, 0, req.sector)
+        status = base + _HDR
+        mem.set_u8(status, 0xFF)
         data = base + _DATA_OFF
-        req.in_segs = []
-        if req.out:
-            mem.write(data, req.out)
-            out += self._segments(data, len(req.out))
-        elif req.in_len:
-            req.in_segs = self._segments(data, req.in_len)
-        return out, [*req.in_segs, (req.status_addr, 1)]
+        one = not self.segment or n <= self.segment  # the data fits one descriptor
+        if payload:
+            mem.write(data, payload)
+            if one:
+                return [(base, _HDR), (data, n)], [(status, 1)]
+            return [(base, _HDR), *self._segments(data, n)], [(status, 1)]
+        if not n:
+            return [(base, _HDR)], [(status, 1)]
+        if one:
+            return [(base, _HDR)], [(data, n), (status, 1)]
+        return [(base, _HDR)], [*self._segments(data, n), (status, 1)]
 
     def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:
         step = self.segment
@@ -274,43 +283,48 @@ class BlkClient(VirtioDriver):
 
     def _free(self, req: _Req) -> None:
         alloc = self.transport.allocator
-        if alloc is not None:
-            for a in req.allocs:
-                alloc.free(a)
-        req.allocs = []
+        if alloc is not None and req.base >= 0:
+            alloc.free(req.base)
+        req.base = -1
 
     def on_used(self, index: int, token: object, length: int) -> None:
         req = token
         assert isinstance(req, _Req)
         self._outstanding -= 1
-        mem = self.transport.hdr
-        status = mem.u8(req.status_addr)
+        t = self.transport
+        mem = t.hdr
+        base = req.base
+        status = mem.u8(base + _HDR)
         data = b""
-        if status == B.S_OK and req.in_len:
-            n = min(req.in_len, max(0, length - 1))
-            if req.type == B.T_IN and n != req.in_len:
+        in_len = req.in_len
+        if status == _S_OK and in_len:
+            n = min(in_len, max(0, length - 1))
+            if n != in_len and req.type == _T_IN:
                 status = B.S_IOERR  # a device must return all of a read
             # the segments are one contiguous buffer
             if req.into is None:
-                data = mem.read(req.in_segs[0][0], n)
-            elif status == B.S_OK:
-                mem.read_into(req.in_segs[0][0], req.into)
-        self._free(req)
+                data = mem.read(base + _DATA_OFF, n)
+            elif status == _S_OK:
+                mem.read_into(base + _DATA_OFF, req.into)
+        if t.allocator is not None:
+            t.allocator.free(base)
+        req.base = -1
         self.completed += 1
-        if not req.future.done():
-            if status == B.S_OK:
-                req.future.set_result(data)
+        fut = req.future
+        if not fut.done():
+            if status == _S_OK:
+                fut.set_result(data)
             elif status == B.S_UNSUPP:
-                req.future.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
+                fut.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
             else:
-                req.future.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
+                fut.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
         if self._backlog:
             self._pump()
 
     def resubmit(self, tokens: list[object]) -> None:
         reqs = [t for t in tokens if isinstance(t, _Req)]
         for r in reqs:
-            r.allocs = []  # the allocator was rebuilt with the new bring-up
+            r.base = -1  # the allocator was rebuilt with the new bring-up
         self._backlog[:0] = reqs
         self._pump()
 

@@ -39,7 +39,7 @@ class ChunkAllocator:
 
     def alloc(self, size: int) -> int:
         """Offset of a free region of at least ``size`` bytes."""
-        order = self.order_for(size)
+        order = (max(1, -(-size // self.chunk)) - 1).bit_length()  # order_for, inline
         cached = self._cache.get(order)
         if cached:
             off = cached.pop()
@@ -81,7 +81,11 @@ class ChunkAllocator:
     def free(self, off: int) -> None:
         order = self._orders.pop(off)
         if self._cached < self.cache_limit:
-            self._cache.setdefault(order, []).append(off)
+            cached = self._cache.get(order)
+            if cached is None:
+                self._cache[order] = [off]
+            else:
+                cached.append(off)
             self._cached += 1
             return
         first = off // self.chunk

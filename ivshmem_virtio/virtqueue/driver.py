@@ -66,8 +66,8 @@ class DriverQueue:
 
     def can_add(self, nbufs: int) -> bool:
         if self.indirect and nbufs > 1:
-            return self.num_free >= 1
-        return self.num_free >= nbufs
+            return len(self._free_idx) >= 1
+        return len(self._free_idx) >= nbufs
 
     def add(self, out: Buffers, inn: Buffers, token: object) -> int:
         """Make one chain available: ``out`` the device reads, ``inn`` it writes. Returns head."""
@@ -88,20 +88,32 @@ class DriverQueue:
         idxs.reverse()  # the order pop() would give
         put = _DESC.pack_into
         mv = self._desc_mv
-        last = total - 1
-        for i, (addr, length) in enumerate(out):
-            if i < last:
-                put(mv, 16 * idxs[i], addr, length, _NEXT, idxs[i + 1])
+        # each descriptor links to the next one; the chain's last has neither NEXT nor next
+        links = iter(idxs)
+        idx = next(links)
+        for addr, length in out:
+            nxt = next(links, -1)
+            if nxt < 0:
+                put(mv, idx << 4, addr, length, 0, 0)
             else:
-                put(mv, 16 * idxs[i], addr, length, 0, 0)
-        for i, (addr, length) in enumerate(inn, nout):
-            if i < last:
-                put(mv, 16 * idxs[i], addr, length, _WRITE_NEXT, idxs[i + 1])
+                put(mv, idx << 4, addr, length, _NEXT, nxt)
+            idx = nxt
+        for addr, length in inn:
+            nxt = next(links, -1)
+            if nxt < 0:
+                put(mv, idx << 4, addr, length, _WRITE, 0)
             else:
-                put(mv, 16 * idxs[i], addr, length, _WRITE, 0)
+                put(mv, idx << 4, addr, length, _WRITE_NEXT, nxt)
+            idx = nxt
         head = idxs[0]
         self._chains[head] = idxs
-        self._publish(head, token)
+        # _publish, spelled out: the one-request path pays no extra call
+        self._tokens[head] = token
+        idx = self.avail_idx
+        self._avail_ring[idx & self._mask] = head
+        self.avail_idx = idx = (idx + 1) & 0xFFFF
+        fence()  # ring entry before avail->idx
+        self._avail_idx[0] = idx
         return head
 
     def _add_indirect(self, out: Buffers, inn: Buffers, token: object, total: int) -> int:
@@ -153,17 +165,27 @@ class DriverQueue:
         fence()  # used->idx before the entries
         out = []
         tokens = self._tokens
+        chains = self._chains
+        free = self._free_idx
+        tables = self._indirect_addr
         mask = self._mask
         size = self.size
         get = _USED_ELEM.unpack_from
         mv = self._used_mv
         for _ in range(n):
-            head, length = get(mv, 8 * (last & mask))
+            head, length = get(mv, (last & mask) << 3)  # copied out, then checked
             token = tokens[head] if head < size else None
             if token is None:
                 raise RingError(f"device completed descriptor {head}, which is not in flight")
             out.append((token, length))
-            self._release(head)
+            # its descriptors back to the free list, in the order they were taken
+            chain = chains[head]
+            chain.reverse()
+            free += chain
+            chains[head] = []
+            tokens[head] = None
+            if tables[head] is not None:
+                self._free_table(head)
             last = self.last_used = (last + 1) & 0xFFFF
         if self.event_idx:
             if self.interrupts_on:
@@ -173,12 +195,8 @@ class DriverQueue:
                 self._used_event[0] = (last - 1) & 0xFFFF  # still suppressed: stay parked
         return out
 
-    def _release(self, head: int) -> None:
-        chain = self._chains[head]
-        chain.reverse()
-        self._free_idx += chain
-        self._chains[head] = []
-        self._tokens[head] = None
+    def _free_table(self, head: int) -> None:
+        """Give a completed chain's indirect table back to the allocator."""
         table = self._indirect_addr[head]
         if table is not None and self._free is not None:
             self._indirect_addr[head] = None
