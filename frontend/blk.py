@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 
 from ivshmem_virtio.errors import TransportError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
@@ -25,7 +26,7 @@ from .driver import VirtioDriver
 INLINE_YIELD_EVERY = 8  # a lone caller completing in place yields to the loop this often
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
 _HDR = B.OUTHDR_SIZE  # the status byte follows the header
-_OUTHDR = B.OUTHDR
+_OUTHDR_STATUS = struct.Struct(B.OUTHDR.format + "B")  # the header, then the status byte
 _S_OK = B.S_OK
 _T_IN = B.T_IN
 _running_loop = asyncio.get_running_loop
@@ -259,9 +260,8 @@ class BlkClient(VirtioDriver):
         payload = req.out
         n = len(payload) or req.in_len
         req.base = base = alloc.alloc(_DATA_OFF + n)
-        mem.pack(_OUTHDR, base, req.type, 0, req.sector)
+        mem.pack(_OUTHDR_STATUS, base, req.type, 0, req.sector, 0xFF)  # status: not answered
         status = base + _HDR
-        mem.set_u8(status, 0xFF)
         data = base + _DATA_OFF
         one = not self.segment or n <= self.segment  # the data fits one descriptor
         if payload:
@@ -298,7 +298,9 @@ class BlkClient(VirtioDriver):
         data = b""
         in_len = req.in_len
         if status == _S_OK and in_len:
-            n = min(in_len, max(0, length - 1))
+            n = length - 1 if length > 0 else 0  # the bytes before the status byte ...
+            if n > in_len:
+                n = in_len  # ... of the buffer we gave it (min/max cost two calls)
             if n != in_len and req.type == _T_IN:
                 status = B.S_IOERR  # a device must return all of a read
             # the segments are one contiguous buffer

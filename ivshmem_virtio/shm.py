@@ -39,10 +39,19 @@ _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 _fence_lock = threading.Lock()
 
 
+_fence_acquire = _fence_lock.acquire
+_fence_release = _fence_lock.release
+
+
 def _lock_round_trip() -> None:
-    """A lock acquire + release: a locked atomic on x86, i.e. a full barrier there."""
-    with _fence_lock:
-        pass
+    """A lock acquire + release: a locked atomic on x86, i.e. a full barrier there.
+
+    Two bound-method calls rather than ``with``: ~100 ns instead of ~170 ns a call, and it runs
+    twice per request (publishing a used index, deciding on a kick). Nothing between them can
+    raise, so the lock is always released.
+    """
+    _fence_acquire()
+    _fence_release()
 
 
 def _no_barrier() -> None:

@@ -21,6 +21,7 @@ from .views import ring_views
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
+_need_event = R.need_event
 # flag bits as module globals: the walk tests them per descriptor (a global is one cached load,
 # ``R.X`` a global plus an attribute lookup)
 _F_NEXT = R.DESC_F_NEXT
@@ -215,7 +216,7 @@ class DeviceQueue:
         full_fence()  # used->idx before reading the driver's suppression state
         self.signalled_used = new
         if self.event_idx:
-            return R.need_event(self._used_event[0], new, old)
+            return _need_event(self._used_event[0], new, old)
         return not self.mem.u16(self.avail + R.AVAIL_FLAGS) & R.AVAIL_F_NO_INTERRUPT
 
     # -- notification suppression (driver -> device kicks) --------------------------------------

@@ -16,6 +16,7 @@ from .views import ring_views
 
 _DESC = R.DESC
 _USED_ELEM = R.USED_ELEM
+_need_event = R.need_event
 _NEXT = R.DESC_F_NEXT
 _WRITE = R.DESC_F_WRITE
 _WRITE_NEXT = R.DESC_F_WRITE | R.DESC_F_NEXT
@@ -148,7 +149,7 @@ class DriverQueue:
         if new == old:
             return False
         if self.event_idx:
-            return R.need_event(self._avail_event[0], new, old)
+            return _need_event(self._avail_event[0], new, old)
         return not self.mem.u16(self.used + R.USED_FLAGS) & R.USED_F_NO_NOTIFY
 
     def has_used(self) -> bool:
