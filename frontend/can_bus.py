@@ -63,21 +63,26 @@ class IvshmemCanBus(BusABC):
     :param timeout: seconds to wait for the backend at start-up.
     :param spin_us: with LATE_TX_ACK, how long ``send`` polls for the device's answer before
         it sleeps (0: always sleep).
+    :param mode: how the driver's thread waits for interrupts: ``block`` (default), ``poll``
+        or ``adaptive`` (as the backend's ``--mode``).
     """
 
     def __init__(self, channel: str, can_filters: can.typechecking.CanFilters | None = None, *,
                  fd: bool | None = None, receive_own_messages: bool = False,
                  late_tx_ack: bool = True, rx_queue_size: int = 0, timeout: float = 10.0,
-                 spin_us: float = 100.0, **kwargs: Any) -> None:
+                 spin_us: float = 100.0, mode: str = "block", **kwargs: Any) -> None:
         try:
             parse_link(str(channel))
         except ConfigError as e:
             raise CanInitializationError(str(e)) from None
+        if mode not in ("block", "poll", "adaptive"):
+            raise CanInitializationError(f"mode {mode!r}: expected block, poll or adaptive")
         self.channel = str(channel)
         self.receive_own_messages = receive_own_messages
         self.rx_queue_size = rx_queue_size
         self.rx_dropped = 0
         self.spin_us = spin_us
+        self._mode = mode
         self._timeout = timeout
         self._rxq: collections.deque[can.Message] = collections.deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -105,7 +110,7 @@ class IvshmemCanBus(BusABC):
         dev = open_link(self.channel, backend=False,
                         protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=self._timeout)
         driver = CanDriver(dev, fd=True if fd is None else fd, late_tx_ack=late_tx_ack,
-                           on_frame=self._on_frame, mode="block", timeout=self._timeout)
+                           on_frame=self._on_frame, mode=self._mode, timeout=self._timeout)
         try:
             await driver.start(self._timeout)
         except BaseException:
