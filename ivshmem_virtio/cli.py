@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--output-size", type=_int, default=0)
     h.add_argument("--protocols", type=_protocols, default=(0xC002, 0x8002),
                    help="one protocol per ID, e.g. 0xC002,0x8002")
+    h.add_argument("--group", metavar="NAME",
+                   help="make the socket 0660 for this group and admit its members "
+                   "(default: socket 0600, only the hub's user and root may join)")
+    h.add_argument("--allow-uid", action="append", metavar="USER",
+                   help="also admit this user (name or uid; repeatable); the socket's mode "
+                   "must still let it connect")
+    h.add_argument("--qemu-peers", type=_protocols, metavar="IDS",
+                   help="IDs a QEMU ivshmem peer (which sends no ID) may take, e.g. 1; "
+                   "default none: a peer that sends no ID within 2 s is dropped")
 
     def runner_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--mode", choices=("block", "poll", "adaptive"), default="adaptive",
@@ -141,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(json=args.log_json, level=args.log_level)
     try:
         if args.command == "hub":
-            from .ivshmem.hub import Geometry, run_hub
+            from .ivshmem.hub import Access, Geometry, group_id, run_hub, user_id
 
             geo = Geometry(args.max_peers, args.vectors, args.state_table_size, args.rw_size,
                            args.output_size, args.protocols)
             geo.validate()
-            return _run(lambda stop: run_hub(args.socket, geo, stop))
+            access = Access(group=None if args.group is None else group_id(args.group),
+                            allow_uids=frozenset(user_id(u) for u in args.allow_uid or ()))
+            return _run(lambda stop: run_hub(args.socket, geo, stop, access,
+                                             args.qemu_peers or ()))
         if args.command == "blk":
             from backend.daemon import run_blk
 

@@ -3,15 +3,26 @@
 It creates the memfd and one eventfd per (peer, vector), hands them out over a UNIX stream socket
 with QEMU ivshmem-server framing (int64 + optional SCM_RIGHTS fd), and plays the hypervisor's part
 when a peer leaves: its state-table entry goes to 0 and vector 0 rings on every remaining peer.
-QEMU's own peers (which send nothing) are served the version-0 greeting after 100 ms.
+
+Access: the socket appears 0600 (0660 with a group) without ever being more open, and every
+connection is checked with SO_PEERCRED against :class:`Access` before it gets anything. QEMU's
+own peers (which send nothing) are served the version-0 greeting after 100 ms, but only on the
+IDs the operator set aside for them; elsewhere a peer that stays silent is dropped, so a stray
+connection cannot occupy the backend's ID. Join/leave/refusal lines are rate-limited per key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import grp
 import os
+import pwd
 import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,8 +33,90 @@ from .sim import HUB_VERSION, I64
 
 log = structlog.get_logger("ivshmem_virtio.hub")
 
-QEMU_GRACE = 0.1
+QEMU_GRACE = 0.1  # sim-link.md: a peer silent this long is a QEMU peer (where allowed)
+HELLO_TIMEOUT = 2.0  # a native peer sends its ID at once; a silent one is dropped after this
 PAGE = 4096
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may join a hub: the socket's mode and the SO_PEERCRED check of every connection.
+
+    The owner (the hub's own uid unless told otherwise) and root are always admitted. With a
+    ``group`` the socket is 0660 and owned by that group, and the group's members are admitted;
+    ``allow_uids`` admits further users by uid (the socket mode must then let them connect).
+    """
+
+    owner_uid: int = field(default_factory=os.geteuid)
+    group: int | None = None
+    allow_uids: frozenset[int] = frozenset()
+
+    @property
+    def mode(self) -> int:
+        return 0o660 if self.group is not None else 0o600
+
+    def admits(self, uid: int, gid: int) -> bool:
+        if uid in (0, self.owner_uid) or uid in self.allow_uids:
+            return True
+        if self.group is None:
+            return False
+        if gid == self.group:
+            return True
+        try:  # supplementary membership: SO_PEERCRED carries only the primary gid
+            user = pwd.getpwuid(uid)
+            return user.pw_gid == self.group or user.pw_name in grp.getgrgid(self.group).gr_mem
+        except KeyError:
+            return False
+
+
+def group_id(name: str) -> int:
+    """gid of a group given by name or number (``--group``), or a ConfigError."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"--group {name}: no such group") from None
+
+
+def user_id(name: str) -> int:
+    """uid of a user given by name or number (``--allow-uid``), or a ConfigError."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"--allow-uid {name}: no such user") from None
+
+
+class LogLimiter:
+    """Fixed-window rate limit per key for log lines a peer can trigger (Firecracker's rule).
+
+    A peer reconnecting in a loop must not flood the log: per key, ``burst`` lines per
+    ``window`` seconds pass; the rest are counted and the count rides on the next line let
+    through (``suppressed=N``).
+    """
+
+    def __init__(self, burst: int = 5, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._state: dict[object, list[float]] = {}  # key -> [window start, lines, suppressed]
+
+    def allow(self, key: object) -> int | None:
+        """None: drop this line; else the number of lines dropped for key since the last one."""
+        now = self._clock()
+        st = self._state.get(key)
+        if st is None or now - st[0] >= self.window:
+            st = self._state[key] = [now, 0, st[2] if st else 0]  # keys: a few per peer ID
+        if st[1] >= self.burst:
+            st[2] += 1
+            return None
+        st[1] += 1
+        dropped, st[2] = int(st[2]), 0
+        return dropped
 
 
 @dataclass(frozen=True)
@@ -78,10 +171,17 @@ class _Peer:
 class Hub:
     """Serve one link on a UNIX socket until :meth:`close`."""
 
-    def __init__(self, socket_path: str, geometry: Geometry) -> None:
+    def __init__(self, socket_path: str, geometry: Geometry, access: Access | None = None,
+                 qemu_ids: tuple[int, ...] = (), limiter: LogLimiter | None = None) -> None:
         geometry.validate()
+        for i in qemu_ids:
+            if not 0 <= i < geometry.max_peers:
+                raise ConfigError(f"--qemu-peers: ID {i} is not in 0..{geometry.max_peers - 1}")
         self.path = socket_path
         self.geo = geometry
+        self.access = access if access is not None else Access()
+        self.qemu_ids = tuple(sorted(set(qemu_ids)))
+        self.limiter = limiter if limiter is not None else LogLimiter()
         self.peers: dict[int, _Peer] = {}
         self._shm_fd = memfd("ivshmem-sim", geometry.memfd_size)
         self._mm = map_fd(self._shm_fd, geometry.layout_size)
@@ -104,13 +204,39 @@ class Hub:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(self.path)
+            self._bind_private(sock)
         except OSError as e:
             sock.close()
             raise ConfigError(f"--socket {self.path}: {e.strerror}") from e
         sock.listen(16)
         sock.setblocking(False)
         return sock
+
+    def _bind_private(self, sock: socket.socket) -> None:
+        """Bind in a fresh 0700 directory, set mode and group there, then link into place.
+
+        The socket is never reachable with the umask's mode: nobody else can enter the private
+        directory, and link() (unlike rename()) fails rather than replace a path that another
+        hub bound meanwhile. The private directory is removed again.
+        """
+        parent = os.path.dirname(os.path.abspath(self.path))
+        private = tempfile.mkdtemp(prefix=".hub", dir=parent)  # mode 0700
+        tmp = os.path.join(private, "s")
+        try:
+            if len(os.fsencode(tmp)) > 107:
+                raise OSError(errno.ENAMETOOLONG, "path too long for a UNIX socket (with the "
+                              "12 bytes of the private directory it is bound in first)")
+            sock.bind(tmp)
+            if self.access.group is not None:
+                os.chown(tmp, -1, self.access.group)
+            os.chmod(tmp, self.access.mode)
+            os.link(tmp, self.path)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.rmdir(private)
 
     def listen(self) -> None:
         """Bind the socket (a ConfigError here means nothing was served yet)."""
@@ -124,7 +250,9 @@ class Hub:
         g = self.geo
         log.info("hub listening", socket=self.path, max_peers=g.max_peers, vectors=g.vectors,
                  rw_size=hex(g.rw_size), output_size=hex(g.output_size),
-                 protocols=",".join(f"{p:#06x}" for p in g.protocols))
+                 protocols=",".join(f"{p:#06x}" for p in g.protocols),
+                 mode=oct(self.access.mode), group=self.access.group,
+                 qemu_ids=",".join(map(str, self.qemu_ids)) or None)
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -156,12 +284,18 @@ class Hub:
     async def _serve_peer(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            try:
-                data = await asyncio.wait_for(self._recv_exact(conn, 8), QEMU_GRACE)
-                requested, qemu = I64.unpack(data)[0], False
-            except TimeoutError:
-                requested, qemu = -1, True
-            peer = self._admit(conn, requested, qemu)
+            allowed, who = self._check_peer(conn)
+            hello = await self._hello(conn, QEMU_GRACE if self.qemu_ids and allowed
+                                      else HELLO_TIMEOUT)
+            if not allowed:
+                self._refuse(conn, hello, -errno.EACCES, f"{who} may not join this link")
+                return
+            if hello is None and not self.qemu_ids:
+                self._log("refused", "warning", "peer refused",
+                          reason=f"sent no ID within {HELLO_TIMEOUT:g} s (QEMU peers need "
+                          "--qemu-peers)", peer=who)
+                return
+            peer = self._admit(conn, -1 if hello is None else hello, hello is None, who)
             if peer is None:
                 return
             # a registered peer never speaks again: EOF or any byte ends it (QEMU server style)
@@ -173,6 +307,34 @@ class Hub:
                     self._drop(peer, notify=True)
         finally:
             conn.close()
+
+    def _check_peer(self, conn: socket.socket) -> tuple[bool, str]:
+        """SO_PEERCRED against the access policy: (admitted, "uid U pid P") for log lines."""
+        pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         _PEERCRED.size))
+        return self.access.admits(uid, gid), f"uid {uid} pid {pid}"
+
+    async def _hello(self, conn: socket.socket, timeout: float) -> int | None:
+        """The peer's requested ID, or None when it stayed silent for ``timeout``."""
+        try:
+            data = await asyncio.wait_for(self._recv_exact(conn, 8), timeout)
+        except TimeoutError:
+            return None
+        return I64.unpack(data)[0]
+
+    def _refuse(self, conn: socket.socket, hello: int | None, error: int, reason: str) -> None:
+        """Answer in the peer's own dialect (version, then a negative errno) and log once."""
+        self._send(conn, 0 if hello is None else HUB_VERSION)
+        self._send(conn, error)
+        self._log("refused", "warning", "peer refused", reason=reason, error=os.strerror(-error))
+
+    def _log(self, key: object, level: str, event: str, **kw: object) -> None:
+        dropped = self.limiter.allow(key)
+        if dropped is None:
+            return
+        if dropped:
+            kw["suppressed"] = dropped
+        getattr(log, level)(event, **kw)
 
     async def _recv_exact(self, conn: socket.socket, n: int) -> bytes:
         loop = asyncio.get_running_loop()
@@ -191,11 +353,14 @@ class Hub:
         else:
             socket.send_fds(conn, [data], [fd])
 
-    def _admit(self, conn: socket.socket, requested: int, qemu: bool) -> _Peer | None:
+    def _admit(self, conn: socket.socket, requested: int, qemu: bool,
+               who: str = "") -> _Peer | None:
         g = self.geo
         version = 0 if qemu else HUB_VERSION
         if requested == -1:
-            free = [i for i in range(g.max_peers) if i not in self.peers]
+            # a QEMU peer only ever gets an ID set aside for QEMU peers
+            free = [i for i in (self.qemu_ids if qemu else range(g.max_peers))
+                    if i not in self.peers]
             pid = free[0] if free else -errno.EBUSY
         elif not 0 <= requested < g.max_peers:
             pid = -errno.EINVAL
@@ -206,7 +371,8 @@ class Hub:
         self._send(conn, version)
         self._send(conn, pid)
         if pid < 0:
-            log.warning("peer refused", requested=requested, error=os.strerror(-pid))
+            self._log("refused", "warning", "peer refused", requested=requested,
+                      error=os.strerror(-pid), peer=who)
             return None
         peer = _Peer(pid, conn, [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                  for _ in range(g.vectors)], qemu)
@@ -221,7 +387,7 @@ class Hub:
                 self._send(conn, value)
         for other in sorted(self.peers.values(), key=lambda p: p.id == pid):
             self._send_fds_of(conn, other)
-        log.info("peer joined", id=pid, qemu=qemu)
+        self._log(("join", pid), "info", "peer joined", id=pid, qemu=qemu, peer=who)
         return peer
 
     def _send_fds_of(self, conn: socket.socket, peer: _Peer) -> None:
@@ -247,7 +413,7 @@ class Hub:
                     self._send(other.sock, peer.id)
                 except OSError:
                     pass
-            log.info("peer left", id=peer.id)
+            self._log(("leave", peer.id), "info", "peer left", id=peer.id)
         for fd in peer.eventfds:
             os.close(fd)
         peer.eventfds.clear()
@@ -259,10 +425,10 @@ class HubThread:
     Peers connect synchronously, so a hub must never share an event loop with them.
     """
 
-    def __init__(self, socket_path: str, geometry: Geometry) -> None:
+    def __init__(self, socket_path: str, geometry: Geometry, **options: object) -> None:
         import threading
 
-        self.hub = Hub(socket_path, geometry)
+        self.hub = Hub(socket_path, geometry, **options)  # type: ignore[arg-type]
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -303,9 +469,10 @@ class HubThread:
         self._thread.join(5)
 
 
-async def run_hub(socket_path: str, geometry: Geometry, stop: asyncio.Event) -> int:
+async def run_hub(socket_path: str, geometry: Geometry, stop: asyncio.Event,
+                  access: Access | None = None, qemu_ids: tuple[int, ...] = ()) -> int:
     """``ivshmem-virtio hub``: serve until SIGTERM/SIGINT, then remove the socket."""
-    hub = Hub(socket_path, geometry)
+    hub = Hub(socket_path, geometry, access, qemu_ids)
     try:
         hub.listen()
     except BaseException:
