@@ -1,0 +1,1 @@
+"""Fuzzing that reaches depth: structure-aware generators, coverage-guided runs."""
