@@ -1,4 +1,9 @@
-"""``ivshmem-virtio blk-client`` and ``ivshmem-virtio nbd``: the Python frontend's commands."""
+"""``ivshmem-virtio blk-client`` and ``ivshmem-virtio nbd``: the Python frontend's commands.
+
+Every misuse (a misaligned or out-of-range request, a write to a read-only disk, no backend
+within ``--timeout``, binary output to a terminal) is a :class:`ConfigError`: one line on
+stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,12 @@ import time
 
 import structlog
 
-from ivshmem_virtio.errors import ConfigError, LinkError
+from ivshmem_virtio.errors import ConfigError, LinkError, TransportError
 from ivshmem_virtio.link import open_link, parse_link
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import ivshmem as H
 
-from .blk import BlkClient
+from .blk import BlkClient, BlkIOError
 
 log = structlog.get_logger("ivshmem_virtio.frontend")
 
@@ -28,11 +33,17 @@ async def connect_blk(link: str, timeout: float, mode: str = "block") -> BlkClie
     except LinkError as e:
         raise ConfigError(f"--link {link}: {e}") from e
     client = BlkClient(dev, timeout=timeout, mode=mode)
+    if not client.transport.backend_ready():  # say once why we sit there
+        print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",
+              file=sys.stderr, flush=True)
     try:
         await client.start(timeout=timeout)
-    except BaseException:
+    except BaseException as e:
         client.transport.leave()
         dev.close()
+        if isinstance(e, TransportError) and not client.transport.backend_ready():
+            raise ConfigError(f"--link {link}: no backend became READY within "
+                              f"{timeout:g} s") from None
         raise
     return client
 
@@ -81,51 +92,112 @@ async def verify(client: BlkClient, size: int, depth: int) -> dict:
     }
 
 
+def _check_range(client: BlkClient, offset: int, length: int, what: str) -> None:
+    """The request's shape, as one line naming the option, before anything is sent."""
+    if offset % 512:
+        raise ConfigError(f"{what} --offset {offset}: not a multiple of 512")
+    if length % 512:
+        raise ConfigError(f"{what} --length {length}: not a multiple of 512")
+    if offset + length > client.size:
+        raise ConfigError(f"{what}: bytes {offset}..{offset + length} reach past the end of "
+                          f"the {client.size}-byte disk")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be refused before the link is touched."""
+    if args.action == "read" and args.out is None and sys.stdout.isatty():
+        raise ConfigError("read: refusing to write binary data to a terminal; give --out FILE, "
+                          "or --out - to force stdout")
+    if args.action == "write" and args.infile != "-" and not os.path.isfile(args.infile):
+        raise ConfigError(f"write --in {args.infile}: no such file")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be positive")
+    if args.action == "verify" and (args.size < 4096 or args.depth < 1):
+        raise ConfigError("verify: --size must be at least 4K and --depth at least 1")
+
+
 async def run_blk_client(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    _check_args(args)
     client = await connect_blk(args.link, args.timeout, args.mode)
     try:
-        if args.action == "info":
-            info = {"capacity_sectors": client.capacity, "bytes": client.size,
-                    "read_only": client.read_only, "id": await client.get_id(),
-                    "size_max": client.size_max, "seg_max": client.seg_max,
-                    "blk_size": client.blk_size, "features": hex(client.features)}
-            print(json.dumps(info))
-        elif args.action == "read":
-            length = client.size - args.offset if args.length is None else args.length
-            out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
-            try:
-                step = 1 << 20
-                reads = [client.read(o, min(step, args.offset + length - o))
-                         for o in range(args.offset, args.offset + length, step)]
-                for i in range(0, len(reads), 8):
-                    for part in await asyncio.gather(*reads[i:i + 8]):
-                        out.write(part)
-            finally:
-                if out is not sys.stdout.buffer:
-                    out.close()
-        elif args.action == "write":
-            data = (sys.stdin.buffer.read() if args.infile == "-"
-                    else open(args.infile, "rb").read())  # noqa: SIM115
-            if len(data) % 512:
-                data += bytes(512 - len(data) % 512)
-            await client.write(args.offset, data)
-            if args.flush:
-                await client.flush()
-        elif args.action == "verify":
-            result = await verify(client, args.size, args.depth)
-            print(json.dumps(result))
-            return 0 if result["verified"] else 1
+        return await _blk_action(client, args)
+    except BlkIOError as e:  # the device refused (read-only, I/O error): the user's answer
+        raise ConfigError(f"{args.action}: {e.strerror or e}") from None
     finally:
         await client.close()
         client.dev.close()
+
+
+async def _blk_action(client: BlkClient, args: argparse.Namespace) -> int:
+    """One blk-client action on a connected disk; returns the exit status."""
+    if args.action == "info":
+        info = {"capacity_sectors": client.capacity, "bytes": client.size,
+                "read_only": client.read_only, "id": await client.get_id(),
+                "size_max": client.size_max, "seg_max": client.seg_max,
+                "blk_size": client.blk_size, "features": hex(client.features)}
+        print(json.dumps(info))
+    elif args.action == "read":
+        length = max(0, client.size - args.offset) if args.length is None else args.length
+        _check_range(client, args.offset, length, "read")
+        to_stdout = args.out in (None, "-")
+        try:
+            out = sys.stdout.buffer if to_stdout else open(args.out, "wb")  # noqa: SIM115
+        except OSError as e:
+            raise ConfigError(f"read --out {args.out}: {e.strerror}") from None
+        try:
+            step = 1 << 20
+            reads = [client.read(o, min(step, args.offset + length - o))
+                     for o in range(args.offset, args.offset + length, step)]
+            for i in range(0, len(reads), 8):
+                for part in await asyncio.gather(*reads[i:i + 8]):
+                    out.write(part)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+    elif args.action == "write":
+        try:
+            data = (sys.stdin.buffer.read() if args.infile == "-"
+                    else open(args.infile, "rb").read())  # noqa: SIM115
+        except OSError as e:
+            raise ConfigError(f"write --in {args.infile}: {e.strerror}") from None
+        if len(data) % 512:
+            data += bytes(512 - len(data) % 512)
+        _check_range(client, args.offset, len(data), "write")
+        if client.read_only:
+            raise ConfigError("write: the disk is read-only")
+        await client.write(args.offset, data)
+        if args.flush:
+            await client.flush()
+    elif args.action == "verify":
+        if client.read_only:
+            raise ConfigError("verify: the disk is read-only (verify writes a pattern)")
+        result = await verify(client, args.size, args.depth)
+        print(json.dumps(result))
+        return 0 if result["verified"] else 1
     return 0
 
 
 async def run_nbd(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from .nbd import serve_nbd
 
+    if args.host is not None and args.port is None:
+        raise ConfigError("--host goes with --port (a UNIX socket has no host)")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
     client = await connect_blk(args.link, args.timeout)
-    server = await serve_nbd(client, unix_path=args.socket, port=args.port)
+    try:
+        server = await serve_nbd(client, unix_path=args.socket, port=args.port,
+                                 host=args.host or "127.0.0.1",
+                                 max_connections=args.max_connections)
+    except OSError as e:
+        await client.close()
+        client.dev.close()
+        where = f"--port {args.port}" if args.socket is None else f"--socket {args.socket}"
+        raise ConfigError(f"{where}: {e.strerror}") from e
+    except BaseException:
+        await client.close()
+        client.dev.close()
+        raise
     log.info("nbd export ready", link=args.link, socket=args.socket, port=args.port,
              bytes=client.size, read_only=client.read_only)
     try:

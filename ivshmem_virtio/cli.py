@@ -2,7 +2,8 @@
 
 The CLI is the top of the import graph: it is the one module that reaches into ``backend``,
 ``frontend`` and ``benchmarks``, lazily, so ``ivshmem-virtio hub`` does not load python-can.
-Every configuration error ends with a one-line message and exit status 2.
+Every configuration error ends with a one-line message and exit status 2. Every option has a
+help text and shows its default (``ArgumentDefaultsHelpFormatter`` on every parser).
 """
 
 from __future__ import annotations
@@ -26,19 +27,58 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count: ``8M``, ``512K``, ``1G`` (binary units, ``MiB``/``MB`` alike), ``0x1000``."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
+    try:
+        value = int(t[:-1] if unit else t, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (a number, optionally with K, M or G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return value * _SUFFIXES[unit]
+
+
 def _protocols(text: str) -> tuple[int, ...]:
     return tuple(_int(p) for p in text.split(",") if p)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every option's help; no "(default: None/False)" where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"ivshmem-virtio: error: {message}\n")
 
 
+DESCRIPTION = ("ivshmem-virtio: virtio devices (blk, can) between Jailhouse cells over ivshmem "
+               "shared memory; one command line for the hub, the backends, the clients and the "
+               "demo. Protocol and decisions: docs/protocol.md.")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_CONFIG = "/etc/ivshmem-virtio/config.toml"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ivshmem-virtio", description=__doc__.splitlines()[0])
+    p = _Parser(prog="ivshmem-virtio", description=DESCRIPTION)
     p.add_argument("--log-json", action="store_true", help="JSON log lines instead of console")
-    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="least severe log line shown (default: info for the daemons, warning "
+                   "for blk-client)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     h = sub.add_parser("hub", help="serve one simulated ivshmem link (sim-link.md)")
@@ -65,53 +105,80 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for doorbells, busy-poll the rings, or spin then block")
         sp.add_argument("--spin-us", type=float, default=SPIN_CAP_US,
                         help="adaptive mode: the longest poll window in microseconds; each "
-                        "link learns its own up to this (default 200)")
-        sp.add_argument("--queue-size", type=_int, default=256)
+                        "link learns its own up to this; poll mode: how long a lone wait spins")
+        sp.add_argument("--queue-size", type=_int, default=256,
+                        help="the largest ring the backend offers (power of two, 8..32768)")
 
     b = sub.add_parser("blk", help="serve a disk image as virtio-blk over a link")
     b.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
-    b.add_argument("--image", required=True)
-    b.add_argument("--read-only", action="store_true")
-    b.add_argument("--serial", default="")
+    b.add_argument("--image", required=True,
+                   help="the disk: a raw image file (size a multiple of 512) or a block device")
+    b.add_argument("--read-only", action="store_true",
+                   help="offer the disk read-only (VIRTIO_BLK_F_RO)")
+    b.add_argument("--serial", default="", help="the id GET_ID answers (at most 20 bytes)")
     runner_opts(b)
 
     c = sub.add_parser("can", help="serve virtio-can links bridged to a python-can bus")
-    c.add_argument("--link", action="append", required=True, help="repeat for a CAN switch")
+    c.add_argument("--link", action="append", required=True,
+                   help="sim:SOCKET or uio:...; repeat for several links on one CAN switch")
     c.add_argument("--bus", required=True, help="IFACE:CHANNEL, e.g. socketcan:can0")
     c.add_argument("--fd", action="store_true", help="offer CAN FD")
-    c.add_argument("--no-late-tx-ack", action="store_true")
+    c.add_argument("--no-late-tx-ack", action="store_true",
+                   help="complete a send once queued, not once the bus took it")
     runner_opts(c)
 
     k = sub.add_parser("blk-client", help="copy data in and out of a remote virtio-blk disk")
-    k.add_argument("--link", required=True)
-    k.add_argument("--timeout", type=float, default=10.0)
-    k.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block")
+    k.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    k.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for a READY backend, and for each request")
+    k.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block",
+                   help="wait for completions on interrupts, busy-poll, or spin then block")
     ks = k.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ks.add_parser("info", help="print capacity, id and limits as JSON")
-    kr = ks.add_parser("read", help="read a range into a file (- for stdout)")
-    kr.add_argument("--offset", type=_int, default=0)
-    kr.add_argument("--length", type=_int, default=None, help="default: to the end")
-    kr.add_argument("--out", default="-")
+    kr = ks.add_parser("read", help="read a range into a file or a pipe")
+    kr.add_argument("--offset", type=_size, default=0,
+                    help="first byte (a multiple of 512; K/M/G suffixes)")
+    kr.add_argument("--length", type=_size, default=None,
+                    help="bytes to read (a multiple of 512; default: to the end of the disk)")
+    kr.add_argument("--out", default=None,
+                    help="file to write, - for stdout (default: stdout when it is not a "
+                    "terminal)")
     kw = ks.add_parser("write", help="write a file (- for stdin) at an offset")
-    kw.add_argument("--offset", type=_int, default=0)
-    kw.add_argument("--in", dest="infile", default="-")
-    kw.add_argument("--flush", action="store_true")
+    kw.add_argument("--offset", type=_size, default=0,
+                    help="first byte (a multiple of 512; K/M/G suffixes)")
+    kw.add_argument("--in", dest="infile", default="-",
+                    help="file to write to the disk, - for stdin (padded with zeros to 512)")
+    kw.add_argument("--flush", action="store_true", help="FLUSH after the write")
     kv = ks.add_parser("verify", help="write a pattern, read it back, report speed (JSON)")
-    kv.add_argument("--size", type=_int, default=8 << 20)
-    kv.add_argument("--depth", type=_int, default=16)
+    kv.add_argument("--size", type=_size, default="8M",
+                    help="bytes to write and read back (K/M/G suffixes; at most the disk)")
+    kv.add_argument("--depth", type=_int, default=16, help="requests in flight")
 
     sub.add_parser("demo", help="the whole stack on a simulated link, as separate processes")
 
     n = sub.add_parser("nbd", help="export a remote virtio-blk disk over NBD")
-    n.add_argument("--link", required=True)
+    n.add_argument("--link", required=True, help="the disk: sim:SOCKET, uio:/dev/uioN or uio:auto")
     g = n.add_mutually_exclusive_group(required=True)
-    g.add_argument("--socket")
-    g.add_argument("--port", type=_int)
-    n.add_argument("--timeout", type=float, default=30.0)
+    g.add_argument("--socket", help="serve on this UNIX socket (created 0600)")
+    g.add_argument("--port", type=_int, help="serve on this TCP port (10809 is NBD's)")
+    n.add_argument("--host", help="with --port: the address to listen on (default 127.0.0.1). "
+                   "WARNING: NBD has no authentication; anyone who reaches the port can read and "
+                   "write the disk")
+    n.add_argument("--max-connections", type=_int, default=16,
+                   help="clients served at once; further connections are refused at once")
+    n.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the virtio-blk backend")
 
     sv = sub.add_parser("serve", help="serve every device of a config file (blk and can)")
-    sv.add_argument("--config", default="/etc/ivshmem-virtio/config.toml")
-    sv.add_argument("--check", action="store_true", help="validate the config and exit")
+    sv.add_argument("--config", default=DEFAULT_CONFIG, help="the TOML file of devices")
+    sv.add_argument("--check", action="store_true",
+                    help="validate the config against this host (images, buses) and exit")
+    sv.add_argument("--file-only", action="store_true",
+                    help="with --check: validate the file alone, not this host's images (a "
+                    "config written for another machine, e.g. packaging/config.toml)")
+    sv.add_argument("--lock-dir", default=None,
+                    help="where a lock file per link keeps a second serve off the same links "
+                    "(default: /run/ivshmem-virtio as root, else $XDG_RUNTIME_DIR/ivshmem-virtio)")
     sv.add_argument("--sysfs", default="/sys", help="sysfs root (tests use a fake tree)")
 
     bd = sub.add_parser("bind", help="make uio_ivshmem claim the virtio backend protocols")
@@ -121,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--sysfs", default="/sys", help="sysfs root (tests use a fake tree)")
 
     bench = sub.add_parser("bench", help="latency and throughput benchmarks")
-    bench.add_argument("suites", nargs="*")
-    bench.add_argument("--quick", action="store_true")
-    bench.add_argument("--json", dest="json_out")
-    bench.add_argument("--plots")
+    bench.add_argument("suites", nargs="*",
+                       help="suites to run (default: all; `ivshmem-virtio bench --list`)")
+    bench.add_argument("--quick", action="store_true", help="shorter runs, less precise")
+    bench.add_argument("--json", dest="json_out", help="write every result to this JSON file")
+    bench.add_argument("--plots", help="write PNG plots into this directory (needs matplotlib)")
     return p
 
 
@@ -147,7 +215,9 @@ def _run(coro_fn: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(json=args.log_json, level=args.log_level)
+    # a client is a quiet tool; daemons log their life at info
+    level = args.log_level or ("warning" if args.command == "blk-client" else "info")
+    setup_logging(json=args.log_json, level=level)
     try:
         if args.command == "hub":
             from .ivshmem.hub import Access, Geometry, group_id, run_hub, user_id
