@@ -238,7 +238,7 @@ def check_bus(spec: str, field: str) -> None:
 
 # -- the whole file -----------------------------------------------------------------------------
 
-def _device(raw: Any, index: int, defaults: dict[str, Any]) -> DeviceConfig:
+def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -> DeviceConfig:
     where = f"devices[{index}]."
     if not isinstance(raw, dict):
         raise ConfigError(f"devices[{index}]: expected a table ([[devices]]), got {raw!r}")
@@ -259,7 +259,8 @@ def _device(raw: Any, index: int, defaults: dict[str, Any]) -> DeviceConfig:
         serial = _str(raw, "serial", where, "")
         if len(serial.encode()) > B.ID_BYTES:
             raise ConfigError(f"{where}serial: {serial!r} is longer than {B.ID_BYTES} bytes")
-        check_image(image, read_only, f"{where}image")
+        if host:
+            check_image(image, read_only, f"{where}image")
         return DeviceConfig(**common, blk=BlkOptions(image, read_only, serial))
     bus = _str(raw, "bus", where)
     check_bus(bus, f"{where}bus")
@@ -267,7 +268,7 @@ def _device(raw: Any, index: int, defaults: dict[str, Any]) -> DeviceConfig:
                                                  _bool(raw, "late_tx_ack", where, True)))
 
 
-def _cross_checks(devices: list[DeviceConfig]) -> None:
+def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
     """What no single device can see: duplicate names, links, images; ambiguous ``auto``."""
     seen_names: dict[str, int] = {}
     seen_links: dict[tuple, int] = {}
@@ -288,7 +289,13 @@ def _cross_checks(devices: list[DeviceConfig]) -> None:
         if d.name in seen_names:  # after the links: a default name is the link text
             raise ConfigError(f"{where}name: {d.name!r} is also devices[{seen_names[d.name]}]")
         seen_names[d.name] = i
-        if d.blk is not None:
+        if d.blk is not None and not host:
+            ident = (-2, hash(os.path.normpath(d.blk.image)))  # the file's own view: by path
+            if ident in seen_images:
+                raise ConfigError(f"{where}image: {d.blk.image} is also served by "
+                                  f"devices[{seen_images[ident]}]")
+            seen_images[ident] = i
+        elif d.blk is not None:
             st = os.stat(d.blk.image)
             ident = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else (-1, st.st_rdev)
             if ident in seen_images:
@@ -297,8 +304,12 @@ def _cross_checks(devices: list[DeviceConfig]) -> None:
             seen_images[ident] = i
 
 
-def parse_config(data: dict[str, Any]) -> ServeConfig:
-    """Validate a decoded TOML document into a :class:`ServeConfig`."""
+def parse_config(data: dict[str, Any], host: bool = True) -> ServeConfig:
+    """Validate a decoded TOML document into a :class:`ServeConfig`.
+
+    ``host=False`` (``serve --check --file-only``) checks the file alone: every field and value,
+    but not whether this machine has the images (a config written for the target's root cell).
+    """
     _unknown_keys(data, _GLOBAL_KEYS, "")
     defaults = {"mode": _choice(data, "mode", "", "adaptive", MODES),
                 "spin_us": _number(data, "spin_us", "", 200.0, 0, 1e6)}
@@ -308,13 +319,13 @@ def parse_config(data: dict[str, Any]) -> ServeConfig:
     raw_devices = data.get("devices", [])
     if not isinstance(raw_devices, list):
         raise ConfigError("devices: expected a list of [[devices]] tables")
-    devices = [_device(raw, i, defaults) for i, raw in enumerate(raw_devices)]
-    _cross_checks(devices)
+    devices = [_device(raw, i, defaults, host) for i, raw in enumerate(raw_devices)]
+    _cross_checks(devices, host)
     return ServeConfig(log_level=level, log_json=log_json, retry_interval=retry,
                        devices=tuple(devices))
 
 
-def load_config(path: str | Path) -> ServeConfig:
+def load_config(path: str | Path, host: bool = True) -> ServeConfig:
     """Read and validate ``path``; every problem is one ConfigError line."""
     try:
         with open(path, "rb") as f:
@@ -325,4 +336,4 @@ def load_config(path: str | Path) -> ServeConfig:
         raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not valid UTF-8") from None
-    return parse_config(data)
+    return parse_config(data, host)

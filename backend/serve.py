@@ -12,6 +12,10 @@ the config and restarts only the devices whose configuration changed (a bad new 
 rejected and the running one kept). SIGTERM stops every runner (in-flight requests complete and
 are published), flushes the images and leaves.
 
+Two daemons on one link would both write its header: every device holds a lock file per link
+(:class:`LinkLock`, ``flock``) while it is configured, and a second ``serve`` naming the same
+link stops at start with one line naming the holder.
+
 systemd (``Type=notify``) hears ``READY=1`` once every device made its first attempt, ``STATUS=``
 on every change, ``RELOADING=1`` around a reload and ``STOPPING=1`` on shutdown; see
 :func:`sd_notify`.
@@ -22,7 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import signal
 import socket
 import time
@@ -107,6 +114,75 @@ class CanGroup:
         self.backend.close()
 
 
+# -- one lock per link ----------------------------------------------------------------------------
+
+def default_lock_dir() -> str:
+    """/run for root (as systemd runs us), else the user's runtime dir, else /tmp."""
+    if os.geteuid() == 0:
+        return "/run/ivshmem-virtio"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "ivshmem-virtio")
+    return f"/tmp/ivshmem-virtio-{os.getuid()}"
+
+
+def link_key(cfg: DeviceConfig) -> str:
+    """A file name for what the link names (sim socket and uio node by real path)."""
+    lk = cfg.link
+    if lk.kind == "sim":
+        key = "sim" + os.path.realpath(lk.path)
+    elif lk.path:
+        key = "uio" + os.path.realpath(lk.path)
+    elif lk.pci:
+        key = f"uio-pci-{lk.pci}"
+    else:
+        key = f"uio-protocol-{lk.protocol:#06x}"
+    return re.sub(r"[^A-Za-z0-9.:_-]", "_", key)[:200] + ".lock"
+
+
+class LinkLock:
+    """An exclusive ``flock`` on ``DIR/<link>.lock``, holding the owner's pid for the message.
+
+    The file is removed on release; an acquirer re-checks that the path still names the file it
+    locked, so a lock never splits across an unlinked and a new file.
+    """
+
+    def __init__(self, directory: str, key: str) -> None:
+        self.path = os.path.join(directory, key)
+        self.fd = -1
+
+    def acquire(self, what: str) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise ConfigError(f"{what} is already served by another process (pid "
+                                      f"{holder}, lock {self.path})") from None
+                raise ConfigError(f"{what}: lock {self.path}: {e.strerror}") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and removed it meanwhile: lock the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = -1
+
+
 # -- one device -----------------------------------------------------------------------------------
 
 class DeviceSlot:
@@ -117,6 +193,7 @@ class DeviceSlot:
         self.daemon = daemon
         self.image: BlockImage | None = None
         self.group: CanGroup | None = None
+        self.lock: LinkLock | None = None
         self.runner: LinkRunner | None = None
         self.devnode = ""  # the /dev/uioN currently served (uio links)
         self.state = "new"  # new, waiting, serving, stopped
@@ -136,17 +213,31 @@ class DeviceSlot:
         """Open the image or join the bus; a failure is a ConfigError naming the field."""
         cfg = self.cfg
         where = f"devices[{index}]"
-        if cfg.blk is not None:
-            try:
-                self.image = BlockImage(cfg.blk.image, read_only=cfg.blk.read_only)
-            except ConfigError as e:
-                raise ConfigError(f"{where}.image: {str(e).removeprefix('--image ')}") from None
-        elif cfg.can is not None:
-            try:
-                self.group = self.daemon.can_group(cfg.can.bus, cfg.can.fd, cfg.can.late_tx_ack)
-            except ConfigError as e:
-                raise ConfigError(f"{where}.bus: {str(e).removeprefix('--bus ')}") from None
-            self.group.users += 1
+        lock = LinkLock(self.daemon.lock_dir, link_key(cfg))
+        lock.acquire(f"{where}.link: {cfg.link.text}")
+        self.lock = lock
+        try:
+            if cfg.blk is not None:
+                try:
+                    self.image = BlockImage(cfg.blk.image, read_only=cfg.blk.read_only)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}.image: {str(e).removeprefix('--image ')}") \
+                        from None
+            elif cfg.can is not None:
+                try:
+                    self.group = self.daemon.can_group(cfg.can.bus, cfg.can.fd,
+                                                       cfg.can.late_tx_ack)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}.bus: {str(e).removeprefix('--bus ')}") from None
+                self.group.users += 1
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     async def close_resources(self) -> None:
         if self.image is not None:
@@ -161,6 +252,7 @@ class DeviceSlot:
         if self.group is not None:
             group, self.group = self.group, None
             self.daemon.release_can_group(group)
+        self.release_lock()
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -371,10 +463,12 @@ class DeviceSlot:
 class ServeDaemon:
     """Owns the slots, the CAN groups, the udev monitor, reloads and systemd notifications."""
 
-    def __init__(self, config_path: str, config: ServeConfig, sysfs: str = "/sys") -> None:
+    def __init__(self, config_path: str, config: ServeConfig, sysfs: str = "/sys",
+                 lock_dir: str | None = None) -> None:
         self.config_path = config_path
         self.config = config
         self.sysfs = sysfs
+        self.lock_dir = lock_dir or default_lock_dir()
         self.slots: dict[str, DeviceSlot] = {}
         self.can_groups: dict[tuple[str, bool, bool], CanGroup] = {}
         self._monitor: UioMonitor | None = None
@@ -414,6 +508,7 @@ class ServeDaemon:
                             s.image.close()
                         if s.group is not None:
                             self.release_can_group(s.group)
+                        s.release_lock()
                     raise
                 log.error("device not started", device=cfg.name, error=str(e))
                 continue
@@ -549,15 +644,20 @@ class UioMonitor:
 
 async def run_serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """The ``serve`` subcommand: validate everything, open resources, serve until a signal."""
-    config = load_config(args.config)
+    file_only = getattr(args, "file_only", False)
+    if file_only and not args.check:
+        raise ConfigError("--file-only goes with --check")
+    config = load_config(args.config, host=not file_only)
     if args.check:
         print(f"{args.config}: OK, {len(config.devices)} device(s): "
-              + ", ".join(f"{d.name} ({d.type} on {d.link})" for d in config.devices))
+              + ", ".join(f"{d.name} ({d.type} on {d.link})" for d in config.devices)
+              + ("; images not checked (--file-only)" if file_only else ""))
         return 0
     setup_logging(json=config.log_json, level=config.log_level)
     if not shm.BARRIERS_EXACT:  # no way to order the ring accesses on this CPU
         raise ConfigError(shm.BARRIER_HELP)
-    daemon = ServeDaemon(args.config, config, sysfs=args.sysfs)
+    daemon = ServeDaemon(args.config, config, sysfs=args.sysfs,
+                         lock_dir=getattr(args, "lock_dir", None))
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task] = set()
 

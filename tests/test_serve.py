@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -360,6 +362,27 @@ def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory
     assert serve.proc.poll() is None
 
 
+def test_second_serve_on_the_same_links_refuses(procs, tmp_path, image_factory):
+    """A lock file per link: the second daemon stops at once with one line naming the holder,
+    instead of retrying the taken backend ID forever; the first one's lock goes with it."""
+    sock = str(tmp_path / "one.sock")
+    locks = tmp_path / "locks"
+    procs.hub(sock)
+    cfg = write_config(tmp_path / "c.toml", [
+        {"name": "disk", "type": "blk", "link": f"sim:{sock}", "image": image_factory(MiB)}])
+    first = procs.start("serve", "serve", "--config", str(cfg), "--lock-dir", str(locks),
+                        wait="serve ready")
+    r = run_cli(["serve", "--config", str(cfg), "--lock-dir", str(locks)], timeout=30)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"devices[0].link: sim:{sock} is already served by another process (pid " \
+        f"{first.pid}," in err, err
+    assert first.proc.poll() is None
+    assert first.stop() == 0
+    assert list(locks.iterdir()) == []  # released and removed on shutdown
+
+
 def test_check_validates_without_serving(tmp_path, image_factory):
     cfg = write_config(tmp_path / "c.toml", [{"type": "blk", "link": "uio:auto",
                                               "image": image_factory()}])
@@ -579,6 +602,54 @@ def test_sample_config_is_valid(tmp_path):
     assert [d.type for d in config.devices].count("blk") == 2
     assert [d.type for d in config.devices].count("can") == 1
     assert all(d.link.kind == "uio" for d in config.devices)
+
+
+def test_sample_config_passes_check_file_only():
+    """A user's first check of the sample on any host: the file is right; its images belong to
+    the target (a plain --check, as the unit's ExecStartPre runs it, still wants them)."""
+    sample = str(ROOT / "packaging" / "config.toml")
+    r = run_cli(["serve", "--config", sample, "--check", "--file-only"], timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "OK, 3 device(s)" in r.stdout.decode() and "images not checked" in r.stdout.decode()
+    if not os.path.exists("/var/lib/ivshmem-virtio/rootfs.img"):
+        r = run_cli(["serve", "--config", sample, "--check"], timeout=30)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.count("\n") == 1, err
+        assert "devices[0].image: /var/lib/ivshmem-virtio/rootfs.img" in err, err
+
+
+def _system_unit_dir() -> Path | None:
+    for d in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if (Path(d) / "multi-user.target").exists():
+            return Path(d)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or _system_unit_dir() is None,
+                    reason="systemd-analyze not installed (apt-get install systemd)")
+def test_systemd_unit_verifies_after_the_install_step(tmp_path):
+    """`systemd-analyze verify` in a root where docs/deploy.md section 4 installed us: the venv's
+    command, the unit in /etc/systemd/system; the system's own units copied beside it."""
+    root = tmp_path / "root"
+    units = _system_unit_dir()
+    assert units is not None
+    shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+    venv_bin = root / "opt/ivshmem-virtio/bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "ivshmem-virtio").write_text("#!/bin/sh\n")
+    (venv_bin / "ivshmem-virtio").chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(ROOT / "packaging" / "ivshmem-virtio.service", root / "etc/systemd/system")
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run(["systemd-analyze", "verify", f"--root={root}",
+                               "ivshmem-virtio.service"], capture_output=True, timeout=60)
+
+    r = verify()
+    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
+    (venv_bin / "ivshmem-virtio").unlink()  # the check can fail: without the install step
+    r = verify()
+    assert r.returncode != 0 and b"/opt/ivshmem-virtio/bin/ivshmem-virtio" in r.stderr
 
 
 def test_systemd_unit():
