@@ -1,19 +1,25 @@
-"""NBD server that exports one block target (fixed newstyle handshake, simple replies only).
+"""NBD server that exports one block target (fixed newstyle handshake, structured replies).
 
 A Linux cell without a virtio driver reaches the remote virtio-blk disk through this export, as
-/dev/nbdX or with `nbdcopy` / `qemu-img`. Only the protocol lives here; the disk itself is any
-object implementing :class:`BlockTarget` (the virtio-blk client over shared memory in production).
+/dev/nbdX or with `nbdcopy` / `qemu-img`. The wire format lives in :mod:`frontend.nbd_proto`;
+the disk itself is any object implementing :class:`BlockTarget` (the virtio-blk client over
+shared memory in production). Decisions and measurements: docs/nbd.md.
 
 Design choices, and why:
 
 * Each request runs in its own task so that a slow virtio round trip does not hold up the
   requests behind it; NBD allows replies out of order. Requests and payload bytes in flight are
-  bounded per connection, so a client can make the server buffer at most a known amount.
+  bounded per connection, and connections per server, so a client can make the server buffer at
+  most a known amount.
 * Every request is validated before the target sees it (range, length cap, flags, read-only),
-  because the target sits behind shared memory and should only ever receive sane requests.
+  because the target sits behind shared memory and should only ever receive sane requests. A
+  WRITE announcing more than the maximum payload is refused before a byte of its payload is
+  read: the client broke a MUST, so the server answers EINVAL and hangs up (proto.md).
 * A malformed message (bad magic, unknown client flags) drops that one connection; the other
   connections and the listener keep going.
-* Structured replies are refused, so READ errors are reported with a simple reply and no payload.
+* Structured replies carry READ data and errors with a message; ``base:allocation`` reports
+  every extent as allocated data (status 0), which is what the server knows: virtio-blk has no
+  way to ask the disk for holes.
 """
 
 from __future__ import annotations
@@ -23,10 +29,80 @@ import contextlib
 import errno
 import itertools
 import os
+import socket
 import struct
 from typing import Final, Protocol
 
 import structlog
+
+from ivshmem_virtio.ivshmem.hub import LogLimiter, bind_unix
+
+from .nbd_proto import *  # noqa: F403 - the wire constants stay importable from frontend.nbd
+from .nbd_proto import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_NAMES,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_HAS_FLAGS,
+    FLAG_NO_ZEROES,
+    FLAG_READ_ONLY,
+    FLAG_SEND_FLUSH,
+    FLAG_SEND_FUA,
+    FLAG_SEND_TRIM,
+    FLAG_SEND_WRITE_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    MIN_BLOCK_SIZE,
+    NBD_EINVAL,
+    NBD_ENOSPC,
+    NBD_EPERM,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY,
+    OPTION_HEADER,
+    PREFERRED_BLOCK_SIZE,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REP_SERVER,
+    REPLY_TYPE_NONE,
+    REQUEST,
+    REQUEST_MAGIC,
+    WRITING_CMDS,
+    block_status_chunk,
+    chunk_header,
+    errname,
+    error_chunk,
+    match_contexts,
+    nbd_error,
+    offset_data_header,
+    option_reply,
+    parse_info_request,
+    parse_meta_context_request,
+    simple_reply,
+)
 
 __all__ = [
     "BlockTarget",
@@ -36,9 +112,18 @@ __all__ = [
     "MIN_BLOCK_SIZE",
     "PREFERRED_BLOCK_SIZE",
     "MAX_PAYLOAD",
+    "MAX_CONNECTIONS",
 ]
 
 log = structlog.get_logger("ivshmem_virtio.nbd")
+
+MAX_CONNECTIONS: Final = 16  # default cap; each connection may hold 256 MiB in flight
+_SKIP_CHUNK: Final = 1024 * 1024
+_STREAM_LIMIT: Final = 1024 * 1024
+_SHUTDOWN_GRACE_S: Final = 10.0
+_LOGGED_TARGET_ERRORS: Final = 10  # per connection
+_CONTEXT_ID: Final = 1  # the id base:allocation gets from SET_META_CONTEXT
+_MAX_EXTENT: Final = 0xFFFFFFFF // MIN_BLOCK_SIZE * MIN_BLOCK_SIZE  # u32, block aligned
 
 
 class BlockTarget(Protocol):
@@ -58,125 +143,8 @@ class NbdProtocolError(Exception):
     """The client broke the NBD protocol; the server drops that connection (hard disconnect)."""
 
 
-# --- Protocol constants (NetworkBlockDevice/nbd doc/proto.md) ---------------------------------
-
-NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC: Final = 0x3E889045565A9
-REQUEST_MAGIC: Final = 0x25609513
-SIMPLE_REPLY_MAGIC: Final = 0x67446698
-
-# Handshake flags (server) and client flags.
-FLAG_FIXED_NEWSTYLE: Final = 1 << 0
-FLAG_NO_ZEROES: Final = 1 << 1
-FLAG_C_FIXED_NEWSTYLE: Final = 1 << 0
-FLAG_C_NO_ZEROES: Final = 1 << 1
-
-# Transmission flags.
-FLAG_HAS_FLAGS: Final = 1 << 0
-FLAG_READ_ONLY: Final = 1 << 1
-FLAG_SEND_FLUSH: Final = 1 << 2
-FLAG_SEND_FUA: Final = 1 << 3
-FLAG_SEND_TRIM: Final = 1 << 5
-FLAG_SEND_WRITE_ZEROES: Final = 1 << 6
-FLAG_CAN_MULTI_CONN: Final = 1 << 8
-
-# Options.
-OPT_EXPORT_NAME: Final = 1
-OPT_ABORT: Final = 2
-OPT_LIST: Final = 3
-OPT_STARTTLS: Final = 5
-OPT_INFO: Final = 6
-OPT_GO: Final = 7
-OPT_STRUCTURED_REPLY: Final = 8
-
-# Option reply types.
-REP_ACK: Final = 1
-REP_SERVER: Final = 2
-REP_INFO: Final = 3
-REP_ERR_UNSUP: Final = (1 << 31) + 1
-REP_ERR_INVALID: Final = (1 << 31) + 3
-
-# NBD_REP_INFO types.
-INFO_EXPORT: Final = 0
-INFO_BLOCK_SIZE: Final = 3
-
-# Commands and command flags.
-CMD_READ: Final = 0
-CMD_WRITE: Final = 1
-CMD_DISC: Final = 2
-CMD_FLUSH: Final = 3
-CMD_TRIM: Final = 4
-CMD_WRITE_ZEROES: Final = 6
-CMD_FLAG_FUA: Final = 1 << 0
-CMD_FLAG_NO_HOLE: Final = 1 << 1
-
-_CMD_NAMES: Final = {
-    CMD_READ: "read",
-    CMD_WRITE: "write",
-    CMD_DISC: "disc",
-    CMD_FLUSH: "flush",
-    CMD_TRIM: "trim",
-    CMD_WRITE_ZEROES: "write_zeroes",
-}
-_WRITING_CMDS: Final = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
-
-# Error values allowed on the wire (proto.md "Error values"); anything else is sent as EIO.
-NBD_EPERM: Final = 1
-NBD_EIO: Final = 5
-NBD_ENOMEM: Final = 12
-NBD_EINVAL: Final = 22
-NBD_ENOSPC: Final = 28
-NBD_EOVERFLOW: Final = 75
-NBD_ENOTSUP: Final = 95
-NBD_ESHUTDOWN: Final = 108
-
-_ERRNO_TO_NBD: Final = {
-    errno.EPERM: NBD_EPERM,
-    errno.EACCES: NBD_EPERM,
-    errno.EROFS: NBD_EPERM,
-    errno.EIO: NBD_EIO,
-    errno.ENOMEM: NBD_ENOMEM,
-    errno.EINVAL: NBD_EINVAL,
-    errno.ENOSPC: NBD_ENOSPC,
-    errno.EDQUOT: NBD_ENOSPC,
-    errno.EFBIG: NBD_ENOSPC,
-    errno.EOVERFLOW: NBD_EOVERFLOW,
-    errno.ENOTSUP: NBD_ENOTSUP,
-    errno.EOPNOTSUPP: NBD_ENOTSUP,
-    errno.ESHUTDOWN: NBD_ESHUTDOWN,
-}
-
-# Block size constraints advertised with NBD_INFO_BLOCK_SIZE.
-MIN_BLOCK_SIZE: Final = 512
-PREFERRED_BLOCK_SIZE: Final = 4096
-MAX_PAYLOAD: Final = 32 * 1024 * 1024
-
-# Longest option payload accepted during the handshake: an export name (<= 4096 bytes per the
-# spec) plus a handful of info requests. Anything longer is treated as abuse and disconnected.
-MAX_OPTION_LENGTH: Final = 8192
-_SKIP_CHUNK: Final = 1024 * 1024
-_STREAM_LIMIT: Final = 1024 * 1024
-_SHUTDOWN_GRACE_S: Final = 10.0
-_LOGGED_TARGET_ERRORS: Final = 10  # per connection
-
-_GREETING = struct.Struct(">QQH")
-_OPTION_HEADER = struct.Struct(">QII")
-_OPTION_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-
-
-def nbd_error(exc: BaseException) -> int:
-    """Map a target exception to an NBD error value; unknown errnos become EIO."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_TO_NBD.get(exc.errno, NBD_EIO)
-    return NBD_EIO
-
-
-def _errname(value: int) -> str:
-    """Name of an NBD error value for logs (the values are Linux errnos)."""
-    return errno.errorcode.get(value, str(value))
+class _HangUp(Exception):
+    """The client broke a MUST after its reply went out: close (flushing that reply), no abort."""
 
 
 class _InflightBudget:
@@ -234,6 +202,8 @@ class _Connection:
         self._rejected = 0
         self._target_errors = 0
         self._export_name = ""
+        self._structured = False  # NBD_OPT_STRUCTURED_REPLY acknowledged
+        self._contexts: dict[int, str] = {}  # metadata contexts selected: id -> name
         peer = writer.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
 
@@ -265,8 +235,13 @@ class _Connection:
             reason = "connection_lost"
         except NbdProtocolError as exc:
             reason = "protocol_error"
-            log.warning("nbd protocol error", conn=self.id, peer=self.peer, error=str(exc))
+            self._server.warn("protocol", "nbd protocol error", conn=self.id, peer=self.peer,
+                              error=str(exc))
             self._writer.transport.abort()
+        except _HangUp as exc:
+            reason = "protocol_error"  # the reply is out: close, flushing it, rather than abort
+            self._server.warn("protocol", "nbd protocol error", conn=self.id, peer=self.peer,
+                              error=str(exc))
         except asyncio.CancelledError:
             reason = "cancelled"
             cancelled = True
@@ -313,12 +288,12 @@ class _Connection:
         return flags  # CAN_MULTI_CONN stays off: the target makes no cross-connection promise.
 
     async def _send_option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
-        self._writer.write(_OPTION_REPLY.pack(OPT_REPLY_MAGIC, option, reply, len(data)) + data)
+        self._writer.write(option_reply(option, reply, data))
         await self._writer.drain()
 
     async def _negotiate(self) -> bool:
         """Run option haggling; True when the client entered transmission, False on ABORT."""
-        self._writer.write(_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self._writer.write(GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         await self._writer.drain()
         (client_flags,) = struct.unpack(">I", await self._reader.readexactly(4))
         if client_flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
@@ -327,8 +302,8 @@ class _Connection:
         no_zeroes = bool(client_flags & FLAG_C_NO_ZEROES)
 
         while True:
-            magic, option, length = _OPTION_HEADER.unpack(
-                await self._reader.readexactly(_OPTION_HEADER.size)
+            magic, option, length = OPTION_HEADER.unpack(
+                await self._reader.readexactly(OPTION_HEADER.size)
             )
             if magic != IHAVEOPT:
                 raise NbdProtocolError(f"bad option magic {magic:#x}")
@@ -358,7 +333,7 @@ class _Connection:
                     await self._send_option_reply(option, REP_ACK)
                 continue
             if option in (OPT_INFO, OPT_GO):
-                name = self._parse_info_request(data)
+                name = parse_info_request(data)
                 if name is None:
                     await self._send_option_reply(option, REP_ERR_INVALID, b"malformed request")
                     continue
@@ -380,23 +355,40 @@ class _Connection:
                     self._enter_transmission(name, "go")
                     return True
                 continue
-            # STRUCTURED_REPLY, STARTTLS, meta contexts, extended headers and anything unknown.
-            # Refusing structured replies keeps every reply a simple one.
+            if option == OPT_STRUCTURED_REPLY:
+                if data:
+                    await self._send_option_reply(option, REP_ERR_INVALID, b"takes no data")
+                else:
+                    self._structured = True
+                    await self._send_option_reply(option, REP_ACK)
+                continue
+            if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                await self._meta_context(option, data)
+                continue
+            # STARTTLS, extended headers and anything unknown.
             log.debug("nbd option unsupported", conn=self.id, option=option)
             await self._send_option_reply(option, REP_ERR_UNSUP, b"option not supported")
 
-    @staticmethod
-    def _parse_info_request(data: bytes) -> bytes | None:
-        """Export name of an INFO/GO payload, or None when the lengths do not add up."""
-        if len(data) < 6:
-            return None
-        (name_len,) = struct.unpack_from(">I", data, 0)
-        if 4 + name_len + 2 > len(data):
-            return None
-        (n_requests,) = struct.unpack_from(">H", data, 4 + name_len)
-        if len(data) != 4 + name_len + 2 + 2 * n_requests:
-            return None
-        return data[4 : 4 + name_len]
+    async def _meta_context(self, option: int, data: bytes) -> None:
+        """LIST or SET metadata contexts: ``base:allocation`` is the only one there is."""
+        setting = option == OPT_SET_META_CONTEXT
+        if setting:
+            self._contexts = {}  # replaced even when this request fails (proto.md)
+        request = parse_meta_context_request(data)
+        if not self._structured:
+            await self._send_option_reply(option, REP_ERR_INVALID,
+                                          b"negotiate structured replies first")
+            return
+        if request is None:
+            await self._send_option_reply(option, REP_ERR_INVALID, b"malformed request")
+            return
+        for name in match_contexts(request[1], listing=not setting):
+            context_id = _CONTEXT_ID if setting else 0  # LIST: the id is reserved, 0
+            if setting:
+                self._contexts[context_id] = name
+            await self._send_option_reply(option, REP_META_CONTEXT,
+                                          struct.pack(">I", context_id) + name.encode())
+        await self._send_option_reply(option, REP_ACK)
 
     def _enter_transmission(self, name: bytes, via: str) -> None:
         self._export_name = name.decode("utf-8", errors="replace")
@@ -416,14 +408,22 @@ class _Connection:
         """Read requests until DISC; each valid one is handed to its own task."""
         reader = self._reader
         while True:
-            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(
-                await reader.readexactly(_REQUEST.size)
+            magic, flags, cmd, handle, offset, length = REQUEST.unpack(
+                await reader.readexactly(REQUEST.size)
             )
             if magic != REQUEST_MAGIC:
                 raise NbdProtocolError(f"bad request magic {magic:#x}")
             if cmd == CMD_DISC:
                 return "disc"
             self._requests += 1
+            if cmd == CMD_WRITE and length > MAX_PAYLOAD:
+                # The client MUST NOT send this (proto.md "Size constraints"): answer, then hang
+                # up without reading the payload, which may be as large as 4 GiB.
+                self._rejected += 1
+                await self._reply(handle, NBD_EINVAL, message=f"a WRITE of {length} bytes is "
+                                  f"over the maximum payload of {MAX_PAYLOAD}")
+                raise _HangUp(f"WRITE of {length} bytes announced; maximum payload "
+                              f"{MAX_PAYLOAD}")
             error = self._check_request(cmd, flags, offset, length)
             if error:
                 if cmd == CMD_WRITE:
@@ -432,13 +432,16 @@ class _Connection:
                 log.debug(  # client-triggerable: debug only, the count goes in the disconnect line
                     "nbd request rejected",
                     conn=self.id,
-                    cmd=_CMD_NAMES.get(cmd, cmd),
+                    cmd=CMD_NAMES.get(cmd, cmd),
                     flags=flags,
                     offset=offset,
                     length=length,
-                    error=_errname(error),
+                    error=errname(error),
                 )
-                await self._reply(handle, error)
+                await self._reply(handle, error, read=cmd == CMD_READ)
+                continue
+            if cmd == CMD_BLOCK_STATUS:
+                await self._block_status(handle, flags, offset, length)
                 continue
 
             cost = length if cmd in (CMD_READ, CMD_WRITE) else 0
@@ -455,12 +458,17 @@ class _Connection:
 
     def _check_request(self, cmd: int, flags: int, offset: int, length: int) -> int:
         """NBD error for a request that must not reach the target, or 0 when it is valid."""
+        if cmd == CMD_BLOCK_STATUS:
+            # only after SET_META_CONTEXT selected a context; never a zero-length extent
+            if not self._contexts or flags & ~CMD_FLAG_REQ_ONE or length == 0:
+                return NBD_EINVAL
+            return NBD_EINVAL if offset + length > self._target.size else 0
         if cmd not in (CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES):
             return NBD_EINVAL
         allowed = CMD_FLAG_FUA | (CMD_FLAG_NO_HOLE if cmd == CMD_WRITE_ZEROES else 0)
         if flags & ~allowed:
             return NBD_EINVAL
-        if cmd in _WRITING_CMDS and self._target.read_only:
+        if cmd in WRITING_CMDS and self._target.read_only:
             return NBD_EPERM
         if cmd == CMD_FLUSH:
             return 0  # offset and length are reserved; a flush is never refused over them
@@ -469,6 +477,20 @@ class _Connection:
         if offset + length > self._target.size:
             return NBD_ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else NBD_EINVAL
         return 0
+
+    async def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
+        """One extent of status 0 ("allocated, or not known"): all virtio-blk lets us know.
+
+        Without REQ_ONE the extent runs on to the end of the disk (proto.md lets the final
+        extent pass the requested length when the server knows it without extra effort), so a
+        client maps the whole disk in one round trip per 4 GiB.
+        """
+        if flags & CMD_FLAG_REQ_ONE:
+            n = length
+        else:
+            n = min(self._target.size - offset, _MAX_EXTENT)
+        await self._send(b"".join(block_status_chunk(handle, cid, [(n, 0)])
+                                  for cid in self._contexts))
 
     async def _skip_input(self, length: int) -> None:
         """Consume a rejected WRITE payload without buffering it whole."""
@@ -517,14 +539,15 @@ class _Connection:
                 log_fn(
                     "nbd target error",
                     conn=self.id,
-                    cmd=_CMD_NAMES.get(cmd, cmd),
+                    cmd=CMD_NAMES.get(cmd, cmd),
                     offset=offset,
                     length=length,
-                    error=_errname(error),
+                    error=errname(error),
                     detail=str(exc),
                 )
         try:
-            await self._reply(handle, error, data)
+            await self._reply(handle, error, data, read=cmd == CMD_READ, offset=offset,
+                              message=errname(error) if error else "")
         except (ConnectionError, RuntimeError):
             pass  # the client is gone; the reader loop notices and ends the connection
 
@@ -539,12 +562,32 @@ class _Connection:
                 await self._target.write_zeroes(offset, n, may_unmap=not flags & CMD_FLAG_NO_HOLE)
             offset += n
 
-    async def _reply(self, handle: int, error: int, data: bytes | memoryview = b"") -> None:
-        """Send a simple reply; the lock keeps header and data of one reply together."""
+    async def _reply(
+        self,
+        handle: int,
+        error: int,
+        data: bytes | memoryview = b"",
+        *,
+        read: bool = False,
+        offset: int = 0,
+        message: str = "",
+    ) -> None:
+        """Send a request's reply: structured for READ and errors once negotiated, else simple."""
+        if not self._structured or not (read or error):
+            await self._send(simple_reply(handle, error), data)
+        elif error:
+            await self._send(error_chunk(handle, error, message))
+        elif data:
+            await self._send(offset_data_header(handle, offset, len(data)), data)
+        else:  # a READ of 0 bytes: no OFFSET_DATA chunk can be empty
+            await self._send(chunk_header(handle, REPLY_TYPE_NONE, 0))
+
+    async def _send(self, header: bytes, data: bytes | memoryview = b"") -> None:
+        """Write one reply; the lock keeps the header and the data of one reply together."""
         async with self._wlock:
             if self._writer.is_closing():
                 return
-            self._writer.write(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+            self._writer.write(header)
             if data:
                 self._writer.write(data)
             await self._writer.drain()
@@ -564,15 +607,21 @@ class NbdServer(asyncio.AbstractServer):
         max_inflight: int = 64,
         max_inflight_bytes: int = 256 * 1024 * 1024,
         handshake_timeout: float | None = 30.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if target.size < 0 or target.size % MIN_BLOCK_SIZE:
             raise ValueError(f"target size {target.size} is not a multiple of {MIN_BLOCK_SIZE}")
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.target = target
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.refused = 0  # connections turned away at the cap
+        self._limiter = LogLimiter()
         self._server: asyncio.AbstractServer | None = None
         self._unix_path: str | None = None
         self._unix_id: tuple[int, int] | None = None
@@ -588,14 +637,19 @@ class NbdServer(asyncio.AbstractServer):
         host: str = "127.0.0.1",
         port: int | None = None,
     ) -> None:
-        """Bind and start accepting; exactly one of unix_path and port (0 = any free port)."""
+        """Bind and start accepting; exactly one of unix_path and port (0 = any free port).
+
+        A unix socket is created 0600 (the exporting user and root may connect); TCP listens on
+        loopback unless another host is given, and NBD has no authentication of its own.
+        """
         if (unix_path is None) == (port is None):
             raise ValueError("give exactly one of unix_path or port")
         if self._server is not None:
             raise RuntimeError("already listening")
         if unix_path is not None:
+            sock = bind_unix(unix_path, 0o600, what="NBD export")
             self._server = await asyncio.start_unix_server(
-                self._on_client, path=unix_path, limit=_STREAM_LIMIT
+                self._on_client, sock=sock, limit=_STREAM_LIMIT
             )
             st = os.stat(unix_path)
             self._unix_path = unix_path
@@ -607,6 +661,9 @@ class NbdServer(asyncio.AbstractServer):
             )
             bound = self._server.sockets[0].getsockname()
             self._address = f"tcp:{bound[0]}:{bound[1]}"
+            if not _loopback(host):
+                log.warning("nbd export reachable from the network without authentication",
+                            address=self._address)
         log.info(
             "nbd listening",
             address=self._address,
@@ -619,9 +676,22 @@ class NbdServer(asyncio.AbstractServer):
         """Listening sockets (e.g. to learn the port picked for port=0)."""
         return tuple(self._server.sockets) if self._server is not None else ()
 
+    def warn(self, key: str, event: str, **kw: object) -> None:
+        """A warning a client can trigger: rate-limited per key (a count of the dropped ones)."""
+        dropped = self._limiter.allow(key)
+        if dropped is not None:
+            log.warning(event, **kw, **({"suppressed": dropped} if dropped else {}))
+
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closing:
             writer.transport.abort()
+            return
+        if len(self._conns) >= self.max_connections:
+            # refused at once, before the greeting: the clients already served keep going
+            self.refused += 1
+            writer.transport.abort()
+            self.warn("cap", "nbd connection refused", reason="connection cap",
+                      max_connections=self.max_connections, refused=self.refused)
             return
         conn_id = next(self._ids)
         conn = _Connection(self, conn_id, reader, writer)
@@ -694,18 +764,29 @@ class NbdServer(asyncio.AbstractServer):
             await self.wait_closed()
 
 
+def _loopback(host: str) -> bool:
+    """True when host resolves to loopback addresses only."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addrs = {info[4][0] for info in infos}
+    return bool(addrs) and all(a.startswith("127.") or a == "::1" for a in addrs)
+
+
 async def serve_nbd(
     target: BlockTarget,
     *,
     unix_path: str | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
-) -> asyncio.AbstractServer:
+    max_connections: int = MAX_CONNECTIONS,
+) -> NbdServer:
     """Export target over NBD on a unix socket or a TCP port (exactly one); returns the server.
 
     The caller owns the event loop; close() and wait_closed() on the result stop the export,
     drop its clients and remove the unix socket file.
     """
-    server = NbdServer(target)
+    server = NbdServer(target, max_connections=max_connections)
     await server.listen(unix_path=unix_path, host=host, port=port)
     return server

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import struct
 import subprocess
 import threading
@@ -26,6 +27,7 @@ import uvloop
 
 from frontend import nbd
 from frontend.nbd import MAX_PAYLOAD, NbdServer, serve_nbd
+from ivshmem_virtio.procs import cli
 
 MiB = 1024 * 1024
 TIMEOUT = 20.0  # seconds for any single await on the socket in protocol tests
@@ -114,6 +116,7 @@ class RawClient:
         self.reader = reader
         self.writer = writer
         self.pending: dict[int, int] = {}  # handle -> bytes of data a successful reply carries
+        self.chunks: list[tuple[int, bytes]] = []  # structured chunks seen: (type, payload)
         self._next_handle = 1
 
     @classmethod
@@ -148,7 +151,7 @@ class RawClient:
             magic, opt, rtype, length = struct.unpack(">QIII", await self.read(20))
             assert magic == nbd.OPT_REPLY_MAGIC and opt == option
             replies.append((rtype, await self.read(length)))
-            if rtype not in (nbd.REP_SERVER, nbd.REP_INFO):
+            if rtype not in (nbd.REP_SERVER, nbd.REP_INFO, nbd.REP_META_CONTEXT):
                 return replies
 
     async def go(self, name: bytes = b"", info: tuple[int, ...] = ()) -> tuple[int, int]:
@@ -181,9 +184,23 @@ class RawClient:
         return handle
 
     async def reply(self) -> tuple[int, int, bytes]:
-        """Next simple reply: (handle, error, data)."""
-        magic, error, handle = struct.unpack(">IIQ", await self.read(16))
+        """Next reply, simple or one final structured chunk: (handle, error, data)."""
+        (magic,) = struct.unpack(">I", await self.read(4))
+        if magic == nbd.STRUCTURED_REPLY_MAGIC:
+            flags, rtype, handle, length = struct.unpack(">HHQI", await self.read(16))
+            assert flags == nbd.REPLY_FLAG_DONE  # our server always answers in one chunk
+            payload = await self.read(length)
+            self.pending.pop(handle)
+            self.chunks.append((rtype, payload))
+            if rtype == nbd.REPLY_TYPE_ERROR:
+                error, mlen = struct.unpack_from(">IH", payload)
+                assert mlen == len(payload) - 6 and error
+                return handle, error, b""
+            if rtype == nbd.REPLY_TYPE_OFFSET_DATA:
+                return handle, 0, payload[8:]
+            return handle, 0, payload
         assert magic == nbd.SIMPLE_REPLY_MAGIC
+        error, handle = struct.unpack(">IQ", await self.read(12))
         n = self.pending.pop(handle)
         return handle, error, (await self.read(n) if n and not error else b"")
 
@@ -244,7 +261,7 @@ def test_handshake_options(tmp_path: Path) -> None:
             (nbd.REP_ACK, b""),
         ]
         assert (await c.option(nbd.OPT_LIST, b"x"))[-1][0] == nbd.REP_ERR_INVALID
-        assert (await c.option(nbd.OPT_STRUCTURED_REPLY))[-1][0] == nbd.REP_ERR_UNSUP
+        assert (await c.option(nbd.OPT_STRUCTURED_REPLY, b"x"))[-1][0] == nbd.REP_ERR_INVALID
         assert (await c.option(nbd.OPT_STARTTLS))[-1][0] == nbd.REP_ERR_UNSUP
         assert (await c.option(0x4242, b"whatever"))[-1][0] == nbd.REP_ERR_UNSUP
 
@@ -352,18 +369,14 @@ def test_commands_and_error_replies(tmp_path: Path) -> None:
         assert await c.request(nbd.CMD_READ, size - 512, 512) == (0, bytes(512))
         assert await c.request(nbd.CMD_READ, size, 0) == (0, b"")
 
-        # Payload cap: 32 MiB is fine, one block more is EINVAL; the WRITE payload is consumed
+        # Payload cap: 32 MiB is fine, one block more is EINVAL
         payload = await c.request(nbd.CMD_READ, 0, MAX_PAYLOAD)
         assert payload[0] == 0 and len(payload[1]) == MAX_PAYLOAD
         assert await c.request(nbd.CMD_READ, 0, MAX_PAYLOAD + 512) == (E.EINVAL, b"")
-        writes_before = len(target.writes)
-        big = b"\x77" * (MAX_PAYLOAD + 4096)
-        assert await c.request(nbd.CMD_WRITE, 0, len(big), data=big) == (E.EINVAL, b"")
-        assert len(target.writes) == writes_before and target.buf[:512] == bytes(512)
-        assert await c.request(nbd.CMD_READ, 4096 + 4096, 16) == (0, data[4096:4112])
+        # (an oversize WRITE ends the connection: test_oversize_write_is_refused_unread)
 
         # Unknown commands and flags
-        for cmd in (5, 7, 42):  # CACHE and BLOCK_STATUS are not offered
+        for cmd in (5, 7, 42):  # CACHE is not offered, BLOCK_STATUS needs a context first
             assert await c.request(cmd, 0, 512) == (E.EINVAL, b"")
         assert await c.request(nbd.CMD_READ, 0, 512, flags=1 << 2) == (E.EINVAL, b"")  # DF
         assert await c.request(nbd.CMD_WRITE, 0, 512, flags=nbd.CMD_FLAG_NO_HOLE) == (E.EINVAL, b"")
@@ -564,6 +577,183 @@ def test_tcp_listener_and_arguments(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def meta_request(name: bytes, *queries: bytes) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+
+
+def meta_reply(context_id: int) -> tuple[int, bytes]:
+    return (nbd.REP_META_CONTEXT, struct.pack(">I", context_id) + b"base:allocation")
+
+
+def test_oversize_write_is_refused_unread(tmp_path: Path) -> None:
+    """A WRITE header announcing 1 GiB gets EINVAL and a hang-up with no payload sent at all.
+
+    Were the server to read (or skip) the payload first, it would wait for 1 GiB that never
+    comes and the reply would time out. Other connections are not affected.
+    """
+    target = MemTarget(4 * MiB)
+    sock = tmp_path / "nbd.sock"
+
+    async def body(server: NbdServer) -> None:
+        other = await RawClient.unix(sock)
+        await other.greet()
+        await other.go()
+        for structured in (False, True):
+            c = await RawClient.unix(sock)
+            await c.greet()
+            if structured:
+                assert await c.option(nbd.OPT_STRUCTURED_REPLY) == [(nbd.REP_ACK, b"")]
+            await c.go()
+            handle = c.send(nbd.CMD_WRITE, 0, 1 << 30, data=b"\x77")  # 1 GiB announced, 1 B sent
+            got, error, _ = await c.reply()
+            assert (got, error) == (handle, errno.EINVAL)
+            if structured:
+                rtype, payload = c.chunks[-1]
+                assert rtype == nbd.REPLY_TYPE_ERROR and b"maximum payload" in payload
+            assert await c.at_eof()
+            await c.close()
+        assert target.writes == [] and target.buf[:1] == b"\0"
+        assert await other.request(nbd.CMD_WRITE, 0, 3, data=b"abc") == (0, b"")
+        assert await other.request(nbd.CMD_READ, 0, 3) == (0, b"abc")
+        await other.close()
+
+    run_with_server(target, sock, body)
+
+
+def test_structured_replies_and_base_allocation(tmp_path: Path) -> None:
+    size = 8 * MiB
+    target = MemTarget(size, fill=0x11)
+    sock = tmp_path / "nbd.sock"
+    E = errno
+
+    async def body(server: NbdServer) -> None:
+        c = await RawClient.unix(sock)
+        await c.greet()
+        # meta contexts need structured replies first
+        meta = meta_request(b"", b"base:allocation")
+        assert (await c.option(nbd.OPT_SET_META_CONTEXT, meta))[-1][0] == nbd.REP_ERR_INVALID
+        assert await c.option(nbd.OPT_STRUCTURED_REPLY) == [(nbd.REP_ACK, b"")]
+        # LIST: everything with no query, base: as a wildcard, unknown namespaces ignored
+        assert await c.option(nbd.OPT_LIST_META_CONTEXT, meta_request(b"")) == [
+            meta_reply(0), (nbd.REP_ACK, b"")]
+        assert await c.option(nbd.OPT_LIST_META_CONTEXT, meta_request(b"", b"base:")) == [
+            meta_reply(0), (nbd.REP_ACK, b"")]
+        assert await c.option(nbd.OPT_LIST_META_CONTEXT, meta_request(b"", b"qemu:dirty")) == [
+            (nbd.REP_ACK, b"")]
+        assert (await c.option(nbd.OPT_LIST_META_CONTEXT, meta + b"x"))[-1][0] == (
+            nbd.REP_ERR_INVALID)
+        # SET: base: selects nothing; the full name selects context 1
+        assert await c.option(nbd.OPT_SET_META_CONTEXT, meta_request(b"", b"base:")) == [
+            (nbd.REP_ACK, b"")]
+        assert await c.option(nbd.OPT_SET_META_CONTEXT,
+                              meta_request(b"", b"x-other:thing", b"base:allocation")) == [
+            meta_reply(1), (nbd.REP_ACK, b"")]
+        await c.go()
+
+        # READ data and errors come as structured chunks; WRITE keeps its simple reply
+        assert await c.request(nbd.CMD_READ, 4096, 8) == (0, b"\x11" * 8)
+        assert c.chunks[-1][0] == nbd.REPLY_TYPE_OFFSET_DATA
+        assert c.chunks[-1][1][:8] == struct.pack(">Q", 4096)
+        assert await c.request(nbd.CMD_READ, size, 512) == (E.EINVAL, b"")
+        assert c.chunks[-1][0] == nbd.REPLY_TYPE_ERROR
+        target.fail[MiB] = OSError(errno.EIO, "medium error")
+        assert await c.request(nbd.CMD_READ, MiB, 512) == (E.EIO, b"")
+        assert await c.request(nbd.CMD_READ, 0, 0) == (0, b"")
+        assert c.chunks[-1] == (nbd.REPLY_TYPE_NONE, b"")
+        n = len(c.chunks)
+        assert await c.request(nbd.CMD_WRITE, 0, 4, data=b"abcd") == (0, b"")
+        assert len(c.chunks) == n  # simple reply
+
+        # BLOCK_STATUS: status 0 ("allocated or unknown") to the end of the disk, or exactly
+        # the requested length with REQ_ONE; never past the end, never zero-length
+        def extents(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+            cid = struct.unpack_from(">I", payload)[0]
+            return cid, [struct.unpack_from(">II", payload, 4 + 8 * i)
+                         for i in range((len(payload) - 4) // 8)]
+
+        assert extents((await c.request(nbd.CMD_BLOCK_STATUS, 0, 4096))[1]) == (1, [(size, 0)])
+        assert c.chunks[-1][0] == nbd.REPLY_TYPE_BLOCK_STATUS
+        got = await c.request(nbd.CMD_BLOCK_STATUS, 4096, 8192, flags=nbd.CMD_FLAG_REQ_ONE)
+        assert extents(got[1]) == (1, [(8192, 0)])
+        assert extents((await c.request(nbd.CMD_BLOCK_STATUS, MiB, 512))[1]) == (
+            1, [(size - MiB, 0)])
+        assert (await c.request(nbd.CMD_BLOCK_STATUS, size - 512, 1024))[0] == E.EINVAL
+        assert (await c.request(nbd.CMD_BLOCK_STATUS, 0, 0))[0] == E.EINVAL
+        assert (await c.request(nbd.CMD_BLOCK_STATUS, 0, 512, flags=nbd.CMD_FLAG_FUA))[0] == (
+            E.EINVAL)
+        c.send(nbd.CMD_DISC)
+        assert await c.at_eof()
+        await c.close()
+
+    run_with_server(target, sock, body)
+
+
+def test_connection_cap_holds_under_1000_idle_connections(tmp_path: Path) -> None:
+    """Past max_connections a connection is closed before the greeting; the rest go on."""
+    target = MemTarget(1 * MiB)
+    sock = tmp_path / "nbd.sock"
+
+    async def main() -> None:
+        server = await serve_nbd(target, unix_path=str(sock), max_connections=16)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        try:
+            busy = await RawClient.unix(sock)
+            await busy.greet()
+            await busy.go()
+            idle: list[RawClient] = []
+            greeted = refused = 0
+
+            async def attempt() -> None:
+                nonlocal greeted, refused
+                c = await RawClient.unix(sock)
+                idle.append(c)
+                first = await asyncio.wait_for(c.reader.read(18), TIMEOUT)
+                if first:
+                    greeted += 1
+                else:
+                    refused += 1
+
+            for batch in range(20):  # 1,000 connections, 50 at a time, none of them speaks
+                await asyncio.gather(*(attempt() for _ in range(50)))
+                # the client inside the cap is served all along
+                data = os.urandom(512)
+                assert await busy.request(nbd.CMD_WRITE, 512 * batch, 512, data=data) == (0, b"")
+                assert await busy.request(nbd.CMD_READ, 512 * batch, 512) == (0, data)
+            assert (greeted, refused) == (15, 985)
+            assert server.refused == 985
+            for c in idle:
+                await c.close()
+            for _ in range(200):  # the server notices the 15 idle ones went away
+                if len(server._conns) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            again = await RawClient.unix(sock)
+            await again.greet()
+            assert await again.go() == (1 * MiB, BASE_FLAGS)
+            await again.close()
+            await busy.close()
+        finally:
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+        assert not sock.exists()
+
+    asyncio.run(main())
+
+
+def test_nbd_cli_options(tmp_path: Path) -> None:
+    """--host only with --port, the help warns about authentication, one-line errors."""
+    out = subprocess.run(cli("nbd", "--help"), capture_output=True, text=True, timeout=60)
+    assert "no authentication" in " ".join(out.stdout.split())
+    assert "--max-connections" in out.stdout
+    for args, text in ((["--socket", str(tmp_path / "x.nbd"), "--host", "::1"], "--host goes"),
+                       (["--port", "0", "--max-connections", "0"], "--max-connections 0")):
+        out = subprocess.run(cli("nbd", "--link", "sim:" + str(tmp_path / "none.sock"), *args),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert text in out.stderr
+
+
 # --- interop with real clients -------------------------------------------------------------------
 
 
@@ -651,7 +841,7 @@ def test_nbdinfo_sees_the_export(tmp_path: Path) -> None:
             info = json.loads(run([nbdinfo, "--json", srv.uri]).stdout)
             listed = run([nbdinfo, "--list", srv.uri]).stdout
         (export,) = info["exports"]
-        assert info["structured"] is False
+        assert info["structured"] is True
         assert export["export-size"] == 8 * MiB
         assert export["is_read_only"] is read_only
         assert export["can_flush"] and export["can_fua"] and export["can_trim"]
@@ -694,3 +884,17 @@ def test_qemu_img_roundtrip(tmp_path: Path) -> None:
         run([qemu_img, "convert", "-f", "raw", "-O", "raw", srv.uri, str(out)])
     assert sha256(out.read_bytes()) == sha256(image)
     assert target.flushes >= 1
+
+
+def test_nbdinfo_map_and_qemu_img_map_see_allocated_data(tmp_path: Path) -> None:
+    """base:allocation: what the server knows, the whole disk as data (no false holes)."""
+    nbdinfo = require("nbdinfo", "libnbd-bin")
+    qemu_img = require("qemu-img", "qemu-utils")
+    with ServerThread(MemTarget(8 * MiB), tmp_path / "nbd.sock") as srv:
+        info = json.loads(run([nbdinfo, "--json", srv.uri]).stdout)
+        mapped = run([nbdinfo, "--map", srv.uri]).stdout.split()
+        qmap = json.loads(run([qemu_img, "map", "--output=json", srv.uri]).stdout)
+    assert "base:allocation" in info["exports"][0]["contexts"]
+    assert mapped == ["0", str(8 * MiB), "0", "data"]
+    assert [(m["start"], m["length"], m["data"], m["zero"]) for m in qmap] == [
+        (0, 8 * MiB, True, False)]

@@ -160,6 +160,56 @@ class Geometry:
         return 1 << (self.layout_size - 1).bit_length()
 
 
+def bind_unix(path: str, mode: int = 0o600, gid: int | None = None,
+              what: str = "server") -> socket.socket:
+    """A listening UNIX socket at path with exactly ``mode``, never more open in between.
+
+    A socket file left by a process that died is replaced; a live one is a ConfigError. The
+    socket is bound in a fresh 0700 directory beside path, gets its mode and group there and is
+    then hard-linked into place: nobody else can enter that directory, and link() (unlike
+    rename()) fails rather than replace a path that another process bound meanwhile. The
+    umask plays no part, and no process-wide state (umask, cwd) is touched, so it is
+    thread-safe.
+    """
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale socket of a process that died
+        except OSError as e:
+            raise ConfigError(f"--socket {path}: {e.strerror}") from e
+        else:
+            raise ConfigError(f"--socket {path}: in use by a running {what}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        private = tempfile.mkdtemp(prefix=".sock", dir=os.path.dirname(os.path.abspath(path)))
+        tmp = os.path.join(private, "s")
+        try:
+            if len(os.fsencode(tmp)) > 107:
+                raise OSError(errno.ENAMETOOLONG, "path too long for a UNIX socket (it is "
+                              "bound first in a private directory beside it: 13 more bytes)")
+            sock.bind(tmp)
+            if gid is not None:
+                os.chown(tmp, -1, gid)
+            os.chmod(tmp, mode)
+            os.link(tmp, path)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.rmdir(private)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--socket {path}: {e.strerror}") from e
+    sock.setblocking(False)
+    return sock
+
+
 @dataclass
 class _Peer:
     id: int
@@ -190,53 +240,7 @@ class Hub:
         self._tasks: set[asyncio.Task] = set()
 
     def _bind(self) -> socket.socket:
-        if os.path.exists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-            except ConnectionRefusedError:
-                os.unlink(self.path)  # stale socket of a hub that died
-            except OSError as e:
-                raise ConfigError(f"--socket {self.path}: {e.strerror}") from e
-            else:
-                raise ConfigError(f"--socket {self.path}: in use by a running hub")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._bind_private(sock)
-        except OSError as e:
-            sock.close()
-            raise ConfigError(f"--socket {self.path}: {e.strerror}") from e
-        sock.listen(16)
-        sock.setblocking(False)
-        return sock
-
-    def _bind_private(self, sock: socket.socket) -> None:
-        """Bind in a fresh 0700 directory, set mode and group there, then link into place.
-
-        The socket is never reachable with the umask's mode: nobody else can enter the private
-        directory, and link() (unlike rename()) fails rather than replace a path that another
-        hub bound meanwhile. The private directory is removed again.
-        """
-        parent = os.path.dirname(os.path.abspath(self.path))
-        private = tempfile.mkdtemp(prefix=".hub", dir=parent)  # mode 0700
-        tmp = os.path.join(private, "s")
-        try:
-            if len(os.fsencode(tmp)) > 107:
-                raise OSError(errno.ENAMETOOLONG, "path too long for a UNIX socket (with the "
-                              "12 bytes of the private directory it is bound in first)")
-            sock.bind(tmp)
-            if self.access.group is not None:
-                os.chown(tmp, -1, self.access.group)
-            os.chmod(tmp, self.access.mode)
-            os.link(tmp, self.path)
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            os.rmdir(private)
+        return bind_unix(self.path, self.access.mode, self.access.group, what="hub")
 
     def listen(self) -> None:
         """Bind the socket (a ConfigError here means nothing was served yet)."""
