@@ -1,6 +1,11 @@
-"""structlog set-up: readable console lines by default, JSON lines with ``--log-json``.
+"""Logging: silent as a library, structlog lines on stderr in our own commands.
 
-Events have stable names and keys (``peer joined id=0``) so scripts and tests can wait for them.
+The code logs with structlog (stable event names and keys, ``peer joined id=0``, so scripts and
+tests can wait for them). As a library (python-can's ``interface="ivshmem"``, ``BlkClient``)
+those events go through the standard ``logging`` module under the ``ivshmem_virtio`` logger,
+which carries a ``NullHandler``: an application sees nothing unless it configures logging, as
+for any library. :func:`setup_logging`, called only by our CLI and daemons, switches structlog
+to readable console lines (or JSON with ``--log-json``) on stderr.
 """
 
 from __future__ import annotations
@@ -10,8 +15,32 @@ import sys
 
 import structlog
 
+LIBRARY_LOGGER = "ivshmem_virtio"
+
+
+def library_logging() -> None:
+    """Route structlog through stdlib ``logging``, unless the application configured structlog.
+
+    Runs at import of ``ivshmem_virtio``: a process that set structlog up itself keeps its
+    set-up; our own entry points replace this with :func:`setup_logging`.
+    """
+    logging.getLogger(LIBRARY_LOGGER).addHandler(logging.NullHandler())
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.processors.format_exc_info,
+            structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0, sort_keys=False),
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
 
 def setup_logging(json: bool = False, level: str = "info") -> None:
+    """Our commands' logs: one structlog line per event on stderr, at ``level`` and above."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list = [
         structlog.processors.add_log_level,
