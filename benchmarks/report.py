@@ -66,67 +66,88 @@ def document(machine: dict[str, Any], parameters: dict[str, Any], results: list[
             "unavailable": unavailable, "notes": notes, "errors": errors}
 
 
+#: what the CDF title says for each suite that contributed curves, in this order
+CDF_SUITES = {"pingpong": "ping-pong baselines", "minring": "bare rings",
+              "doorbell": "doorbell", "blk-latency": "blk 512 B reads at QD1", "can": "CAN echo"}
+
+
+def _colours(n: int) -> list:
+    """``n`` distinct colours: tab10 while it lasts, then tab20 (never a colour twice up to 20)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
-    """latency_cdf.png and throughput_qd.png; a reason string when matplotlib is missing."""
+    """latency_cdf.png and throughput_qd.png; a reason string when matplotlib is missing.
+
+    Only what ran is drawn: the CDF title names the suites that gave curves, the throughput
+    figure has a panel per sweep that ran. Every curve has its own colour (and a line style
+    past 20 curves); legends sit outside the axes so they never cover a line.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install matplotlib): no plots"
+        return "matplotlib is not installed (./scripts/setup --bench installs it): no plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     cdf = [m for m in results if m.samples_ns is not None and m.samples_ns.size
-           and m.suite in ("pingpong", "minring", "doorbell", "blk-latency", "can")]
+           and m.suite in CDF_SUITES]
     if cdf:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for m in cdf:
+        fig, ax = plt.subplots(figsize=(11, 5.5))
+        styles = ("-", "--", ":", "-.")
+        for k, (m, colour) in enumerate(zip(cdf, _colours(len(cdf)))):
             x = np.sort(m.samples_ns.astype(np.float64)) / 1e3
             idx = np.unique(np.linspace(0, x.size - 1, min(x.size, 4000)).astype(int))
-            ax.plot(x[idx], (idx + 1) / x.size, label=m.title, linewidth=1.2)
+            ax.plot(x[idx], (idx + 1) / x.size, label=m.title, linewidth=1.2, color=colour,
+                    linestyle=styles[(k // 20) % len(styles)])
         ax.set_xscale("log")
         ax.set_xlabel("round trip (us, log scale)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title("Latency CDF: baselines, doorbell, blk 512 B reads at QD1, CAN echo")
+        ran = [label for suite, label in CDF_SUITES.items() if any(m.suite == suite for m in cdf)]
+        ax.set_title("Latency CDF: " + ", ".join(ran))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         path = out_dir / "latency_cdf.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 
-    sweeps = {s: [m for m in results if m.suite == s] for s in ("blk-seq", "blk-rand")}
-    if any(sweeps.values()):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, (suite, ms) in zip(axes, sweeps.items()):
+    sweeps = {s: ms for s in ("blk-seq", "blk-rand")
+              if (ms := [m for m in results if m.suite == s])}
+    if sweeps:
+        fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.5),
+                                 squeeze=False)
+        for ax, (suite, ms) in zip(axes[0], sweeps.items()):
             seq = suite == "blk-seq"
-            for op in ("read", "write"):
+            for op, colour in (("read", "tab:blue"), ("write", "tab:orange")):
                 pts = sorted((m.params["qd"], m.mb_per_s if seq else m.ops_per_s)
                              for m in ms if m.params.get("op") == op)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"blk {op}")
+                    ax.plot(*zip(*pts), marker="o", color=colour, label=f"blk {op}")
             base = [m for m in results if m.suite == "disk" and (
                 m.id in ("baseline.preadv.seq128k", "baseline.fio.read.128k.j1") if seq
                 else m.id.startswith(("baseline.preadv.rand4k", "baseline.fio.randread")))]
-            for m, color in zip(base, ("tab:green", "tab:purple", "tab:brown")):
+            for m, colour in zip(base, ("tab:green", "tab:purple", "tab:brown", "tab:olive")):
                 value = (m.mb_per_s if seq else m.ops_per_s) or 0
-                ax.axhline(value, color=color, linestyle="--", linewidth=1, label=m.title)
+                ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=m.title)
             if not seq:
-                ax.axhline(100_000, color="red", linestyle=":", label="target 100,000 IOPS")
+                ax.axhline(100_000, color="tab:red", linestyle=":", label="target 100,000 IOPS")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("queue depth")
             ax.set_ylabel("MB/s" if seq else "IOPS")
             ax.set_title("128 KiB sequential" if seq else "4 KiB random")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
         fig.suptitle("virtio-blk throughput against queue depth (page-cache image)")
-        fig.tight_layout()
         path = out_dir / "throughput_qd.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
