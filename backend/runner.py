@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,6 +26,9 @@ from ivshmem_virtio.virtqueue.device import DeviceQueue
 log = structlog.get_logger("ivshmem_virtio.backend")
 
 PEER_FAULTS = (DeviceError, RingError, MemoryAccessError)
+WEIGHT = 64  # requests per queue per turn (NAPI's default budget)
+SUB_BATCH = 32  # popped at a time inside a turn, so that its time bound is checked in between
+TURN_S = 200e-6  # service time per device per turn
 
 
 class Service(Protocol):
@@ -63,7 +67,9 @@ class LinkRunner:
         self.mode = mode
         self.spin_us = spin_us
         self.burst_us = burst_us  # checks between loop passes while spinning (IrqWaiter)
-        self.batch = batch or queue_size
+        self.batch = min(batch or SUB_BATCH, WEIGHT)  # chains a service pops at a time
+        self.served = 0  # requests the last turn served
+        self._rr = 0  # the queue the next turn starts with
         self.generation = 0  # bumped on every reset: completions of an older ring are dropped
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                            thread_name_prefix="blk-io")
@@ -85,8 +91,9 @@ class LinkRunner:
         try:
             while not self._stopping:
                 self._control()
-                if t.serving:
-                    self._serve_queues()
+                if t.serving and self._serve_queues():
+                    await asyncio.sleep(0)  # turn used up: the loop's other work goes first
+                    continue
                 await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
         finally:
             await self._drain_pending()
@@ -133,15 +140,32 @@ class LinkRunner:
         return False
 
     # -- queues ---------------------------------------------------------------------------------
-    def _serve_queues(self) -> None:
+    def _serve_queues(self) -> bool:
+        """One turn of this device: its queues in round robin, each at most ``WEIGHT`` requests,
+        all of them at most ``TURN_S`` of service time. True when work was left for the next
+        turn: the caller yields to the event loop first, so that the other devices of the
+        daemon (and their doorbells) are served in between (Linux's NAPI budget, vhost's
+        weight; a turn bounded by time gives every device the same share of the CPU whatever
+        its requests cost, and one that used little lately is served at its next doorbell)."""
         t = self.transport
-        for index, vq in enumerate(t.vqs):
+        vqs = t.vqs
+        nq = len(vqs)
+        clock = time.perf_counter
+        end = clock() + TURN_S
+        more = False
+        self.served = 0
+        first = self._rr = (self._rr + 1) % nq if nq else 0
+        for k in range(nq):
+            index = (first + k) % nq
+            vq = vqs[index]
             if vq is None:
                 continue
             try:
                 vq.disable_notifications()
+                done = 0
                 while True:
                     n = self.service.serve(index, vq, self)
+                    done += n
                     if vq.publish():
                         t.notify_queue(index)
                     if t.transaction_pending():
@@ -150,31 +174,40 @@ class LinkRunner:
                             break
                     if n == 0 or not vq.has_new():
                         break  # kicks stay off while we spin; prepare_block turns them on
+                    if done >= WEIGHT or clock() >= end:
+                        more = True  # the rest waits for this device's next turn
+                        break
+                self.served += done
             except PEER_FAULTS as e:
                 t.mark_needs_reset(f"queue {index}: {e}")
                 self.generation += 1
-                return
+                return False
             except Exception as e:  # noqa: BLE001 - a bug of ours must not take the daemon down
                 log.exception("device fault", link=self.dev.name, queue=index)
                 t.mark_needs_reset(f"queue {index}: internal error {e!r}")
                 self.generation += 1
-                return
+                return False
+        return more
 
     def _on_interrupt(self) -> bool:
         """Serve the queues from the doorbell's fd callback while the task sleeps (block mode,
         or adaptive between poll windows): the completion leaves one task switch sooner.
 
         Returns True to wake the task: for the control path, a stop, a fault that stopped
-        the queues, or work that keeps coming (the waiter itself wakes the task to poll when
-        its window says so).
+        the queues, or work left after a turn (the task serves it in turns, yielding between
+        them; the waiter itself wakes the task to poll when its window says so). A doorbell
+        that brought nothing is reported to the waiter, which mutes a storm of them.
         """
         t = self.transport
         if self._stopping or not t.idle() or not t.serving:
             return True
-        for _ in range(8):
-            self._serve_queues()
+        for i in range(8):
+            if self._serve_queues():
+                return True
             if not t.serving or t.transaction_pending():
                 return True
+            if i == 0 and not self.served and self._waiter is not None:
+                self._waiter.empty_interrupt()
             if not self._enable_notifications():  # kicks on again; False: nothing slipped in
                 return False
         return True

@@ -42,6 +42,9 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
     return UioIvshmem(path)
 
 
+STORM = 32  # empty interrupts within STORM_S that make a storm
+STORM_S = 1e-3
+MUTE_S = 1e-3  # a storm's fds are not watched for this long
 SPIN_CAP_US = 200.0  # the longest poll window (KVM's halt_poll_ns default on x86 is 200 us)
 
 
@@ -145,11 +148,15 @@ class IrqWaiter:
         self._sleeping = False
         self._idle_since = 0.0  # when the owner last ran out of work (perf_counter)
         self._no_poll = False  # the next wait sleeps at once (see kick)
+        self._storm_t0 = 0.0  # doorbell storm detection (see empty_interrupt)
+        self._storm_n = 0
+        self.muted = 0  # storms muted
+        self._closed = False
         self.refresh()
 
     def refresh(self) -> None:
         """(Re-)register the device's fds: they change when the hub connection ends."""
-        self.close()
+        self._unwatch()
         self._epoch = self.dev.fd_epoch
         self._fds = list(self.dev.interrupt_fds())
         for fd in self._fds:
@@ -196,6 +203,25 @@ class IrqWaiter:
                                 "from now on", link=self.dev.name, exc_info=True)
                     self.handler = None
         self._event.set()
+
+    def empty_interrupt(self) -> None:
+        """The owner found nothing to do for an interrupt. More than ``STORM`` of those within
+        ``STORM_S`` is a doorbell storm (a peer ringing without work): the fds are not watched
+        for ``MUTE_S``, then looked at again, so a storm costs a bounded share of the CPU. No
+        interrupt is lost: an eventfd keeps its count, and the waiter is woken at the end."""
+        now = time.perf_counter()
+        if now - self._storm_t0 > STORM_S:
+            self._storm_t0, self._storm_n = now, 0
+        self._storm_n += 1
+        if self._storm_n > STORM and self._fds:
+            self._unwatch()
+            self.muted += 1
+            self._loop.call_later(MUTE_S, self._unmute)
+
+    def _unmute(self) -> None:
+        if not self._fds and not self._closed:
+            self.refresh()
+            self._event.set()  # look at the rings: work may have come with the storm
 
     def kick(self, poll: bool = True) -> None:
         """Wake the waiter from inside the process (new work submitted, shutdown).
@@ -261,6 +287,10 @@ class IrqWaiter:
         self.wakeups += 1
 
     def close(self) -> None:
+        self._closed = True
+        self._unwatch()
+
+    def _unwatch(self) -> None:
         for fd in self._fds:
             try:
                 self._loop.remove_reader(fd)

@@ -190,3 +190,38 @@ def test_block_and_poll_modes_ignore_the_window():
         poller.close()
 
     _run(body)
+
+
+def test_a_doorbell_storm_is_muted_then_looked_at_again():
+    """More than STORM interrupts that brought nothing within STORM_S: the fds are not watched
+    for MUTE_S (a storm costs bounded CPU), then watched again and the waiter woken, so an
+    interrupt that came with the storm is not lost."""
+    from ivshmem_virtio.link import STORM
+
+    async def body(dev):
+        waiter = IrqWaiter(dev, mode="block")
+        for _ in range(STORM):
+            waiter.empty_interrupt()
+        assert waiter.muted == 0 and waiter._fds == [dev.efd]
+        waiter.empty_interrupt()
+        assert waiter.muted == 1 and waiter._fds == []
+        dev.ring()  # real work arrives during the mute
+        await asyncio.wait_for(waiter.wait(lambda: False), 1.0)  # woken at the mute's end
+        assert waiter._fds == [dev.efd]  # watched again
+        waiter.close()
+
+    _run(body)
+
+
+def test_a_closed_waiter_stays_closed_after_a_mute():
+    from ivshmem_virtio.link import MUTE_S, STORM
+
+    async def body(dev):
+        waiter = IrqWaiter(dev, mode="block")
+        for _ in range(STORM + 1):
+            waiter.empty_interrupt()
+        waiter.close()
+        await asyncio.sleep(MUTE_S * 3)
+        assert waiter._fds == []
+
+    _run(body)

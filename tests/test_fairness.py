@@ -1,0 +1,91 @@
+"""A hostile cell cannot starve another device of the same daemon (issue 13, fairness).
+
+A device's turn is bounded (``backend.runner.WEIGHT`` requests per queue, ``TURN_S`` of service
+time) and the runner yields to the event loop between turns, where the other devices' doorbells
+are served. Checked two ways: the turn bound itself, deterministically, against a ring kept full
+by a flooding driver; and end to end, two disks of one ``ivshmem-virtio serve``, a peer flooding
+disk ``a`` (avail index a ring ahead, or a doorbell storm) while every read of disk ``b``
+completes with the right bytes and the flood is served too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from backend.runner import WEIGHT
+from frontend.blk import BlkClient
+from ivshmem_virtio.ivshmem.sim import SimIvshmem
+from ivshmem_virtio.procs import Child
+
+from .blk_helpers import blk_stack
+from .conftest import run
+from .flood_peer import chain_in_every_slot
+from .test_serve import write_config
+
+MiB = 1 << 20
+
+
+def test_a_full_ring_is_served_one_bounded_turn_at_a_time(tmp_path, image_factory):
+    """255 valid requests available at once: a turn takes at most WEIGHT of them and says
+    more is left; the next turns take the rest. Serving until the ring runs dry (the old
+    loop) would take all 255 in one turn, while the loop's other devices wait."""
+    image = image_factory(MiB)
+
+    async def body() -> None:
+        async with blk_stack(str(tmp_path / "f.sock"), image, mode="block") as s:
+            await s.client.read(0, 512)
+            mem = s.client.transport.hdr
+            avail_idx, used_idx, size = chain_in_every_slot(s.client)
+            used0 = mem.u16(used_idx)
+            # published and served synchronously: the runner's task gets no turn in between
+            mem.set_u16(avail_idx, (used0 + size - 1) & 0xFFFF)
+            turns = []
+            while True:
+                more = s.runner._serve_queues()
+                turns.append(s.runner.served)
+                if not more:
+                    break
+            assert sum(turns) == size - 1 == (mem.u16(used_idx) - used0) & 0xFFFF
+            assert max(turns) <= WEIGHT and len(turns) >= (size - 1) // WEIGHT
+
+    run(body())
+
+
+@pytest.mark.parametrize("how", ["avail", "doorbell"])
+def test_flooded_device_does_not_starve_its_neighbour(procs, tmp_path, image_factory, how):
+    socks = {n: str(tmp_path / f"{n}.sock") for n in "ab"}
+    images = {n: image_factory(MiB, name=f"{n}.img") for n in "ab"}
+    cfg = write_config(tmp_path / "c.toml",
+                       [{"name": n, "type": "blk", "link": f"sim:{socks[n]}",
+                         "image": images[n]} for n in "ab"])
+    for n in "ab":
+        procs.hub(socks[n])
+    procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
+    flood = Child("flood", [sys.executable, "-m", "tests.flood_peer", socks["a"], how, "4"],
+                  tmp_path)
+    procs.children.append(flood)
+    flood.wait_for("flooding", timeout=20)
+    with open(images["b"], "rb") as f:
+        disk = f.read()
+
+    async def body() -> int:
+        dev = SimIvshmem(socks["b"], 1)
+        client = BlkClient(dev, mode="block", timeout=10.0)
+        try:
+            await client.start(timeout=10.0)
+            for i in range(300):
+                off = (i * 4096) % MiB
+                got = await asyncio.wait_for(client.read(off, 512), 5.0)
+                assert got == disk[off:off + 512]
+            return client.completed
+        finally:
+            await client.close()
+            dev.close()
+
+    assert run(body(), timeout=60) >= 300
+    flood.wait_for("served", timeout=20)
+    if how == "avail":  # the flood was live all along, and served too
+        assert int(flood.log().rsplit("served ", 1)[1].split()[0]) > 0
