@@ -19,6 +19,14 @@ controller went bus-off meanwhile) is counted in ``tx_errors``, logged, and rais
 ``send``, which then does not send its own frame (as a socket reports an asynchronous error on
 the next call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
 up to ``spin_us`` and takes the answer itself, then sleeps until the loop thread hands it over.
+
+What a frame keeps: virtio-can carries the identifier, the extended / RTR / FD flags and the data,
+but no bit-rate-switch (BRS) or error-state-indicator flag. An FD frame sent with
+``bitrate_switch=True`` therefore arrives with ``bitrate_switch=False`` (whether the data phase
+switches rate is the receiving controller's setting, not the frame's).
+
+Logging goes through Python's ``logging`` (logger ``ivshmem_virtio``, with a ``NullHandler``):
+opening a bus prints nothing unless the application configures logging.
 """
 
 from __future__ import annotations

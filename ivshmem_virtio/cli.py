@@ -48,13 +48,25 @@ def _protocols(text: str) -> tuple[int, ...]:
     return tuple(_int(p) for p in text.split(",") if p)
 
 
+def _show(value: object) -> str:
+    """A default as the user would type it: sizes and protocols in hex, tuples comma-joined."""
+    if isinstance(value, tuple | list):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, int) and value >= 0x1000:
+        return f"{value:#x}"
+    return str(value)
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in every option's help; no "(default: None/False)" where there is none."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
+        help_text = action.help
+        if (not help_text or "default" in help_text or action.default is None
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return help_text
+        return f"{help_text} (default: {_show(action.default)})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,13 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "for blk-client)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    h = sub.add_parser("hub", help="serve one simulated ivshmem link (sim-link.md)")
-    h.add_argument("--socket", required=True)
-    h.add_argument("--max-peers", type=_int, default=2)
-    h.add_argument("--vectors", type=_int, default=2)
-    h.add_argument("--state-table-size", type=_int, default=0x1000)
-    h.add_argument("--rw-size", type=_int, default=0xDF000)
-    h.add_argument("--output-size", type=_int, default=0)
+    h = sub.add_parser("hub", help="serve one simulated ivshmem link (docs/protocol.md)")
+    h.add_argument("--socket", required=True, help="the UNIX socket peers join the link on")
+    h.add_argument("--max-peers", type=_int, default=2,
+                   help="peers of the link, 2..12 (virtio links have 2)")
+    h.add_argument("--vectors", type=_int, default=2,
+                   help="interrupt vectors per peer, 1..16 (1 acts like an INTx board)")
+    h.add_argument("--state-table-size", type=_int, default=0x1000,
+                   help="bytes of the state table (page multiple)")
+    h.add_argument("--rw-size", type=_int, default=0xDF000,
+                   help="bytes of the R/W section, where virtio lives (page multiple)")
+    h.add_argument("--output-size", type=_int, default=0,
+                   help="bytes of each peer's output section (page multiple; virtio uses none)")
     h.add_argument("--protocols", type=_protocols, default=(0xC002, 0x8002),
                    help="one protocol per ID, e.g. 0xC002,0x8002")
     h.add_argument("--group", metavar="NAME",
