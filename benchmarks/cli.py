@@ -32,7 +32,7 @@ class Suite:
 
 
 def _suites() -> dict[str, Suite]:
-    from . import baselines, blk, can, cfront, doorbell, inmate
+    from . import baselines, blk, can, cfront, doorbell, fairness, inmate
 
     table = [
         Suite("pingpong", baselines.run_pingpong,
@@ -50,6 +50,8 @@ def _suites() -> dict[str, Suite]:
         Suite("blk-seq", blk.run_seq, "blk 128 KiB sequential read/write, QD 1..32", ("disk",)),
         Suite("blk-rand", blk.run_rand, "blk 4 KiB random read/write IOPS, QD 1..32",
               ("disk",)),
+        Suite("fairness", fairness.run_fairness,
+              "one serve, two disks: reads on b while a is flooded (vs a CPU hog)"),
         Suite("rss", blk.run_rss, "backend RSS serving 4 devices, flat over many requests"),
         Suite("can", can.run_can, "virtio-can frames/s one way and round trip", ("pingpong",)),
         Suite("inmate", inmate.run_inmate, "the RTOS inmate's fast reply (SPI bytes, time)"),

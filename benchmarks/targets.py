@@ -77,6 +77,24 @@ def _adaptive(ctx: Context) -> list[dict[str, Any]]:
     return out
 
 
+def _fairness(ctx: Context) -> list[dict[str, Any]]:
+    """Issue 13: a flooded or storming neighbour costs disk b no more than a CPU hog does."""
+    control = ctx.get("fairness.cpu-hog")
+    out = []
+    for load in ("doorbell", "avail"):
+        m = ctx.get(f"fairness.{load}")
+        out.append(_target(
+            f"disk b reads/s with {load} on disk a / with a CPU hog beside",
+            _ratio(m and m.ops_per_s, control and control.ops_per_s), ">=", 0.8, "fraction",
+            f"{m and round(m.ops_per_s or 0)} / {control and round(control.ops_per_s or 0)} "
+            "reads/s, one serve daemon", ["fairness"], m, control))
+        out.append(_target(
+            f"disk b p99 with {load} on disk a / with a CPU hog beside",
+            _ratio(_pct(m, "p99"), _pct(control, "p99")), "<=", 2.0, "x",
+            f"{_pct(m, 'p99')} us / {_pct(control, 'p99')} us", ["fairness"], m, control))
+    return out
+
+
 def evaluate(ctx: Context) -> list[dict[str, Any]]:
     """Every target of issues 5 and 12; one whose inputs were not measured has ``met: null``."""
     g = ctx.get
@@ -91,6 +109,7 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         m and m.extra["backend_cpu_percent"], "<=", 2.0, "% of a core",
         "" if m is None else f"over {m.params['seconds']} s after 2,000 QD1 reads; the idle "
         f"frontend used {m.extra['frontend_cpu_percent']} %", ["idle"], m))
+    out += _fairness(ctx)
 
     spin, efd = "baseline.pingpong.py.spin", "baseline.pingpong.c.eventfd"
     out.append(_bracket_ratio(

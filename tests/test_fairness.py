@@ -16,13 +16,13 @@ import sys
 import pytest
 
 from backend.runner import WEIGHT
+from benchmarks.flood import chain_in_every_slot
 from frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 
 from .blk_helpers import blk_stack
 from .conftest import run
-from .flood_peer import chain_in_every_slot
 from .test_serve import write_config
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ def test_flooded_device_does_not_starve_its_neighbour(procs, tmp_path, image_fac
     for n in "ab":
         procs.hub(socks[n])
     procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
-    flood = Child("flood", [sys.executable, "-m", "tests.flood_peer", socks["a"], how, "4"],
+    flood = Child("flood", [sys.executable, "-m", "benchmarks.flood", socks["a"], how, "4"],
                   tmp_path)
     procs.children.append(flood)
     flood.wait_for("flooding", timeout=20)

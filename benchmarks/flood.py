@@ -1,19 +1,16 @@
-"""A hostile frontend process: ``python -m tests.flood_peer SOCKET avail|doorbell SECONDS [FILE]``.
+"""A hostile frontend process: ``python -m benchmarks.flood SOCKET avail|doorbell SECONDS``.
 
 It brings the virtio-blk device up like any driver, then misbehaves until SECONDS pass:
 ``avail`` keeps the avail index a ring's worth ahead of the used index with one valid 512 B read
 chain named over and over (the backend always has work from it); ``doorbell`` rings the
 backend's doorbell as fast as it can without adding any request. It prints ``flooding`` when it
-starts and, at the end, ``served N`` (used-index progress: how much work it got). With FILE,
-the running count of served requests is kept there too (a little-endian u64 in a shared
-mapping), so a test can see how much of the flood was served while its own request waited.
+starts and, at the end, ``served N`` (used-index progress: how much work it got). The bench's
+``fairness`` suite and tests/test_fairness.py run it against one disk of a ``serve`` daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import mmap
-import struct
 import sys
 import time
 
@@ -37,7 +34,7 @@ def chain_in_every_slot(client: BlkClient) -> tuple[int, int, int]:
     return vq.avail + 2, vq.used + 2, vq.size
 
 
-async def main(sock: str, how: str, seconds: float, progress: str | None) -> None:
+async def main(sock: str, how: str, seconds: float) -> None:
     dev = SimIvshmem(sock, 1)
     client = BlkClient(dev, event_idx=False, indirect=False, mode="block", timeout=10.0)
     await client.start(timeout=10.0)
@@ -52,10 +49,6 @@ async def main(sock: str, how: str, seconds: float, progress: str | None) -> Non
     kick = client.transport.kick
     print("flooding", flush=True)
     end = time.monotonic() + seconds
-    shared = None
-    if progress is not None:
-        with open(progress, "r+b") as f:
-            shared = mmap.mmap(f.fileno(), 8)
     served = 0
     last = start_used
     if how == "avail":
@@ -67,8 +60,6 @@ async def main(sock: str, how: str, seconds: float, progress: str | None) -> Non
                 if now_used != last:
                     served += (now_used - last) & 0xFFFF
                     last = now_used
-                    if shared is not None:
-                        struct.pack_into("<Q", shared, 0, served)
                     mem.set_u16(avail_idx, (now_used + size - 1) & 0xFFFF)
                     kick(0)
     else:
@@ -83,5 +74,4 @@ async def main(sock: str, how: str, seconds: float, progress: str | None) -> Non
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]),
-                    sys.argv[4] if len(sys.argv) > 4 else None))
+    uvloop.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
