@@ -261,6 +261,14 @@ class CanDriver(VirtioDriver):
                 self.metrics.tx_fails += 1
         return result
 
+    def send_nowait(self, frame: CanFrame) -> bool:
+        """Put ``frame`` on the TX ring and return at once (any thread, the loop's included):
+        no future, no completion interrupt (answers are reaped by the next send or any
+        interrupt; a NOT_OK one counts in ``refused``). False when it cannot go this way now
+        (not connected, ring full, loop requests queued first): use :meth:`send` then."""
+        return self.submit_from_thread(encode_frame(frame, wire.VIRTIO_CAN_TX),
+                                       waited=False) is not None
+
     # -- sending from another thread --------------------------------------------------------------
     def submit_from_thread(self, payload: bytes, *, waited: bool) -> _Req | None:
         """Put one TX request on the ring from the calling thread and kick; never blocks.
