@@ -72,3 +72,34 @@ def test_a_reconnect_builds_a_new_slab(tmp_path: Path) -> None:
                 drv.dev.close()
 
     run(body())
+
+
+def test_send_nowait_from_the_loop_keeps_order_and_counts_refusals(tmp_path: Path) -> None:
+    """Frames put on the ring without waiting (the echo's way) all arrive, in order, and the
+    slots come back; a frame the device refuses (an FD frame on a classic link) is counted in
+    ``refused`` when its answer is reaped."""
+
+    async def body() -> None:
+        bus = can.Bus(interface="virtual", channel=f"nowait-{tmp_path.name}")
+        async with inprocess_stack(tmp_path, 2, bus) as st:
+            async with frontends((st.links[0], {"fd": False}), (st.links[1], {})) as (a, b):
+                slots = len(a._tx_slots)
+                sent = []
+                for i in range(300):
+                    f = frame(i)
+                    if not a.send_nowait(f):  # ring or slab full: the waiting way
+                        assert await a.send(f) == OK
+                    sent.append(f)
+                assert await recv_n(b, 300) == sent
+                txq = a.vqs[wire.TXQ]
+                assert a.send_nowait(frame(7, 12, fd=True))
+                # answered NOT_OK; reaped by the next send (or by an RX interrupt meanwhile)
+                await wait_until(lambda: a.refused == 1 or txq.has_used())
+                assert a.send_nowait(frame(8))
+                assert a.take_refused() == 1
+                assert await recv_n(b, 1) == [frame(8)]
+                await wait_until(lambda: txq.has_used() or len(a._tx_slots) == slots)
+                assert a.send_nowait(frame(9))  # reaps frame 8's answer: one slot in use
+                assert len(a._tx_slots) == slots - 1
+
+    run(body())
