@@ -24,7 +24,7 @@ log = structlog.get_logger("ivshmem_virtio.backend")
 def check_runner_options(queue_size: int, spin_us: float) -> None:
     if queue_size < 8 or queue_size > 32768 or queue_size & (queue_size - 1):
         raise ConfigError(f"--queue-size {queue_size}: must be a power of two from 8 to 32768")
-    if spin_us < 0 or spin_us > 1e6:
+    if not 0 <= spin_us <= 1e6:  # (NaN fails this too)
         raise ConfigError(f"--spin-us {spin_us}: must be 0..1000000")
 
 
