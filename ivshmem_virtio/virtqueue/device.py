@@ -131,6 +131,12 @@ class DeviceQueue:
         fence()  # avail->idx before the ring entries it covers
         ring = self._avail_ring
         mask = self._mask
+        if n == 1:  # one request at a time (QD1): no loop, no list to grow
+            head = ring[last & mask]
+            self.last_avail = (last + 1) & 0xFFFF
+            if head >= size:
+                raise RingError(f"avail ring names descriptor {head} of {size}")
+            return [self._walk(head)]
         walk = self._walk
         out = []
         for _ in range(n):
