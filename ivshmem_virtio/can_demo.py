@@ -20,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .demo import EXTRA_STEPS
 from .procs import Child, cli
@@ -109,11 +109,11 @@ def ping(link: str, count: int) -> int:
 
 
 # --- the demo step ---------------------------------------------------------------------------
-def can_round_trip(work: str, count: int = 200) -> dict:
+def can_round_trip(work: str, count: int = 200) -> dict[str, Any]:
     """Start hubs, backend and echo; run the pinger; stop everything by pid."""
     children: list[Child] = []
     here = [sys.executable, "-m", "ivshmem_virtio.can_demo"]
-    result: dict = {"ok": False}
+    result: dict[str, Any] = {"ok": False}
     try:
         socks = [os.path.join(work, f"can{i}.sock") for i in range(2)]
         hubs = [Child(f"can-hub{i}", cli("hub", "--socket", s, "--protocols", PROTOCOLS,

@@ -14,14 +14,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .procs import Child, cli
 
 # Extra demo steps (the CAN round trip registers itself here): (title, fn(workdir) -> report)
-EXTRA_STEPS: list[tuple[str, Callable[[str], dict]]] = []
+EXTRA_STEPS: list[tuple[str, Callable[[str], dict[str, Any]]]] = []
 
 
-def _blk_demo(work: str, children: list[Child]) -> dict:
+def _blk_demo(work: str, children: list[Child]) -> dict[str, Any]:
     sock = os.path.join(work, "blk.sock")
     image = os.path.join(work, "disk.img")
     with open(image, "wb") as f:
@@ -46,7 +47,7 @@ def _blk_demo(work: str, children: list[Child]) -> dict:
     lines = [ln for ln in frontend.log().splitlines() if ln.startswith("{")]
     if not lines:
         raise RuntimeError(f"the frontend printed no result:\n{frontend.log()}")
-    result = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     # the image itself must hold what the frontend wrote: check the backend's file directly
     result["image_bytes"] = os.path.getsize(image)
     return result

@@ -14,6 +14,7 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import Processor
 
 LIBRARY_LOGGER = "ivshmem_virtio"
 
@@ -42,7 +43,7 @@ def library_logging() -> None:
 def setup_logging(json: bool = False, level: str = "info") -> None:
     """Our commands' logs: one structlog line per event on stderr, at ``level`` and above."""
     lvl = getattr(logging, level.upper(), logging.INFO)
-    processors: list = [
+    processors: list[Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

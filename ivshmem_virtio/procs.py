@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
 try:  # resolved in the parent: nothing may be imported or looked up between fork and exec
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -91,7 +93,7 @@ class Child:
 
 
 def run_cli(args: list[str], timeout: float, log_dir: str | Path | None = None,
-            input: bytes | None = None) -> subprocess.CompletedProcess:
+            input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``ivshmem-virtio ARGS`` to completion with a deadline."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)

@@ -237,7 +237,7 @@ class Hub:
         self._mm = map_fd(self._shm_fd, geometry.layout_size)
         self.state_table = Region(self._mm, 0, geometry.state_table_size, "state table")
         self._listener: socket.socket | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _bind(self) -> socket.socket:
         return bind_unix(self.path, self.access.mode, self.access.group, what="hub")
@@ -324,7 +324,8 @@ class Hub:
             data = await asyncio.wait_for(self._recv_exact(conn, 8), timeout)
         except TimeoutError:
             return None
-        return I64.unpack(data)[0]
+        peer_id: int = I64.unpack(data)[0]
+        return peer_id
 
     def _refuse(self, conn: socket.socket, hello: int | None, error: int, reason: str) -> None:
         """Answer in the peer's own dialect (version, then a negative errno) and log once."""
@@ -435,7 +436,7 @@ class HubThread:
         self.hub = Hub(socket_path, geometry, **options)  # type: ignore[arg-type]
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[object] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ivshmem-hub", daemon=True)
 
