@@ -90,6 +90,17 @@ int bridge_init(struct bridge *br, const struct bridge_config *cfg,
 	rc = mcp2515_init(&br->can, &cfg->can, &cb);
 	if (rc != MCP2515_OK)
 		return rc;
+	if (br->rules.count > 0) {
+		/* the first rule's reply header waits in TXB1 from every start on */
+		const struct fr_rule *r0 = &br->rules.rule[0];
+		struct can_msg hint;
+
+		util_memset(&hint, 0, sizeof(hint));
+		hint.id = r0->reply_id;
+		hint.flags = r0->reply_ext ? CAN_MSG_F_EXT : 0u;
+		hint.len = r0->reply_len;
+		mcp2515_set_urgent_hint(&br->can, &hint);
+	}
 	if (cfg->autostart)
 		return mcp2515_start(&br->can);
 	return MCP2515_OK;

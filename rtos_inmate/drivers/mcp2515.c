@@ -26,6 +26,10 @@
 #define MIN_FRAME_BITS 47u   /* standard data frame without data, no stuffing */
 #define MAX_FRAME_BITS 160u  /* extended 8-byte frame, worst-case stuffing, IFS */
 #define MIN_TX_POLL_NS 2000u
+#define DEFAULT_TX_TIMEOUT_NS 100000000ull /* 100 ms, see tx_check_timeout */
+#define TX_TIMEOUT_FRAMES 8u               /* and at least 8 longest frames */
+#define MAX_TX_TIMEOUT_US 10000000u
+#define SPURIOUS_INT_LIMIT 64u             /* then INT is not trusted: poll */
 #define MAX_DEPTH 3u         /* callback nesting that may still touch SPI */
 #define NS_PER_SEC 1000000000ull
 
@@ -306,115 +310,204 @@ static void decode_rx(const uint8_t *b, struct can_msg *m)
 /* ------------------------------------------------------------------ */
 /* TX path                                                              */
 
-static int load_and_send(struct mcp2515 *d, const struct can_msg *m)
+static const uint8_t txb_ctrl[2] = { MCP_TXB0CTRL, MCP_TXB1CTRL };
+static const uint8_t txb_load_sidh[2] = { MCP_INSTR_LOAD_TXB0_SIDH, MCP_INSTR_LOAD_TXB1_SIDH };
+static const uint8_t txb_load_d0[2] = { MCP_INSTR_LOAD_TXB0_D0, MCP_INSTR_LOAD_TXB1_D0 };
+static const uint8_t txb_rts[2] = { MCP_INSTR_RTS_TXB0, MCP_INSTR_RTS_TXB1 };
+static const uint8_t txb_stat_txreq[2] = { MCP_STAT_TXB0_TXREQ, MCP_STAT_TXB1_TXREQ };
+
+/* Load TXBn (header only when it differs from what the buffer holds) and RTS. */
+static int load_and_send(struct mcp2515 *d, unsigned int b, const struct can_msg *m)
 {
+	struct mcp2515_txb *t = &d->txb[b];
 	uint8_t hdr[5];
 	uint8_t tx[1 + 5 + CAN_MSG_MAX_LEN];
 	size_t ndata = (m->flags & CAN_MSG_F_RTR) ? 0u : m->len;
-	const uint8_t rts = MCP_INSTR_RTS_TXB0;
 	int rc;
 
 	encode_header(m, hdr);
-	if (d->txb_hdr_valid && util_memcmp(hdr, d->txb_hdr, sizeof(hdr)) == 0) {
+	if (t->hdr_valid && util_memcmp(hdr, t->hdr, sizeof(hdr)) == 0) {
 		/* same id and DLC as the last frame: load the data bytes only */
 		d->stats.txb_header_hits++;
 		if (ndata > 0) {
-			tx[0] = MCP_INSTR_LOAD_TXB0_D0;
+			tx[0] = txb_load_d0[b];
 			util_memcpy(&tx[1], m->data, ndata);
 			rc = spi(d, tx, NULL, 1 + ndata);
 			if (rc != MCP2515_OK)
 				return rc;
 		}
 	} else {
-		tx[0] = MCP_INSTR_LOAD_TXB0_SIDH;
+		tx[0] = txb_load_sidh[b];
 		util_memcpy(&tx[1], hdr, sizeof(hdr));
 		util_memcpy(&tx[6], m->data, ndata);
-		d->txb_hdr_valid = false;
+		t->hdr_valid = false;
 		rc = spi(d, tx, NULL, 6 + ndata);
 		if (rc != MCP2515_OK)
 			return rc;
-		util_memcpy(d->txb_hdr, hdr, sizeof(hdr));
-		d->txb_hdr_valid = true;
+		util_memcpy(t->hdr, hdr, sizeof(hdr));
+		t->hdr_valid = true;
 	}
-	rc = spi(d, &rts, NULL, 1);
+	rc = spi(d, &txb_rts[b], NULL, 1);
 	if (rc != MCP2515_OK)
 		return rc;
-	d->tx_busy = true;
-	d->tx_start_ns = hal_now_ns();
-	d->next_tx_poll_ns = d->tx_start_ns + d->min_frame_ns;
-	d->next_stuck_check_ns = d->tx_start_ns + d->max_frame_ns;
+	t->busy = true;
+	t->aborting = false;
+	t->start_ns = hal_now_ns();
+	if (!(d->txb[b ^ 1u].busy) || t->start_ns + d->min_frame_ns < d->next_tx_poll_ns)
+		d->next_tx_poll_ns = t->start_ns + d->min_frame_ns;
+	if (!(d->txb[b ^ 1u].busy))
+		d->next_stuck_check_ns = t->start_ns + d->max_frame_ns;
 	return MCP2515_OK;
 }
 
-/* Put the next frame into TXB0 if it is free: urgent slot first, then FIFO. */
-static int tx_kick(struct mcp2515 *d)
+static bool tx_any_busy(const struct mcp2515 *d)
+{
+	return d->txb[0].busy || d->txb[1].busy;
+}
+
+/* The urgent slot into TXB1 when it is free. */
+static int tx_kick_urgent(struct mcp2515 *d)
 {
 	int rc;
 
-	if (d->tx_busy || !can_transmit(d))
+	if (d->txb[MCP2515_TXB_URGENT].busy || !d->urgent_valid || !can_transmit(d))
 		return 0;
-	if (d->urgent_valid) {
-		rc = load_and_send(d, &d->urgent);
-		if (rc != MCP2515_OK)
-			return rc;
-		d->urgent_valid = false;
-		d->tx_inflight_fifo = false;
-		if (d->in_fast) {
-			uint64_t used = d->stats.spi_bytes - d->int_mark;
-			uint32_t u = used > UINT32_MAX ? UINT32_MAX : (uint32_t)used;
+	rc = load_and_send(d, MCP2515_TXB_URGENT, &d->urgent);
+	if (rc != MCP2515_OK)
+		return rc;
+	d->urgent_valid = false;
+	if (d->in_fast) {
+		uint64_t used = d->stats.spi_bytes - d->int_mark;
+		uint32_t u = used > UINT32_MAX ? UINT32_MAX : (uint32_t)used;
 
-			d->stats.fast_spi_bytes_last = u;
-			if (u > d->stats.fast_spi_bytes_max)
-				d->stats.fast_spi_bytes_max = u;
-			d->stats.fast_replies_timed++;
-		}
-		return 1;
+		d->stats.fast_spi_bytes_last = u;
+		if (u > d->stats.fast_spi_bytes_max)
+			d->stats.fast_spi_bytes_max = u;
+		d->stats.fast_replies_timed++;
 	}
-	if (d->txq_count > 0) {
-		const struct mcp2515_txent *e = &d->txq[d->txq_head];
-
-		rc = load_and_send(d, &e->msg);
-		if (rc != MCP2515_OK)
-			return rc;
-		d->tx_inflight_fifo = true;
-		d->tx_inflight_tag = e->tag;
-		d->txq_head = (d->txq_head + 1u) & (MCP2515_TXQ_LEN - 1u);
-		d->txq_count--;
-		return 1;
-	}
-	return 0;
+	return 1;
 }
 
-/* TXB0 finished when READ STATUS shows TXREQ clear after our RTS. */
-static void tx_check_done(struct mcp2515 *d, uint8_t status)
+/* The head of the FIFO into TXB0 when it is free: one at a time keeps the order. */
+static int tx_kick_fifo(struct mcp2515 *d)
 {
-	if (!d->tx_busy || (status & MCP_STAT_TXB0_TXREQ))
-		return;
-	d->tx_busy = false;
-	d->stats.tx_frames++;
-	if (d->tx_inflight_fifo) {
-		d->tx_inflight_fifo = false;
-		if (d->cb.tx_done != NULL) {
-			d->depth++;
-			d->cb.tx_done(d->cb.ctx, d->tx_inflight_tag, true);
-			d->depth--;
-		}
+	struct mcp2515_txb *t = &d->txb[MCP2515_TXB_FIFO];
+	int rc;
+
+	if (t->busy || d->txq_count == 0 || !can_transmit(d))
+		return 0;
+	const struct mcp2515_txent *e = &d->txq[d->txq_head];
+
+	rc = load_and_send(d, MCP2515_TXB_FIFO, &e->msg);
+	if (rc != MCP2515_OK)
+		return rc;
+	t->fifo = true;
+	t->tag = e->tag;
+	d->txq_head = (d->txq_head + 1u) & (MCP2515_TXQ_LEN - 1u);
+	d->txq_count--;
+	return 1;
+}
+
+static int tx_kick(struct mcp2515 *d)
+{
+	int rc = tx_kick_urgent(d);
+
+	if (rc < 0)
+		return rc;
+	int rc2 = tx_kick_fifo(d);
+
+	return rc2 < 0 ? rc2 : rc + rc2;
+}
+
+/* TXBn is free again: count it, complete a FIFO frame with its outcome. */
+static void tx_finish(struct mcp2515 *d, unsigned int b, bool ok)
+{
+	struct mcp2515_txb *t = &d->txb[b];
+	bool fifo = t->fifo;
+	uint32_t tag = t->tag;
+
+	t->busy = false;
+	t->aborting = false;
+	t->fifo = false;
+	if (ok) {
+		d->stats.tx_frames++;
+		if (b == MCP2515_TXB_URGENT)
+			d->stats.tx_urgent++;
 	} else {
-		d->stats.tx_urgent++;
+		d->stats.tx_timeouts++;
 	}
+	if (fifo && d->cb.tx_done != NULL) {
+		d->depth++;
+		d->cb.tx_done(d->cb.ctx, tag, ok);
+		d->depth--;
+	}
+}
+
+/*
+ * A buffer finished when READ STATUS shows its TXREQ clear after our RTS.
+ * One the TX timeout aborted may still have made it onto the wire (the
+ * frame in progress completes): TXBnCTRL.ABTF tells (3 SPI bytes, only
+ * after a timeout).  only_b limits the check to one buffer (2 = both).
+ */
+static void tx_check_done(struct mcp2515 *d, uint8_t status, unsigned int only_b)
+{
+	for (unsigned int b = 0; b < 2u; b++) {
+		struct mcp2515_txb *t = &d->txb[b];
+
+		if ((only_b != 2u && only_b != b) || !t->busy || (status & txb_stat_txreq[b]))
+			continue;
+		bool ok = true;
+
+		if (t->aborting) {
+			uint8_t ctrl = MCP_TXBCTRL_ABTF;
+
+			(void)read_regs(d, txb_ctrl[b], &ctrl, 1);
+			ok = (ctrl & MCP_TXBCTRL_ABTF) == 0u;
+		}
+		tx_finish(d, b, ok);
+	}
+}
+
+/*
+ * TX timeout: a frame pending longer than tx_timeout_ns (it keeps losing
+ * arbitration, or no node ACKs it: a lone node stays error-passive with
+ * TXREQ set for ever) is aborted by clearing TXREQ; the outcome is read when
+ * READ STATUS shows TXREQ clear (tx_check_done).
+ */
+static int tx_check_timeout(struct mcp2515 *d, uint64_t now)
+{
+	for (unsigned int b = 0; b < 2u; b++) {
+		struct mcp2515_txb *t = &d->txb[b];
+
+		if (!t->busy || t->aborting || now - t->start_ns < d->tx_timeout_ns)
+			continue;
+		int rc = bit_modify(d, txb_ctrl[b], MCP_TXBCTRL_TXREQ, 0);
+
+		if (rc != MCP2515_OK)
+			return rc;
+		t->aborting = true;
+		hal_log("mcp2515: TXB%u pending %u us, aborted", b,
+			(unsigned int)((now - t->start_ns) / 1000u));
+	}
+	return 0;
 }
 
 /* Drop everything pending; the state is already non-running. */
 static void cancel_all(struct mcp2515 *d)
 {
 	d->urgent_valid = false;
-	if (d->tx_busy) {
-		d->tx_busy = false;
-		if (d->tx_inflight_fifo) {
-			d->tx_inflight_fifo = false;
+	for (unsigned int b = 0; b < 2u; b++) {
+		struct mcp2515_txb *t = &d->txb[b];
+
+		if (!t->busy)
+			continue;
+		t->busy = false;
+		t->aborting = false;
+		if (t->fifo) {
+			t->fifo = false;
 			d->stats.tx_cancelled++;
 			if (d->cb.tx_done != NULL)
-				d->cb.tx_done(d->cb.ctx, d->tx_inflight_tag, false);
+				d->cb.tx_done(d->cb.ctx, t->tag, false);
 		}
 	}
 	/* pop one at a time: a callback cannot enqueue (state is not running) */
@@ -472,7 +565,7 @@ static int service_status(struct mcp2515 *d, unsigned int last_buf)
 		if (rc != MCP2515_OK)
 			return rc;
 		d->status_due = false;
-		tx_check_done(d, st);
+		tx_check_done(d, st, 2u);
 		if (!running(d))
 			return events;
 		bool rx0 = (st & MCP_STAT_RX0IF) != 0u;
@@ -497,7 +590,7 @@ static int service_status(struct mcp2515 *d, unsigned int last_buf)
 		/* out of budget with frames maybe left: look again on the next poll */
 		d->status_due = i + 1u == STATUS_RX_BUDGET;
 	}
-	if (d->tx_busy) {
+	if (tx_any_busy(d)) {
 		uint64_t step = d->min_frame_ns / 4u;
 
 		d->next_tx_poll_ns = hal_now_ns() + (step > MIN_TX_POLL_NS ? step : MIN_TX_POLL_NS);
@@ -538,6 +631,8 @@ static int enter_stopped(struct mcp2515 *d, enum mcp2515_state why)
 	int rc = set_mode(d, MCP_MODE_CONFIG, true);
 	int rc2 = bit_modify(d, MCP_TXB0CTRL, MCP_TXBCTRL_TXREQ, 0);
 
+	if (rc2 == MCP2515_OK)
+		rc2 = bit_modify(d, MCP_TXB1CTRL, MCP_TXBCTRL_TXREQ, 0);
 	notify_state(d);
 	cancel_all(d);
 	return rc != MCP2515_OK ? rc : rc2;
@@ -590,7 +685,8 @@ static int chip_reset(struct mcp2515 *d)
 	uint8_t canctrl;
 	int rc;
 
-	d->txb_hdr_valid = false;
+	d->txb[0].hdr_valid = false;
+	d->txb[1].hdr_valid = false;
 	rc = spi(d, &cmd, NULL, 1);
 	if (rc != MCP2515_OK)
 		return rc;
@@ -645,7 +741,9 @@ static int chip_configure(struct mcp2515 *d)
 	if (rc == MCP2515_OK)
 		rc = write_reg(d, MCP_RXB1CTRL, 0);
 	if (rc == MCP2515_OK)
-		rc = write_reg(d, MCP_TXB0CTRL, 0);
+		rc = write_reg(d, MCP_TXB0CTRL, 0); /* FIFO traffic: TXP 0 */
+	if (rc == MCP2515_OK) /* fast replies: TXP 3, ahead of TXB0 on the chip too */
+		rc = write_reg(d, MCP_TXB1CTRL, MCP_TXBCTRL_TXP_MASK);
 	return rc;
 }
 
@@ -656,7 +754,7 @@ int mcp2515_init(struct mcp2515 *d, const struct mcp2515_config *cfg,
 	int rc;
 
 	if (d == NULL || cfg == NULL || cfg->mode > MCP2515_MODE_LISTEN_ONLY ||
-	    cfg->err_poll_us > MAX_ERR_POLL_US)
+	    cfg->err_poll_us > MAX_ERR_POLL_US || cfg->tx_timeout_us > MAX_TX_TIMEOUT_US)
 		return MCP2515_E_INVAL;
 	rc = mcp2515_calc_timing(cfg->osc_hz, cfg->bitrate, cfg->sjw, &t);
 	if (rc != MCP2515_OK)
@@ -672,6 +770,11 @@ int mcp2515_init(struct mcp2515 *d, const struct mcp2515_config *cfg,
 			 1000u;
 	d->min_frame_ns = (MIN_FRAME_BITS * NS_PER_SEC) / cfg->bitrate;
 	d->max_frame_ns = (MAX_FRAME_BITS * NS_PER_SEC) / cfg->bitrate;
+	d->tx_timeout_ns = (uint64_t)cfg->tx_timeout_us * 1000u;
+	if (d->tx_timeout_ns == 0)
+		d->tx_timeout_ns = DEFAULT_TX_TIMEOUT_NS;
+	if (d->tx_timeout_ns < TX_TIMEOUT_FRAMES * d->max_frame_ns)
+		d->tx_timeout_ns = TX_TIMEOUT_FRAMES * d->max_frame_ns;
 
 	rc = chip_reset(d);
 	if (rc == MCP2515_OK)
@@ -705,10 +808,30 @@ int mcp2515_start(struct mcp2515 *d)
 		rc = write_regs(d, MCP_CANINTF, clear, sizeof(clear));
 	if (rc == MCP2515_OK)
 		rc = bit_modify(d, MCP_TXB0CTRL, MCP_TXBCTRL_TXREQ, 0);
+	if (rc == MCP2515_OK)
+		rc = bit_modify(d, MCP_TXB1CTRL, MCP_TXBCTRL_TXREQ, 0);
+	if (rc == MCP2515_OK && d->urgent_hint_valid) {
+		/* the likely reply header into TXB1: the first reply loads data only */
+		uint8_t tx[1 + 5];
+
+		tx[0] = MCP_INSTR_LOAD_TXB1_SIDH;
+		encode_header(&d->urgent_hint, &tx[1]);
+		d->txb[1].hdr_valid = false;
+		rc = spi(d, tx, NULL, sizeof(tx));
+		if (rc == MCP2515_OK) {
+			util_memcpy(d->txb[1].hdr, &tx[1], 5);
+			d->txb[1].hdr_valid = true;
+		}
+	}
 	if (rc != MCP2515_OK)
 		return rc;
-	d->tx_busy = false;
+	for (unsigned int b = 0; b < 2u; b++) {
+		d->txb[b].busy = false;
+		d->txb[b].aborting = false;
+		d->txb[b].fifo = false;
+	}
 	d->urgent_valid = false;
+	d->spurious_run = 0;
 	/*
 	 * Every flag is clear now, so INT must be high.  If it is not, the pin is
 	 * stuck or not wired: fall back to READ STATUS polling rather than read
@@ -771,22 +894,33 @@ int mcp2515_send_urgent(struct mcp2515 *d, const struct can_msg *m)
 		return MCP2515_E_INVAL;
 	if (!d->initialised || !can_transmit(d))
 		return MCP2515_E_STATE;
-	if (d->urgent_valid)
+	if (d->urgent_valid) {
+		d->stats.urgent_dropped++;
 		return MCP2515_E_FULL;
+	}
 	d->urgent = *m;
 	d->urgent_valid = true;
 	if (d->depth > MAX_DEPTH)
 		return MCP2515_OK;
-	if (d->tx_busy) {
-		/* TXB0 may have finished since we last looked */
+	if (d->txb[MCP2515_TXB_URGENT].busy && !d->txb[MCP2515_TXB_URGENT].aborting) {
+		/* TXB1 may have finished since we last looked */
 		uint8_t st;
 
 		if (read_status(d, &st) != MCP2515_OK)
 			return MCP2515_OK; /* stays queued */
-		tx_check_done(d, st);
+		tx_check_done(d, st, MCP2515_TXB_URGENT);
 	}
-	(void)tx_kick(d);
+	(void)tx_kick_urgent(d);
 	return MCP2515_OK;
+}
+
+void mcp2515_set_urgent_hint(struct mcp2515 *d, const struct can_msg *m)
+{
+	if (d == NULL)
+		return;
+	d->urgent_hint_valid = m != NULL && can_msg_valid(m);
+	if (d->urgent_hint_valid)
+		d->urgent_hint = *m;
 }
 
 int mcp2515_poll(struct mcp2515 *d)
@@ -800,23 +934,50 @@ int mcp2515_poll(struct mcp2515 *d)
 		return 0;
 
 	/*
-	 * INT asserted <=> RX0IF (only RX0IE is enabled): read RXB0 at once.
-	 * This is the fast path the SPI budget is about; d->int_mark starts the
-	 * count of bytes until the reply's RTS (see tx_kick).
+	 * INT asserted: only RX0IE drives the pin, but a low level is confirmed
+	 * with READ STATUS (2 B) before RXB0 is read: a spurious low must not
+	 * read a stale RXB0 again (a duplicate frame and reply).  This is the
+	 * fast path the SPI budget is about; d->int_mark starts the count of
+	 * bytes until the reply's RTS (see tx_kick_urgent).
 	 */
 	for (unsigned int i = 0; d->int_ok && i < POLL_RX_BUDGET && running(d); i++) {
+		uint8_t st;
+		unsigned int buf;
+
 		if (!hal_int_asserted())
 			break;
 		d->int_mark = d->stats.spi_bytes;
 		d->in_fast = true;
-		rc = rx_read(d, 0);
+		rc = read_status(d, &st);
+		if (rc != MCP2515_OK) {
+			d->in_fast = false;
+			return rc;
+		}
+		/* a finished fast reply frees TXB1 for this one (no SPI unless aborted) */
+		tx_check_done(d, st, MCP2515_TXB_URGENT);
+		if (st & MCP_STAT_RX0IF) {
+			buf = 0; /* older than a frame in RXB1: that one rolled over */
+		} else if (st & MCP_STAT_RX1IF) {
+			buf = 1;
+		} else {
+			d->in_fast = false;
+			d->stats.spurious_int++;
+			if (++d->spurious_run >= SPURIOUS_INT_LIMIT) {
+				d->int_ok = false;
+				hal_log("mcp2515: INT low %u times with no RX flag; polling READ "
+					"STATUS instead", (unsigned int)d->spurious_run);
+			}
+			break;
+		}
+		d->spurious_run = 0;
+		rc = rx_read(d, buf);
 		d->in_fast = false;
 		if (rc != MCP2515_OK)
 			return rc;
 		events++;
 		if (!running(d))
 			return events;
-		rc = service_status(d, 0);
+		rc = service_status(d, buf);
 		if (rc < 0)
 			return rc;
 		events += rc;
@@ -825,7 +986,7 @@ int mcp2515_poll(struct mcp2515 *d)
 		return events;
 
 	uint64_t now = hal_now_ns();
-	bool tx_due = (d->tx_busy && now >= d->next_tx_poll_ns) || d->status_due;
+	bool tx_due = (tx_any_busy(d) && now >= d->next_tx_poll_ns) || d->status_due;
 	bool hk_due = now >= d->next_err_poll_ns;
 
 	/*
@@ -845,7 +1006,7 @@ int mcp2515_poll(struct mcp2515 *d)
 	 * after the longest possible frame gets EFLG checked at once, besides the
 	 * slow housekeeping poll.
 	 */
-	bool stuck = d->tx_busy && now >= d->next_stuck_check_ns;
+	bool stuck = tx_any_busy(d) && now >= d->next_stuck_check_ns;
 
 	if (running(d) && (hk_due || stuck)) {
 		if (hk_due)
@@ -855,8 +1016,13 @@ int mcp2515_poll(struct mcp2515 *d)
 		rc = service_errors(d);
 		if (rc < 0)
 			return rc;
+		if (running(d) && stuck) {
+			rc = tx_check_timeout(d, now);
+			if (rc < 0)
+				return rc;
+		}
 	}
-	if (running(d) && !d->tx_busy) {
+	if (running(d)) {
 		rc = tx_kick(d);
 		if (rc < 0)
 			return rc;
@@ -868,13 +1034,15 @@ uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d)
 {
 	if (d == NULL || !d->initialised || !running(d))
 		return UINT64_MAX;
-	if (!d->int_ok || d->status_due || (!d->tx_busy && (d->urgent_valid || d->txq_count > 0)))
+	if (!d->int_ok || d->status_due ||
+	    (!d->txb[MCP2515_TXB_URGENT].busy && d->urgent_valid) ||
+	    (!d->txb[MCP2515_TXB_FIFO].busy && d->txq_count > 0))
 		return 0;
 	uint64_t t = d->next_err_poll_ns;
 
-	if (d->tx_busy && d->next_tx_poll_ns < t)
+	if (tx_any_busy(d) && d->next_tx_poll_ns < t)
 		t = d->next_tx_poll_ns;
-	if (d->tx_busy && d->next_stuck_check_ns < t)
+	if (tx_any_busy(d) && d->next_stuck_check_ns < t)
 		t = d->next_stuck_check_ns;
 	return t;
 }

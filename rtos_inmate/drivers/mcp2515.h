@@ -3,18 +3,24 @@
  * mcp2515.h - freestanding MCP2515 driver for a polling bare-metal inmate.
  *
  * Design points (see rtos_inmate/README.md for the reasoning):
- *  - Only RX0IE drives the INT pin, so "INT asserted" means "RXB0 holds a
- *    frame" and the fast path starts with READ RX BUFFER at once, without a
- *    status read: INT -> READ RX BUFFER (14 B) -> LOAD TX BUFFER (<= 14 B)
- *    -> RTS (1 B) = at most 29 SPI bytes for an 8-byte reply.
+ *  - Only RX0IE drives the INT pin.  INT low is confirmed with READ STATUS
+ *    (2 B) before RXB0 is read, so a spurious low (noise, a glitch) never
+ *    re-reads a stale RXB0: INT -> READ STATUS (2 B) -> READ RX BUFFER
+ *    (14 B) -> LOAD TX BUFFER (9 B with the header TXB1 already holds,
+ *    14 B with a new one) -> RTS (1 B) = 26 (31) SPI bytes for an 8-byte
+ *    reply.
  *  - RXB1 (rollover) and TX completion are polled with READ STATUS (2 B)
  *    right after each received frame and while a TX is in flight; EFLG
  *    (3 B) when a TX outlasts the longest frame (bus-off can only follow
  *    failed transmissions) and at a slow housekeeping interval.  Routine
  *    polls look at the INT pin first and yield to a waiting frame.
- *  - One hardware TX buffer (TXB0), so frames leave in FIFO order; a
- *    software FIFO holds the rest.  A single "urgent" slot (fast replies)
- *    goes ahead of the FIFO but never reorders the FIFO itself.
+ *  - TXB0 carries the FIFO traffic one frame at a time (TXP 0), so those
+ *    frames leave in order; a software FIFO holds the rest.  TXB1 (TXP 3,
+ *    the highest) carries only fast replies: a reply never waits behind a
+ *    FIFO frame that keeps losing arbitration or gets no ACK.  A single
+ *    "urgent" slot holds a reply while TXB1 is busy.
+ *  - A frame whose TXREQ stays set longer than the TX timeout is aborted
+ *    (TXREQ cleared) and reported (tx_done ok = false, tx_timeouts).
  *  - Bus-off (EFLG.TXBO) puts the chip in configuration mode, cancels every
  *    pending TX and reports MCP2515_BUS_OFF; mcp2515_start() recovers.
  *  - Every wait on the chip is bounded by a timeout.
@@ -95,6 +101,7 @@ struct mcp2515_config {
 	uint8_t sjw;         /* 0 = default (1) */
 	enum mcp2515_opmode mode;
 	uint32_t err_poll_us; /* housekeeping poll interval; 0 = default 10000 */
+	uint32_t tx_timeout_us; /* abort a frame pending this long; 0 = default */
 };
 
 struct mcp2515_callbacks {
@@ -124,7 +131,24 @@ struct mcp2515_stats {
 	uint32_t fast_spi_bytes_last;
 	uint32_t fast_spi_bytes_max;
 	uint32_t fast_replies_timed;
+	uint32_t tx_timeouts;    /* frames aborted by the TX timeout */
+	uint32_t spurious_int;   /* INT low with no RX flag set */
+	uint32_t urgent_dropped; /* fast replies refused: TXB1 and the slot busy */
 };
+
+/* One hardware TX buffer as the driver tracks it. */
+struct mcp2515_txb {
+	bool busy;      /* TXREQ set by our RTS, completion not seen yet */
+	bool aborting;  /* TX timeout: TXREQ cleared, outcome not read yet */
+	bool fifo;      /* holds a FIFO frame (tag valid) */
+	bool hdr_valid;
+	uint32_t tag;
+	uint8_t hdr[5]; /* SIDH SIDL EID8 EID0 DLC last loaded */
+	uint64_t start_ns;
+};
+
+#define MCP2515_TXB_FIFO 0u   /* TXB0, TXP 0 */
+#define MCP2515_TXB_URGENT 1u /* TXB1, TXP 3 */
 
 struct mcp2515_txent {
 	struct can_msg msg;
@@ -150,12 +174,12 @@ struct mcp2515 {
 	struct can_msg urgent;
 	bool urgent_valid;
 
-	/* what TXB0 holds */
-	bool tx_busy;          /* TXREQ set by our RTS, completion not seen yet */
-	bool tx_inflight_fifo; /* inflight frame came from the FIFO */
-	uint32_t tx_inflight_tag;
-	uint8_t txb_hdr[5]; /* SIDH SIDL EID8 EID0 DLC last loaded into TXB0 */
-	bool txb_hdr_valid;
+	/* what TXB0 (FIFO) and TXB1 (fast replies) hold */
+	struct mcp2515_txb txb[2];
+	struct can_msg urgent_hint; /* header preloaded into TXB1 at start */
+	bool urgent_hint_valid;
+	uint64_t tx_timeout_ns;
+	uint32_t spurious_run; /* consecutive spurious INT lows */
 
 	/* polling schedule */
 	uint64_t min_frame_ns; /* shortest frame on the wire at this bitrate */
@@ -164,7 +188,6 @@ struct mcp2515 {
 	uint64_t next_err_poll_ns;
 	uint64_t next_tx_poll_ns;
 	uint64_t next_stuck_check_ns;
-	uint64_t tx_start_ns;
 
 	/* fast-path byte accounting (INT path only) */
 	bool in_fast;
@@ -194,11 +217,19 @@ int mcp2515_stop(struct mcp2515 *d);
 int mcp2515_send(struct mcp2515 *d, const struct can_msg *m, uint32_t tag);
 
 /*
- * Send ahead of the FIFO (fast reply).  Loads TXB0 at once when it is idle,
- * which is what keeps a fast reply within the 30-byte SPI budget.
- * MCP2515_E_FULL when an urgent frame is already waiting.
+ * Send ahead of the FIFO (fast reply) from TXB1 at the highest priority.
+ * Loads TXB1 at once when it is idle, which is what keeps a fast reply
+ * within its SPI budget.  MCP2515_E_FULL when TXB1 is busy and an urgent
+ * frame is already waiting.
  */
 int mcp2515_send_urgent(struct mcp2515 *d, const struct can_msg *m);
+
+/*
+ * The id, flags and length fast replies will most likely have: its header
+ * is loaded into TXB1 at every start, so even the first reply loads only
+ * its data bytes.  NULL clears it.
+ */
+void mcp2515_set_urgent_hint(struct mcp2515 *d, const struct can_msg *m);
 
 /*
  * Service the chip: RX while INT is asserted, TX completion, error flags.

@@ -22,12 +22,17 @@
 #define MCP_INSTR_LOAD_TXB0_SIDH 0x40u
 #define MCP_INSTR_LOAD_TXB0_D0 0x41u
 #define MCP_INSTR_RTS_TXB0 0x81u
+#define MCP_INSTR_LOAD_TXB1_SIDH 0x42u
+#define MCP_INSTR_LOAD_TXB1_D0 0x43u
+#define MCP_INSTR_RTS_TXB1 0x82u
 
 /* READ STATUS answer bits */
 #define MCP_STAT_RX0IF 0x01u
 #define MCP_STAT_RX1IF 0x02u
 #define MCP_STAT_TXB0_TXREQ 0x04u
 #define MCP_STAT_TX0IF 0x08u
+#define MCP_STAT_TXB1_TXREQ 0x10u
+#define MCP_STAT_TX1IF 0x20u
 
 /* Registers */
 #define MCP_RXF0SIDH 0x00u
@@ -47,6 +52,7 @@
 #define MCP_CANINTF 0x2Cu
 #define MCP_EFLG 0x2Du
 #define MCP_TXB0CTRL 0x30u
+#define MCP_TXB1CTRL 0x40u
 #define MCP_RXB0CTRL 0x60u
 #define MCP_RXB1CTRL 0x70u
 
@@ -92,6 +98,7 @@
 #define MCP_TXBCTRL_MLOA 0x20u
 #define MCP_TXBCTRL_TXERR 0x10u
 #define MCP_TXBCTRL_TXREQ 0x08u
+#define MCP_TXBCTRL_TXP_MASK 0x03u /* 3 = highest priority */
 
 /* RXBnCTRL */
 #define MCP_RXBCTRL_RXM_ANY 0x60u /* masks/filters off */

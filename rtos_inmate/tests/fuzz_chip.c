@@ -122,6 +122,7 @@ int hal_spi_transfer(const uint8_t *tx, uint8_t *rx_out, size_t n)
 			rx[i] = next_byte(); /* any bytes: DLC > 8, odd SIDL/EID bits */
 		break;
 	case MCP_INSTR_RTS_TXB0:
+	case MCP_INSTR_RTS_TXB1:
 		tx_count++;
 		break;
 	default: /* LOAD TX BUFFER and friends: nothing to answer */
