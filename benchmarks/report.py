@@ -23,7 +23,7 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 def results_table(results: list[Measurement]) -> str:
     """One line per measurement: latency percentiles in microseconds, then throughput."""
     head = ("measurement", "p50", "p90", "p99", "p99.9", "max", "ops/s", "MB/s")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for m in results:
         lat = m.latency_us or {}
         title = m.title + (" [DEVICE RESET]" if m.invalid else "")
@@ -34,7 +34,7 @@ def results_table(results: list[Measurement]) -> str:
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
-    rows = [("target", "value", "goal", "met", "off by")]
+    rows: list[tuple[str, ...]] = [("target", "value", "goal", "met", "off by")]
     for t in targets:
         goal = "-" if t["goal"] is None else f"{t['op']} {_fmt(t['goal'], 2)}"
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
@@ -71,7 +71,7 @@ CDF_SUITES = {"pingpong": "ping-pong baselines", "minring": "bare rings",
               "doorbell": "doorbell", "blk-latency": "blk 512 B reads at QD1", "can": "CAN echo"}
 
 
-def _colours(n: int) -> list:
+def _colours(n: int) -> list[tuple[float, float, float, float]]:
     """``n`` distinct colours: tab10 while it lasts, then tab20 (never a colour twice up to 20)."""
     import matplotlib
 
@@ -101,10 +101,11 @@ def plots(results: list[Measurement], out_dir: Path) -> list[Path] | str:
     if cdf:
         fig, ax = plt.subplots(figsize=(11, 5.5))
         styles = ("-", "--", ":", "-.")
-        for k, (m, colour) in enumerate(zip(cdf, _colours(len(cdf)))):
+        for k, (m, rgba) in enumerate(zip(cdf, _colours(len(cdf)))):
+            assert m.samples_ns is not None  # cdf holds only measurements with samples
             x = np.sort(m.samples_ns.astype(np.float64)) / 1e3
             idx = np.unique(np.linspace(0, x.size - 1, min(x.size, 4000)).astype(int))
-            ax.plot(x[idx], (idx + 1) / x.size, label=m.title, linewidth=1.2, color=colour,
+            ax.plot(x[idx], (idx + 1) / x.size, label=m.title, linewidth=1.2, color=rgba,
                     linestyle=styles[(k // 20) % len(styles)])
         ax.set_xscale("log")
         ax.set_xlabel("round trip (us, log scale)")

@@ -17,6 +17,14 @@ def _p50(m: Measurement | None) -> float | None:
     return None if m is None or not m.latency_us else m.latency_us.get("p50")
 
 
+def _ops(m: Measurement | None) -> float | None:
+    return None if m is None else m.ops_per_s
+
+
+def _mbs(m: Measurement | None) -> float | None:
+    return None if m is None else m.mb_per_s
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -85,7 +93,7 @@ def _fairness(ctx: Context) -> list[dict[str, Any]]:
         m = ctx.get(f"fairness.{load}")
         out.append(_target(
             f"disk b reads/s with {load} on disk a / with a CPU hog beside",
-            _ratio(m and m.ops_per_s, control and control.ops_per_s), ">=", 0.8, "fraction",
+            _ratio(_ops(m), _ops(control)), ">=", 0.8, "fraction",
             f"{m and round(m.ops_per_s or 0)} / {control and round(control.ops_per_s or 0)} "
             "reads/s, one serve daemon", ["fairness"], m, control))
         out.append(_target(
@@ -106,7 +114,7 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
     m = g("idle.adaptive")
     out.append(_target(
         "backend CPU while its frontend is idle (adaptive)",
-        m and m.extra["backend_cpu_percent"], "<=", 2.0, "% of a core",
+        None if m is None else m.extra["backend_cpu_percent"], "<=", 2.0, "% of a core",
         "" if m is None else f"over {m.params['seconds']} s after 2,000 QD1 reads; the idle "
         f"frontend used {m.extra['frontend_cpu_percent']} %", ["idle"], m))
     out += _fairness(ctx)
@@ -141,24 +149,24 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
     a, b = g("blk-seq.read.qd8"), g("baseline.preadv.seq128k")
     out.append(_target(
         "blk 128 KiB sequential read QD8 / single-process preadv",
-        _ratio(a and a.mb_per_s, b and b.mb_per_s), ">=", 0.6, "fraction",
+        _ratio(_mbs(a), _mbs(b)), ">=", 0.6, "fraction",
         f"{a and round(a.mb_per_s or 0)} MB/s / {b and round(b.mb_per_s or 0)} MB/s",
         ["blk-seq", "disk"], a, b))
 
     a = g("blk-rand.read.qd32")
     out.append(_target(
-        "blk 4 KiB random read QD32 IOPS", a and a.ops_per_s, ">=", 100_000.0, "IOPS",
+        "blk 4 KiB random read QD32 IOPS", _ops(a), ">=", 100_000.0, "IOPS",
         "4 KiB random reads, 32 in flight, adaptive mode", ["blk-rand"], a))
 
     b = g("baseline.fio.randread.4k.j1")
     out.append(_target(
         "blk 4 KiB random read QD32 IOPS / fio psync randread 4k (1 job)",
-        _ratio(a and a.ops_per_s, b and b.ops_per_s), None, None, "fraction",
+        _ratio(_ops(a), _ops(b)), None, None, "fraction",
         "reported, no goal", ["blk-rand", "disk (fio)"], a, b))
 
     a = g("can.one-way")
     out.append(_target(
-        "CAN frames/s frontend -> backend -> bus", a and a.ops_per_s, ">=", 100_000.0,
+        "CAN frames/s frontend -> backend -> bus", _ops(a), ">=", 100_000.0,
         "frames/s", "sustained one-way send rate", ["can"]))
 
     a, b = g("can.echo"), g("baseline.pingpong.py.spin")
