@@ -254,6 +254,9 @@ class BlkModel:
                 or sector + n // 512 > self.capacity:
             self.metrics.io_fails += 1
             return status, B.S_IOERR
+        if len(data) > self.seg_max:  # more data segments than advertised: a driver error
+            self.metrics.invalid_request_count += 1
+            return status, B.S_IOERR
         return BlkRequest(head, rtype, sector, data, n, status)
 
     # -- execution ----------------------------------------------------------------------------
