@@ -147,4 +147,7 @@ async def _liar_main(sock: str, image: str, lie: str) -> None:
 if __name__ == "__main__":
     import uvloop
 
+    from ivshmem_virtio.log import setup_logging
+
+    setup_logging()  # a library is silent; this process is a daemon that says "backend ready"
     uvloop.run(_liar_main(*sys.argv[1:4]))
