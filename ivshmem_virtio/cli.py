@@ -144,6 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="complete a send once queued, not once the bus took it")
     runner_opts(c)
 
+    co = sub.add_parser("console", help="serve a virtio-console (the cell's /dev/hvc0) on a "
+                        "pty, a UNIX socket, a log file or stdio")
+    co.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    cg = co.add_mutually_exclusive_group()
+    cg.add_argument("--pty", action="store_true",
+                    help="a new pseudo-terminal; its path is printed (the default)")
+    cg.add_argument("--socket", metavar="PATH",
+                    help="a UNIX socket (0600), one client at a time: its bytes go to the cell, "
+                    "the cell's output comes back on it")
+    cg.add_argument("--log", metavar="FILE", help="append the cell's output to FILE (no input)")
+    cg.add_argument("--stdio", action="store_true", help="this process's stdin and stdout")
+    co.add_argument("--cols", type=_int, default=80,
+                    help="window width the cell sees (a pty or terminal's own size wins)")
+    co.add_argument("--rows", type=_int, default=25, help="window height the cell sees")
+    runner_opts(co)
+
+    cc = sub.add_parser("console-client", help="be the cell side of a virtio-console: stdin "
+                        "is its output, its input goes to stdout")
+    cc.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    cc.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds to wait for a READY backend")
+    cc.add_argument("--echo", action="store_true",
+                    help="also send every byte received back to the device (a loopback cell)")
+    cc.add_argument("--show-size", action="store_true",
+                    help="print the console's size on stderr at start and on every change")
+
     k = sub.add_parser("blk-client", help="copy data in and out of a remote virtio-blk disk")
     k.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
     k.add_argument("--timeout", type=float, default=10.0,
@@ -233,7 +259,8 @@ def _run(coro_fn: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a client is a quiet tool; daemons log their life at info
-    level = args.log_level or ("warning" if args.command == "blk-client" else "info")
+    level = args.log_level or ("warning" if args.command in ("blk-client", "console-client")
+                                else "info")
     setup_logging(json=args.log_json, level=level)
     try:
         if args.command == "hub":
@@ -254,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             from backend.can_daemon import run_can
 
             return _run(lambda stop: run_can(args, stop))
+        if args.command == "console":
+            from backend.console_daemon import run_console
+
+            return _run(lambda stop: run_console(args, stop))
+        if args.command == "console-client":
+            from frontend.console import run_console_client
+
+            return _run(lambda stop: run_console_client(args, stop))
         if args.command == "blk-client":
             from frontend.cli import run_blk_client
 
