@@ -51,9 +51,10 @@ async def serve(runners: list[LinkRunner], stop: asyncio.Event) -> int:
 
     Returns how many runners failed, so a daemon can exit non-zero for a supervisor to see.
     """
-    tasks = {asyncio.create_task(r.run()): r for r in runners}
+    tasks: dict[asyncio.Task[object], LinkRunner] = {asyncio.create_task(r.run()): r
+                                                     for r in runners}
     stopper = asyncio.create_task(stop.wait())
-    pending = set(tasks) | {stopper}
+    pending: set[asyncio.Task[object]] = set(tasks) | {stopper}
     failed = 0
     while not stop.is_set() and len(pending) > 1:
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -153,7 +153,7 @@ class CanDriver(VirtioDriver):
         self._attach_task: asyncio.Task | None = None
 
     # -- the rings, shared with sending threads -------------------------------------------------
-    @property  # type: ignore[override]
+    @property
     def vqs(self) -> list[DriverQueue]:
         return self._vqs
 
@@ -503,6 +503,7 @@ class CanDriver(VirtioDriver):
         added = False
         while backlog and vq.can_add(2):
             req = backlog[0]
+            assert req.future is not None  # a backlog holds the loop's requests only (_submit)
             if req.future.done():  # cancelled by the caller
                 backlog.popleft()
                 continue

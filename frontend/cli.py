@@ -13,6 +13,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -53,6 +55,9 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
+T = TypeVar("T")
+
+
 async def verify(client: BlkClient, size: int, depth: int) -> dict:
     """Write a random pattern with ``depth`` requests in flight, read it back, compare."""
     size = min(size, client.size) // 4096 * 4096
@@ -61,7 +66,7 @@ async def verify(client: BlkClient, size: int, depth: int) -> dict:
     sem = asyncio.Semaphore(depth)
     lat: list[float] = []
 
-    async def one(fn, *a):  # noqa: ANN001, ANN202
+    async def one(fn: Callable[..., Awaitable[T]], *a: object) -> T:
         async with sem:
             t0 = time.perf_counter()
             r = await fn(*a)

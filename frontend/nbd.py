@@ -31,6 +31,7 @@ import itertools
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import structlog
@@ -454,7 +455,11 @@ class _Connection:
             task = asyncio.create_task(self._execute(cmd, flags, handle, offset, length, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(lambda _t, c=cost: self._budget.release(c))
+            task.add_done_callback(self._releaser(cost))
+
+    def _releaser(self, cost: int) -> Callable[[asyncio.Task[None]], None]:
+        """A done callback giving ``cost`` back to the in-flight budget."""
+        return lambda _t: self._budget.release(cost)
 
     def _check_request(self, cmd: int, flags: int, offset: int, length: int) -> int:
         """NBD error for a request that must not reach the target, or 0 when it is valid."""
@@ -622,7 +627,7 @@ class NbdServer(asyncio.AbstractServer):
         self.max_connections = max_connections
         self.refused = 0  # connections turned away at the cap
         self._limiter = LogLimiter()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._unix_path: str | None = None
         self._unix_id: tuple[int, int] | None = None
         self._conns: dict[int, tuple[_Connection, asyncio.Task[None]]] = {}
@@ -672,7 +677,7 @@ class NbdServer(asyncio.AbstractServer):
         )
 
     @property
-    def sockets(self) -> tuple:
+    def sockets(self) -> tuple[socket.socket, ...]:
         """Listening sockets (e.g. to learn the port picked for port=0)."""
         return tuple(self._server.sockets) if self._server is not None else ()
 
@@ -770,7 +775,7 @@ def _loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
         return False
-    addrs = {info[4][0] for info in infos}
+    addrs = {str(info[4][0]) for info in infos}
     return bool(addrs) and all(a.startswith("127.") or a == "::1" for a in addrs)
 
 

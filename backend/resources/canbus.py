@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Final
+from typing import Any, Final, cast
 
 import can
 import structlog
@@ -76,7 +76,7 @@ def open_bus(spec: str, *, fd: bool = False) -> can.BusABC:
     config files are ignored so that the command line alone says what is opened.
     """
     iface, channel = parse_bus_spec(spec)
-    kwargs: dict[str, object] = {"fd": True} if fd else {}
+    kwargs: dict[str, Any] = {"fd": True} if fd else {}
     try:
         return can.Bus(interface=iface, channel=channel, ignore_config=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - interfaces raise anything from OSError to ImportError
@@ -109,7 +109,8 @@ def direct_sender(bus: can.BusABC) -> DirectSend | None:
     from can.interfaces.virtual import VirtualBus
 
     if send is VirtualBus.send:
-        receivers = bus.channel  # type: ignore[attr-defined] - the channel's list of queues
+        # VirtualBus's own send: a VirtualBus, whose channel is the list of receivers' queues
+        receivers = cast(VirtualBus, bus).channel
 
         def virtual(msg: can.Message) -> bool:
             for q in receivers:
