@@ -250,6 +250,7 @@ def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -
     name = _str(raw, "name", where, link.text)
     if not name.strip():
         raise ConfigError(f"{where}name: must not be empty")
+    common: dict[str, Any]  # the DeviceConfig fields every type has
     common = dict(name=name, type=dtype, link=link, queue_size=_queue_size(raw, where),
                   mode=_choice(raw, "mode", where, defaults["mode"], MODES),
                   spin_us=_number(raw, "spin_us", where, defaults["spin_us"], 0, 1e6))
@@ -276,7 +277,7 @@ def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
     for i, d in enumerate(devices):
         where = f"devices[{i}]."
         lk = d.link
-        key = (lk.kind, lk.path, lk.pci, lk.protocol)
+        key: tuple[str | int | None, ...] = (lk.kind, lk.path, lk.pci, lk.protocol)
         if lk.kind == "uio" and lk.protocol is not None:
             key = ("uio-protocol", lk.protocol)
         if key in seen_links:
