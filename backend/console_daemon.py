@@ -32,7 +32,7 @@ def check_size(cols: int, rows: int, where: str = "--") -> None:
 
 
 def open_port(kind: str, target: str, cols: int, rows: int) -> HostPort:
-    """The host side: ``pty``, ``socket`` PATH, ``log`` FILE or ``stdio``."""
+    """The host side: ``pty``, ``socket`` PATH, ``log`` FILE (``--log-file``) or ``stdio``."""
     if kind == "pty":
         return PtyPort(cols, rows)
     if kind == "socket":
@@ -45,8 +45,8 @@ def open_port(kind: str, target: str, cols: int, rows: int) -> HostPort:
 def port_choice(args: argparse.Namespace) -> tuple[str, str]:
     if args.socket:
         return "socket", args.socket
-    if args.log:
-        return "log", args.log
+    if args.log_file:
+        return "log", args.log_file
     if args.stdio:
         return "stdio", ""
     return "pty", ""

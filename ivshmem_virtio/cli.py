@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--socket", metavar="PATH",
                     help="a UNIX socket (0600), one client at a time: its bytes go to the cell, "
                     "the cell's output comes back on it")
-    cg.add_argument("--log", metavar="FILE", help="append the cell's output to FILE (no input)")
+    cg.add_argument("--log-file", metavar="FILE",
+                    help="append the cell's output to FILE (no input; --log would clash "
+                    "with --log-level)")
     cg.add_argument("--stdio", action="store_true", help="this process's stdin and stdout")
     co.add_argument("--cols", type=_int, default=80,
                     help="window width the cell sees (a pty or terminal's own size wins)")

@@ -228,7 +228,7 @@ class LogPort(FdPort):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
-            raise ConfigError(f"--log {path}: {e.strerror}") from None
+            raise ConfigError(f"--log-file {path}: {e.strerror}") from None
         super().__init__(None, fd)
         self.path = path
         self._fd = fd
