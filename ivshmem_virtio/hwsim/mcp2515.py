@@ -293,6 +293,15 @@ class Mcp2515:
         self._backlog: deque[can.Message] = deque()
         self._tx_fail_remaining = 0
         self._bus_fault = False
+        self._no_ack = False
+        self.stalled_ids: set[int] = set()
+        self._int_forced_low = False
+        # UART output of the hosted inmate (SpiSocketServer's UART op), and how much of it
+        # was written while the driver was handling received frames (see uart_write)
+        self.uart = bytearray()
+        self.uart_bytes_in_rx = 0
+        self.uart_bytes_int_pending = 0
+        self._rx_handling = False
         self._bus_thread: threading.Thread | None = None
         self._bus_stop = threading.Event()
         self._bus: can.BusABC | None = None
@@ -321,9 +330,32 @@ class Mcp2515:
 
     @property
     def int_asserted(self) -> bool:
-        """INT pin low: some CANINTF flag whose CANINTE bit is set."""
+        """INT pin low: some CANINTF flag whose CANINTE bit is set (or forced low)."""
         with self._lock:
-            return bool(self.regs[CANINTE] & self.regs[CANINTF])
+            return bool(self.regs[CANINTE] & self.regs[CANINTF]) or self._int_forced_low
+
+    def force_int_low(self, on: bool) -> None:
+        """Hold the INT pin low with no flag behind it (noise, a wiring fault)."""
+        with self._int_cond:
+            self._int_forced_low = on
+            if on:
+                self._int_cond.notify_all()
+
+    def uart_write(self, data: bytes) -> None:
+        """The inmate's UART output; bytes written while it handles frames are counted.
+
+        "Handling" runs from a READ RX BUFFER until a status read shows no RX flag:
+        the driver's RX callbacks (relay, fast-reply dispatch) run inside it, so a log
+        line emitted from them lands in ``uart_bytes_in_rx``. Bytes written while a frame
+        waits unseen (INT low) go to ``uart_bytes_int_pending``: a drain that started just
+        before a frame arrived, bounded by the driver's chunk size.
+        """
+        with self._lock:
+            self.uart += data
+            if self._rx_handling:
+                self.uart_bytes_in_rx += len(data)
+            elif self.regs[CANINTF] & (INT_RX0 | INT_RX1):
+                self.uart_bytes_int_pending += len(data)
 
     @property
     def tec(self) -> int:
@@ -397,7 +429,7 @@ class Mcp2515:
         with self._int_cond:
             while True:
                 self._tick()
-                if self.regs[CANINTE] & self.regs[CANINTF]:
+                if self.regs[CANINTE] & self.regs[CANINTF] or self._int_forced_low:
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -426,6 +458,8 @@ class Mcp2515:
             if rx_pending and self._reveals_rx_flags(data):
                 self.stats.int_observed(t, "status", before)
             miso = self._execute(data)
+            if self._rx_handling and self._reveals_rx_flags(data) and not rx_pending:
+                self._rx_handling = False  # the driver looked and found nothing more
             self._update_int()
             return miso
 
@@ -481,6 +515,7 @@ class Mcp2515:
                 addr = (addr + 1) & 0x7F
             # RXnIF clears when CS rises at the end of the instruction
             self.regs[CANINTF] &= ~(INT_RX0 if buf == 0 else INT_RX1) & 0xFF
+            self._rx_handling = True
             self._backlog_pump()
         elif op in INSTR_LOAD_TXB:
             buf = (op - 0x40) >> 1
@@ -686,11 +721,13 @@ class Mcp2515:
         if self._mode not in (MODE_NORMAL, MODE_LOOPBACK) or self._bus_off:
             return
         for _ in range(3):
-            pend = self._pending_tx()
-            if not pend:
-                return
             if self.regs[CANCTRL] & CANCTRL_ABAT:
                 self._abort_all()
+                return
+            # a buffer that cannot complete stays pending; the next one in priority order
+            # gets the following attempt (the chip re-arbitrates at every bus idle)
+            pend = [i for i in self._pending_tx() if not self._stalled(i)]
+            if not pend:
                 return
             i = pend[0]
             base = TXB_BASE[i]
@@ -704,20 +741,57 @@ class Mcp2515:
                     self._update_error_flags()
                     if self._bus_off:
                         return
-            msg = self._frame_from_txb(i)
-            self.regs[base] &= ~(TXB_TXREQ | TXB_TXERR | TXB_MLOA) & 0xFF
-            self.regs[CANINTF] |= INT_TX[i]
-            self.tx_count += 1
-            if self._tec > 0:
-                self._tec -= 1
-                self._update_error_flags()
-            if self._mode == MODE_LOOPBACK:
-                self._accept(msg)
-            elif self.tx_sink is not None:
-                try:
-                    self.tx_sink(msg)
-                except can.CanError:
-                    self.tx_sink_errors += 1
+                if self._no_ack:
+                    self._fail_no_ack(base)
+                    continue
+            self._complete_tx(i)
+
+    def _stalled(self, i: int) -> bool:
+        """Does TXBi lose arbitration at every attempt (``stalled_ids``)?"""
+        if self._mode != MODE_NORMAL:
+            return False
+        base = TXB_BASE[i]
+        if self._no_ack and self.regs[base] & TXB_TXERR and self._tec >= 128:
+            return True  # retried in the background, never completes
+        if not self.stalled_ids:
+            return False
+        r = self.regs
+        arb_id, _ = unpack_id(r[base + 1], r[base + 2], r[base + 3], r[base + 4])
+        if arb_id in self.stalled_ids:
+            self.regs[base] |= TXB_MLOA
+            return True
+        return False
+
+    def _fail_no_ack(self, base: int) -> None:
+        """No node acknowledges: TEC += 8 per attempt until error-passive, then no more.
+
+        ISO 11898-1 fault confinement, exception to the TEC rule: an error-passive
+        transmitter that sees an ACK error (and no dominant bit in its passive error flag)
+        does not increment TEC. A lone node therefore stays error-passive with TXREQ set
+        for ever and never goes bus-off. The attempts are summed up at once: 16 reach
+        TEC 128; the buffer then stays pending (``stalled``) until aborted.
+        """
+        self.regs[base] |= TXB_TXERR
+        while self._tec < 128:
+            self._tec += 8
+        self._update_error_flags()
+
+    def _complete_tx(self, i: int) -> None:
+        base = TXB_BASE[i]
+        msg = self._frame_from_txb(i)
+        self.regs[base] &= ~(TXB_TXREQ | TXB_TXERR | TXB_MLOA) & 0xFF
+        self.regs[CANINTF] |= INT_TX[i]
+        self.tx_count += 1
+        if self._tec > 0:
+            self._tec -= 1
+            self._update_error_flags()
+        if self._mode == MODE_LOOPBACK:
+            self._accept(msg)
+        elif self.tx_sink is not None:
+            try:
+                self.tx_sink(msg)
+            except can.CanError:
+                self.tx_sink_errors += 1
 
     # ------------------------------------------------------------ errors
     def _update_error_flags(self, signal: bool = True) -> None:
@@ -768,6 +842,27 @@ class Mcp2515:
         """While on, every transmission attempt fails (no ACK, shorted bus)."""
         with self._lock:
             self._bus_fault = on
+            self._try_transmit()
+            self._update_int()
+
+    def set_no_ack(self, on: bool) -> None:
+        """While on, no other node acknowledges (a lone node): see ``_fail_no_ack``."""
+        with self._lock:
+            self._no_ack = on
+            if not on:
+                for base in TXB_BASE:
+                    self.regs[base] &= ~TXB_TXERR & 0xFF
+            self._try_transmit()
+            self._update_int()
+
+    def set_stalled_ids(self, ids: set[int]) -> None:
+        """Frames with these ids lose arbitration at every attempt (TXREQ stays set, MLOA).
+
+        Stands for a bus saturated by higher-priority traffic against them; the chip's
+        other pending buffers still get their turn.
+        """
+        with self._lock:
+            self.stalled_ids = set(ids)
             self._try_transmit()
             self._update_int()
 

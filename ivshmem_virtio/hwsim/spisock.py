@@ -40,6 +40,7 @@ SPIP_OP_HELLO = 0x01
 SPIP_OP_XFER = 0x02
 SPIP_OP_INT = 0x03
 SPIP_OP_WAIT = 0x04
+SPIP_OP_UART = 0x05
 SPIP_REPLY = 0x80
 
 _HDR = struct.Struct("<BBH")
@@ -185,6 +186,11 @@ class SpiSocketServer:
                     raise ProtocolError(f"WAIT timeout {timeout_us} us > 1 s")
                 self._wait(timeout_us)
                 self._reply(conn, op, bytes([self._level()]))
+            elif op == SPIP_OP_UART:
+                if not 1 <= len(payload) <= SPIP_MAX_XFER:
+                    raise ProtocolError(f"UART of {len(payload)} bytes")
+                self.chip.uart_write(payload)
+                self._reply(conn, op, b"")
             else:
                 raise ProtocolError(f"unknown op 0x{op:02x}")
 

@@ -9,6 +9,13 @@
  *   hosted_can --socket PATH --osc HZ --bitrate BPS [--rules TEXT]
  *              [--mode normal|loopback|listen] [--err-poll-us N]
  *              [--init-only] [--no-start] [--max-ms N] [--quiet]
+ *              [--stats-ms N] [--log-relay] [--tx-timeout-us N]
+ *
+ * Log lines (hal_log) go into the RAM ring of core/logring.c and are drained
+ * to stderr, UART_CHUNK bytes at a time, only when the CAN side is idle, as
+ * the Jailhouse cell does.  --stats-ms logs the statistics line that often;
+ * --log-relay logs every relayed frame from the RX callback (the worst case
+ * the ring is for: the line is formatted there, written out later).
  *
  * Events on stdout, one per line:
  *   READY cnf1=.. cnf2=.. cnf3=.. brp=.. ntq=.. sp=..
@@ -33,8 +40,12 @@
 #include "hal.h"
 #include "hal_hosted.h"
 #include "bridge.h"
+#include "logring.h"
+
+#define UART_CHUNK 8u /* the Pi's mini UART TX FIFO */
 
 static struct bridge im;
+static bool log_relay;
 
 static void hexstr(const uint8_t *d, size_t n, char *out, size_t size)
 {
@@ -54,6 +65,8 @@ static void on_relay(void *ctx, const struct can_msg *m)
 
 	(void)ctx;
 	hexstr(m->data, (m->flags & CAN_MSG_F_RTR) ? 0 : m->len, data, sizeof(data));
+	if (log_relay)
+		hal_log("relay: id=%x len=%u", (unsigned int)m->id, (unsigned int)m->len);
 	printf("RELAY id=%X ext=%u rtr=%u len=%u data=%s\n", (unsigned int)m->id,
 	       (m->flags & CAN_MSG_F_EXT) ? 1u : 0u, (m->flags & CAN_MSG_F_RTR) ? 1u : 0u,
 	       (unsigned int)m->len, data);
@@ -80,7 +93,9 @@ static void print_stats(void)
 
 	printf("STATS state=%s rx=%u tx=%u urgent=%u cancelled=%u ovr=%u busoff=%u "
 	       "spi_bytes=%llu spi_xfers=%u spi_errors=%u hal_spi_bytes=%llu hdr_hits=%u "
-	       "fast_last=%u fast_max=%u fast_timed=%u rx_seen=%u relayed=%u reply_failed=%u",
+	       "fast_last=%u fast_max=%u fast_timed=%u rx_seen=%u relayed=%u reply_failed=%u "
+	       "tx_timeouts=%u spurious_int=%u urgent_dropped=%u warn=%u passive=%u "
+	       "log_lines=%u log_dropped=%u log_bytes=%llu",
 	       mcp2515_state_name(im.can.state), (unsigned int)s->rx_frames,
 	       (unsigned int)s->tx_frames, (unsigned int)s->tx_urgent,
 	       (unsigned int)s->tx_cancelled, (unsigned int)s->rx_overflows,
@@ -89,7 +104,12 @@ static void print_stats(void)
 	       (unsigned long long)hal_hosted_spi_bytes(), (unsigned int)s->txb_header_hits,
 	       (unsigned int)s->fast_spi_bytes_last, (unsigned int)s->fast_spi_bytes_max,
 	       (unsigned int)s->fast_replies_timed, (unsigned int)im.rules.rx_seen,
-	       (unsigned int)im.rules.relayed, (unsigned int)im.rules.reply_failed);
+	       (unsigned int)im.rules.relayed, (unsigned int)im.rules.reply_failed,
+	       (unsigned int)s->tx_timeouts, (unsigned int)s->spurious_int,
+	       (unsigned int)s->urgent_dropped, (unsigned int)s->error_warning,
+	       (unsigned int)s->error_passive, (unsigned int)logring_get_stats()->lines,
+	       (unsigned int)logring_get_stats()->dropped,
+	       (unsigned long long)logring_get_stats()->bytes_out);
 	for (uint32_t i = 0; i < im.rules.count; i++)
 		printf(" rule%u=%u/%u", (unsigned int)i, (unsigned int)im.rules.rule[i].matched,
 		       (unsigned int)im.rules.rule[i].replied);
@@ -185,14 +205,16 @@ static void usage(const char *argv0)
 	fprintf(stderr,
 		"usage: %s --socket PATH --osc HZ --bitrate BPS [--rules TEXT]\n"
 		"          [--mode normal|loopback|listen] [--err-poll-us N] [--init-only]\n"
-		"          [--no-start] [--max-ms N] [--quiet]\n",
+		"          [--no-start] [--max-ms N] [--quiet] [--stats-ms N] [--log-relay]\n"
+		"          [--tx-timeout-us N]\n",
 		argv0);
 }
 
 int main(int argc, char **argv)
 {
 	const char *sock = NULL, *rules = NULL, *mode = "normal";
-	uint32_t osc = 0, bitrate = 0, err_poll_us = 0, max_ms = 60000;
+	uint32_t osc = 0, bitrate = 0, err_poll_us = 0, max_ms = 60000, stats_ms = 0;
+	uint32_t tx_timeout_us = 0;
 	bool init_only = false, no_start = false;
 
 	for (int i = 1; i < argc; i++) {
@@ -221,6 +243,14 @@ int main(int argc, char **argv)
 		} else if (strcmp(a, "--max-ms") == 0 && v) {
 			ok = parse_u32(v, 10, 3600000u, &max_ms);
 			i++;
+		} else if (strcmp(a, "--stats-ms") == 0 && v) {
+			ok = parse_u32(v, 10, 3600000u, &stats_ms);
+			i++;
+		} else if (strcmp(a, "--tx-timeout-us") == 0 && v) {
+			ok = parse_u32(v, 10, UINT32_MAX, &tx_timeout_us);
+			i++;
+		} else if (strcmp(a, "--log-relay") == 0) {
+			log_relay = true;
 		} else if (strcmp(a, "--init-only") == 0) {
 			init_only = true;
 		} else if (strcmp(a, "--no-start") == 0) {
@@ -246,6 +276,7 @@ int main(int argc, char **argv)
 	cfg.can.osc_hz = osc;
 	cfg.can.bitrate = bitrate;
 	cfg.can.err_poll_us = err_poll_us;
+	cfg.can.tx_timeout_us = tx_timeout_us;
 	if (strcmp(mode, "normal") == 0)
 		cfg.can.mode = MCP2515_MODE_NORMAL;
 	else if (strcmp(mode, "loopback") == 0)
@@ -295,12 +326,24 @@ int main(int argc, char **argv)
 	size_t fill = 0;
 	bool stdin_open = true, run = true;
 	uint64_t end = hal_now_ns() + (uint64_t)max_ms * 1000000ull;
+	uint64_t stats_ns = (uint64_t)stats_ms * 1000000ull;
+	uint64_t next_stats = hal_now_ns() + stats_ns;
 
 	while (run && hal_hosted_ok() && hal_now_ns() < end) {
 		rc = bridge_poll(&im);
 		if (rc < 0) {
 			printf("POLLERR rc=%d %s\n", rc, mcp2515_strerror(rc));
 			fflush(stdout);
+		}
+		if (stats_ns != 0 && hal_now_ns() >= next_stats) {
+			next_stats += stats_ns;
+			bridge_log_stats(&im); /* into the ring: cheap */
+		}
+		/* the log only when the CAN side has nothing to do, a FIFO's worth */
+		if (logring_pending() > 0 &&
+		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&im))) {
+			(void)hal_hosted_log_drain(UART_CHUNK);
+			continue;
 		}
 		if (stdin_open) {
 			struct pollfd pfd = { .fd = STDIN_FILENO, .events = POLLIN };

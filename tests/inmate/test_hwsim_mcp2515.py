@@ -525,3 +525,67 @@ def test_socket_protocol(tmp_path) -> None:
             time.sleep(0.01)
         assert server.protocol_errors == 2 and server.clients_served == 2
     assert not path.exists()
+
+
+# ---------------------------------------------------------------- bus faults a driver must survive
+
+
+def test_lone_node_stays_error_passive_with_txreq_set() -> None:
+    """No ACK: TEC climbs to 128 and stops there (ISO 11898-1), never bus-off."""
+    chip, spi, sent = setup_chip(inte=m.INT_RX0 | m.INT_ERR)
+    chip.set_no_ack(True)
+    spi.load_txb(0x40, *pack_id(0x100, False), 0)
+    spi.rts()
+    for _ in range(50):  # the chip keeps retrying; nothing changes
+        assert spi.status() & 0x04
+    assert chip.tec == 128 and not chip.bus_off and sent == []
+    eflg = spi.read(m.EFLG)[0]
+    assert eflg & m.EFLG_TXEP and not eflg & m.EFLG_TXBO
+    assert spi.read(0x30)[0] & m.TXB_TXERR
+    # a higher-priority buffer gets its attempts too, and fails the same way
+    spi.write(0x40, 0x03)
+    spi.load_txb(0x42, *pack_id(0x7E8, False), 0)
+    spi.rts(2)
+    assert spi.status() & 0x14 == 0x14 and chip.tec == 128
+    # clearing TXREQ aborts it (ABTF); with an ACK again the other one goes out
+    spi.modify(0x30, m.TXB_TXREQ, 0)
+    assert spi.read(0x30)[0] & m.TXB_ABTF
+    chip.set_no_ack(False)
+    assert [s.arbitration_id for s in sent] == [0x7E8]
+
+
+def test_stalled_id_lets_the_other_buffer_through() -> None:
+    chip, spi, sent = setup_chip()
+    chip.set_stalled_ids({0x123})
+    spi.load_txb(0x40, *pack_id(0x123, False), 0)
+    spi.rts(1)
+    assert spi.status() & 0x04 and spi.read(0x30)[0] & m.TXB_MLOA
+    spi.load_txb(0x42, *pack_id(0x7E8, False), 0)
+    spi.rts(2)
+    assert [s.arbitration_id for s in sent] == [0x7E8]
+    assert spi.status() & 0x14 == 0x04  # TXB0 still pending, TXB1 done
+    chip.set_stalled_ids(set())
+    assert [s.arbitration_id for s in sent] == [0x7E8, 0x123]
+
+
+def test_forced_int_low_has_no_flag_behind_it() -> None:
+    chip, spi, _ = setup_chip()
+    chip.force_int_low(True)
+    assert chip.int_asserted and chip.wait_int(0.0)
+    assert spi.status() & 0x03 == 0
+    chip.force_int_low(False)
+    assert not chip.int_asserted
+
+
+def test_uart_bytes_counted_inside_rx_handling() -> None:
+    chip, spi, _ = setup_chip()
+    chip.uart_write(b"idle\n")
+    chip.receive(std(0x100, b"\x01"))
+    chip.uart_write(b"pending\n")  # a frame waits, the driver has not started
+    spi.read_rxb(0x90)
+    chip.uart_write(b"in rx\n")  # between the RX read and the status read after it
+    spi.status()  # nothing more: handling ends
+    chip.uart_write(b"after\n")
+    assert bytes(chip.uart) == b"idle\npending\nin rx\nafter\n"
+    assert chip.uart_bytes_in_rx == len(b"in rx\n")
+    assert chip.uart_bytes_int_pending == len(b"pending\n")

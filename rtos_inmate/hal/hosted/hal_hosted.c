@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "hal.h"
+#include "logring.h"
 #include "spi_proto.h"
 
 static int sock_fd = -1;
@@ -155,6 +156,7 @@ int hal_hosted_open(const char *socket_path)
 
 void hal_hosted_close(void)
 {
+	hal_hosted_log_flush();
 	if (sock_fd >= 0)
 		close(sock_fd);
 	sock_fd = -1;
@@ -240,6 +242,7 @@ void hal_delay_us(uint32_t us)
 	}
 }
 
+/* Into the RAM ring only: the main loop drains it when idle (logring.h). */
 void hal_log(const char *fmt, ...)
 {
 	va_list ap;
@@ -247,8 +250,33 @@ void hal_log(const char *fmt, ...)
 	if (quiet)
 		return;
 	va_start(ap, fmt);
-	fputs("[inmate] ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
+	logring_vput(fmt, ap);
 	va_end(ap);
+}
+
+size_t hal_hosted_log_drain(size_t max)
+{
+	char buf[SPIP_MAX_XFER];
+
+	if (max > sizeof(buf))
+		max = sizeof(buf);
+	size_t n = logring_take(buf, max);
+
+	if (n == 0)
+		return 0;
+	fwrite(buf, 1, n, stderr);
+	fflush(stderr);
+	/* the simulator is the UART: it notes what the driver was doing meanwhile */
+	(void)exchange(SPIP_OP_UART, (const uint8_t *)buf, n, NULL, 0);
+	return n;
+}
+
+void hal_hosted_log_flush(void)
+{
+	char buf[SPIP_MAX_XFER];
+	size_t n;
+
+	while ((n = logring_take(buf, sizeof(buf))) > 0)
+		fwrite(buf, 1, n, stderr);
+	fflush(stderr);
 }

@@ -7,6 +7,7 @@
 #define RTOS_INMATE_HAL_HOSTED_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* Connect to the simulator's UNIX socket and say HELLO.  0 or -errno. */
@@ -18,6 +19,17 @@ bool hal_hosted_ok(void);
 
 /* Log lines go to stderr unless quiet. */
 void hal_hosted_set_quiet(bool quiet);
+
+/*
+ * hal_log only fills the RAM ring (core/logring.h).  The main loop calls
+ * this when logring_idle() says so: up to max (<= 64) bytes go to stderr
+ * and, as UART output, to the simulator, which counts bytes written while
+ * the driver handles received frames.  Returns the bytes written.
+ */
+size_t hal_hosted_log_drain(size_t max);
+
+/* Everything left, to stderr only (exit paths). */
+void hal_hosted_log_flush(void);
 
 /* SPI bytes this process sent (for cross-checks against the simulator). */
 uint64_t hal_hosted_spi_bytes(void);

@@ -36,6 +36,7 @@
 #include "bridge.h"
 #include "hal.h"
 #include "hal_hosted.h"
+#include "logring.h"
 #include "simlink.h"
 #include "virtio_can.h"
 
@@ -304,6 +305,10 @@ int main(int argc, char **argv)
 		work += vcan_poll(&vc);
 		if (stdin_open)
 			run = read_commands(&stdin_open);
+		/* log lines (hal_log fills a RAM ring) only when the CAN side is idle */
+		if (logring_pending() > 0 &&
+		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&br)))
+			work += (int)(hal_hosted_log_drain(8u) > 0);
 		if (work > 0) {
 			idle_ns = 0;
 			continue;

@@ -18,6 +18,8 @@
  *   INT   0x03  none                       u8 INT pin level (0 = low = asserted)
  *   WAIT  0x04  u32 timeout_us (<= 1 s)    u8 INT pin level, sent as soon as
  *                                          the pin is low or the time is up
+ *   UART  0x05  1..64 bytes of console     none (the simulator records them
+ *               output (the log drain)     and when they were written)
  *
  * The client sends HELLO first and then one request at a time, waiting for
  * its reply.  Anything unexpected (bad op, nonzero byte 1, wrong length,
@@ -36,6 +38,7 @@
 #define SPIP_OP_XFER 0x02u
 #define SPIP_OP_INT 0x03u
 #define SPIP_OP_WAIT 0x04u
+#define SPIP_OP_UART 0x05u
 #define SPIP_REPLY 0x80u
 
 #endif /* RTOS_INMATE_SPI_PROTO_H */

@@ -4,7 +4,9 @@
  *   SPI   BCM2711 SPI0, CE0, mode 0, polled through the 64-byte FIFO
  *   INT   GPIO 25 level from GPLEV0 (active low), busy-polled
  *   time  CNTPCT / CNTFRQ through the inmate library's timer_get_ticks()
- *   log   printk
+ *   log   hal_log into the RAM ring of core/logring.c; hal_rpi4_log_drain
+ *         moves bytes into the console UART's TX FIFO without ever waiting
+ *         on it (printk busy-waits per character: 87 us at 115200 baud)
  *
  * Built only inside a Jailhouse tree (make jailhouse JAILHOUSE_DIR=...).
  * <inmate.h> must come first: it typedefs its own bool, which <stdbool.h>
@@ -17,14 +19,21 @@
 #include "bcm2711.h"
 #include "hal.h"
 #include "hal_rpi4.h"
+#include "logring.h"
 #include "util.h"
 
-#define LOG_LINE 160u
 #define SPI_TIMEOUT_MIN_NS 1000000ull /* 1 ms on top of the wire time */
 #define SPI_MAX_LOOPS 10000000u       /* second bound, should the timer stall */
 
+/* 8250-style console (the Pi 4's mini UART, 32-bit register spacing) */
+#define UART_REG_THR 0x00u
+#define UART_REG_LSR 0x14u
+#define UART_LSR_THRE 0x20u /* the TX FIFO takes at least one more byte */
+
 static void *gpio;
 static void *spi0;
+static void *uart;
+static bool lf_due; /* a CR went out, its LF has not */
 static uint64_t tick_hz;
 static uint32_t sclk_hz;
 
@@ -48,10 +57,15 @@ int hal_rpi4_init(const struct hal_rpi4_config *cfg, uint32_t *actual_hz)
 {
 	uint32_t cdiv;
 
-	if (cfg == NULL || cfg->spi_hz == 0 || cfg->spi_hz > 10000000u || cfg->core_hz == 0)
+	if (cfg == NULL || cfg->spi_hz == 0 || cfg->spi_hz > 10000000u || cfg->core_hz == 0 ||
+	    cfg->core_hz_max < cfg->core_hz)
 		return -1;
-	/* smallest even divider that does not exceed the wanted clock */
-	cdiv = (cfg->core_hz + cfg->spi_hz - 1u) / cfg->spi_hz;
+	/*
+	 * Smallest even divider that keeps SCLK <= spi_hz even at the highest
+	 * core clock: SPI0 divides the VPU clock, which the firmware may raise
+	 * (core_freq) or lower (down to 200 MHz without core_freq_min).
+	 */
+	cdiv = (cfg->core_hz_max + cfg->spi_hz - 1u) / cfg->spi_hz;
 	if (cdiv & 1u)
 		cdiv++;
 	if (cdiv < SPI_CDIV_MIN)
@@ -174,13 +188,57 @@ bool hal_int_wait(uint64_t timeout_ns)
 	return hal_int_asserted();
 }
 
+/* Into the RAM ring only: main.c drains it when the CAN side is idle. */
 void hal_log(const char *fmt, ...)
 {
-	char line[LOG_LINE];
 	va_list ap;
 
 	va_start(ap, fmt);
-	util_vsnprintf(line, sizeof(line), fmt, ap);
+	logring_vput(fmt, ap);
 	va_end(ap);
-	printk("%s\n", line);
+}
+
+void hal_rpi4_log_init(void)
+{
+	/*
+	 * The console the hypervisor gave the cell (the root's rpi4 config:
+	 * 8250 type, MMIO, 4-byte register distance at 0xfe215040).  Anything
+	 * else: the drain falls back to printk, one byte per call.
+	 */
+	if (comm_region->console.address == 0 ||
+	    comm_region->console.type != JAILHOUSE_CON_TYPE_8250 ||
+	    !(comm_region->console.flags & JAILHOUSE_CON_REGDIST_4))
+		return;
+	uart = (void *)(uintptr_t)comm_region->console.address;
+	map_range(uart, 0x1000, MAP_UNCACHED);
+}
+
+size_t hal_rpi4_log_drain(size_t max)
+{
+	size_t n = 0;
+	char c;
+
+	if (uart == NULL) {
+		if (max > 0 && logring_take(&c, 1) == 1) {
+			printk("%c", c);
+			return 1;
+		}
+		return 0;
+	}
+	while (n < max && (mmio_read32(reg(uart, UART_REG_LSR)) & UART_LSR_THRE)) {
+		if (lf_due) {
+			c = '\n';
+			lf_due = false;
+		} else {
+			if (logring_take(&c, 1) != 1)
+				break;
+			if (c == '\n') {
+				c = '\r'; /* CR LF; the LF takes the next free FIFO slot */
+				lf_due = true;
+			}
+		}
+		mmio_write32(reg(uart, UART_REG_THR), (uint32_t)(unsigned char)c);
+		n++;
+	}
+	return n;
 }

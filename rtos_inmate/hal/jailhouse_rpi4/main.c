@@ -10,13 +10,20 @@
  *                     8000000, 12000000 or 16000000)
  *   can-bitrate=BPS   default 500000
  *   can-mode=N        0 normal (default), 1 loopback, 2 listen-only
- *   spi-hz=HZ         SPI clock, default 10000000 (MCP2515 maximum)
- *   core-hz=HZ        VPU core clock feeding SPI0, default 500000000
- *                     (needs core_freq_min=500 in config.txt)
+ *   spi-hz=HZ         highest SPI clock allowed, default 8000000 (the MCP2515
+ *                     takes 10 MHz at most: 20 % margin)
+ *   core-hz=HZ        VPU core clock feeding SPI0 in operation, default
+ *                     500000000 (core_freq_min=500 in config.txt pins it)
+ *   core-max-hz=HZ    the highest the core clock may ever run, default
+ *                     550000000 (the Pi 4's core_freq with 4Kp60 HDMI); the
+ *                     divider is computed for it, so SCLK stays <= spi-hz
+ *                     whatever the firmware does with the core clock
  *   pinmux=0|1        mux GPIO 8-11 to SPI0 / GPIO 25 to input here, default 1
  *   err-poll-us=US    housekeeping poll interval, default 10000
  *   rules=TEXT        fast-reply rules, ';'-separated, see core/fastreply.h
- *   stats-s=S         print statistics every S seconds, 0 = never (default 10)
+ *   stats-s=S         log statistics every S seconds, 0 = never (default 0);
+ *                     every log line goes into a RAM ring that is written
+ *                     to the UART only while the CAN side is idle
  *   virtio=0|1        attach the virtio-can driver to the ivshmem device with
  *                     protocol 0x8024, default 1; without it (or without the
  *                     device) frames no rule answers are counted and dropped
@@ -42,6 +49,7 @@
 #include "hal.h"
 #include "hal_rpi4.h"
 #include "ivshmem_rpi4.h"
+#include "logring.h"
 #include "shared_layout.h"
 #include "util.h"
 #include "virtio_can.h"
@@ -126,16 +134,14 @@ static bool cmdline_fits(void)
 
 /* ---- bridge hooks ------------------------------------------------------ */
 
-/* Relay hook while the virtio-can driver is not attached. */
+/*
+ * Relay hook while the virtio-can driver is not attached.  Runs inside the
+ * RX path: it only counts (the stats line reports the count), never logs.
+ */
 static void relay_dropped(void *ctx, const struct can_msg *m)
 {
 	(void)ctx;
-	/* rate-limited: the first 16 frames, then every 1024th */
-	if (relayed_unhandled < 16u || (relayed_unhandled & 1023u) == 0u)
-		hal_log("relay (no virtio-can, dropped #%u): id=%x ext=%u rtr=%u len=%u",
-			(unsigned int)(relayed_unhandled + 1u), (unsigned int)m->id,
-			(unsigned int)((m->flags & CAN_MSG_F_EXT) != 0u),
-			(unsigned int)((m->flags & CAN_MSG_F_RTR) != 0u), (unsigned int)m->len);
+	(void)m;
 	relayed_unhandled++;
 }
 
@@ -257,7 +263,7 @@ static void log_virtio_stats(void)
 
 void inmate_main(void)
 {
-	long long osc, bitrate, mode, spi_hz, core_hz, err_poll_us, stats_s;
+	long long osc, bitrate, mode, spi_hz, core_hz, core_hz_max, err_poll_us, stats_s;
 	long long restart, txq, rxq, timeout_ms;
 	bool pinmux, virtio;
 
@@ -270,10 +276,11 @@ void inmate_main(void)
 	if (!param_int("mcp-osc", 0, 0, 25000000, &osc) ||
 	    !param_int("can-bitrate", 500000, 5000, 1000000, &bitrate) ||
 	    !param_int("can-mode", 0, 0, 2, &mode) ||
-	    !param_int("spi-hz", 10000000, 1, 10000000, &spi_hz) ||
+	    !param_int("spi-hz", 8000000, 1, 10000000, &spi_hz) ||
 	    !param_int("core-hz", 500000000, 1000000, 1000000000, &core_hz) ||
+	    !param_int("core-max-hz", 550000000, 1000000, 1000000000, &core_hz_max) ||
 	    !param_int("err-poll-us", 0, 0, 1000000, &err_poll_us) ||
-	    !param_int("stats-s", 10, 0, 86400, &stats_s) ||
+	    !param_int("stats-s", 0, 0, 86400, &stats_s) ||
 	    !param_int("restart-ms", 100, 0, 600000, &restart) ||
 	    !param_int("txq", 0, 0, VQ_MAX_SIZE, &txq) ||
 	    !param_int("rxq", 0, 0, VQ_MAX_SIZE, &rxq) ||
@@ -298,8 +305,13 @@ void inmate_main(void)
 	}
 	restart_ms = (uint32_t)restart;
 
+	if (core_hz_max < core_hz) {
+		printk("mcp2515-can: core-max-hz=%lld is below core-hz=%lld\n", core_hz_max, core_hz);
+		return;
+	}
 	const struct hal_rpi4_config hcfg = {
-		.spi_hz = (uint32_t)spi_hz, .core_hz = (uint32_t)core_hz, .pinmux = pinmux,
+		.spi_hz = (uint32_t)spi_hz, .core_hz = (uint32_t)core_hz,
+		.core_hz_max = (uint32_t)core_hz_max, .pinmux = pinmux,
 	};
 	uint32_t sclk = 0;
 
@@ -307,7 +319,13 @@ void inmate_main(void)
 		printk("mcp2515-can: SPI clock set-up impossible\n");
 		return;
 	}
-	hal_log("spi0: SCLK %u Hz (core %u Hz)", (unsigned int)sclk, (unsigned int)core_hz);
+	hal_rpi4_log_init();
+	/* the fast-reply budget at this clock: 9 SCLK per byte (the BCM2711 idles one) */
+	hal_log("spi0: SCLK %u Hz at core %u Hz (<= %u Hz at core %u Hz); fast reply "
+		"26 B = %u us, 31 B = %u us", (unsigned int)sclk, (unsigned int)core_hz,
+		(unsigned int)((uint64_t)sclk * (uint64_t)core_hz_max / (uint64_t)core_hz),
+		(unsigned int)core_hz_max, (unsigned int)(26u * 9u * 1000000ull / sclk),
+		(unsigned int)(31u * 9u * 1000000ull / sclk));
 
 	struct bridge_config cfg;
 
@@ -367,6 +385,10 @@ void inmate_main(void)
 			(void)vcan_poll(&vc);
 		else
 			restart_local();
+		/* the log only when the CAN side is idle, a UART FIFO's worth at most */
+		if (logring_pending() > 0 &&
+		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&br)))
+			(void)hal_rpi4_log_drain(8u);
 		if (stats_ns != 0 && hal_now_ns() >= next_stats) {
 			next_stats += stats_ns;
 			bridge_log_stats(&br);
