@@ -105,7 +105,9 @@ def floor_p50(ctx: Context, lang: str, mode: str) -> float | None:
 
 
 def stable(before: float | None, after: float | None) -> bool:
-    return bool(before and after) and 1 / DRIFT <= after / before <= DRIFT  # type: ignore[operator]
+    if not before or not after:
+        return False
+    return 1 / DRIFT <= after / before <= DRIFT
 
 
 ATTEMPTS = 3

@@ -433,6 +433,7 @@ class HubThread:
     def __init__(self, socket_path: str, geometry: Geometry, **options: object) -> None:
         import threading
 
+        # options: Hub's keyword arguments, passed through unchecked
         self.hub = Hub(socket_path, geometry, **options)  # type: ignore[arg-type]
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -494,7 +495,8 @@ async def run_hub(socket_path: str, geometry: Geometry, stop: asyncio.Event,
         except (asyncio.CancelledError, Exception):  # noqa: BLE001
             pass
     hub.close()
-    if task in done and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+    exc = task.exception() if task in done else None
+    if exc is not None:
+        raise exc
     log.info("hub stopped", socket=socket_path)
     return 0
