@@ -55,6 +55,8 @@ def _suites() -> dict[str, Suite]:
         Suite("rss", blk.run_rss, "backend RSS serving 4 devices, flat over many requests"),
         Suite("can", can.run_can, "virtio-can frames/s one way and round trip", ("pingpong",)),
         Suite("inmate", inmate.run_inmate, "the RTOS inmate's fast reply (SPI bytes, time)"),
+        Suite("console", __import__("benchmarks.console").console.run_console,
+              "virtio-console output MB/s and keystroke echo vs a bare pty, same run"),
     ]
     return {s.name: s for s in table}
 

@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -250,7 +251,8 @@ async def connect_console(link: str, timeout: float, **kw: object) -> ConsoleDri
 async def run_console_client(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Join the cell side of a console to stdin (its output) and stdout (its input).
 
-    Ends on SIGTERM/SIGINT, or when stdin ends (after the device took everything). On a
+    Ends on SIGTERM/SIGINT, or when stdin ends (after the device took everything; not with
+    ``--echo``). On a
     terminal stdin is raw and Ctrl-] ends the session, as in telnet.
     """
     if args.timeout <= 0:
@@ -283,12 +285,17 @@ async def run_console_client(args: argparse.Namespace, stop: asyncio.Event) -> i
             data = os.read(in_fd, TX_CHUNK)
         except OSError:
             data = b""
+        handle(data)
+
+    def handle(data: bytes) -> None:
         if saved is not None and b"\x1d" in data:  # Ctrl-]
             data = data[:data.index(b"\x1d")]
             done.set()
         if not data:
-            loop.remove_reader(in_fd)
-            done.set()
+            with contextlib.suppress(Exception):
+                loop.remove_reader(in_fd)
+            if not args.echo:  # a loopback cell lives on without input of its own
+                done.set()
         if data:
             pending.append(data)
             wake.set()
@@ -300,7 +307,20 @@ async def run_console_client(args: argparse.Namespace, stop: asyncio.Event) -> i
             while pending:
                 await drv.write(pending.pop(0))
 
-    loop.add_reader(in_fd, readable)
+    def read_thread() -> None:  # a file or /dev/null: epoll refuses them, read blocking
+        while True:
+            try:
+                data = os.read(in_fd, TX_CHUNK)
+            except OSError:
+                data = b""
+            loop.call_soon_threadsafe(handle, data)
+            if not data:
+                return
+
+    try:
+        loop.add_reader(in_fd, readable)
+    except PermissionError:
+        threading.Thread(target=read_thread, daemon=True, name="console-stdin").start()
     task = asyncio.create_task(sender())
     stopper = asyncio.create_task(stop.wait())
     ender = asyncio.create_task(done.wait())
