@@ -1,0 +1,62 @@
+"""Which blk data path runs: the compiled one (``_fastpath``, built from ``vqblk.c``) or Python.
+
+The compiled module is optional (setup.py builds it with ``optional=True``): where no C compiler
+or Python headers exist the package still installs and runs the pure-Python path, which is the
+reference the compiled one is tested against. ``IVSHMEM_VIRTIO_PURE=1`` forces the pure path
+(CI runs the data-path tests both ways). The choice is made once per process, at first use,
+and logged then, once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import structlog
+
+PURE_ENV = "IVSHMEM_VIRTIO_PURE"
+
+log = structlog.get_logger("ivshmem_virtio.native")
+
+_chosen: tuple[ModuleType | None, str] | None = None
+_logged = False
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get(PURE_ENV, "").strip() not in ("", "0"):
+        return None, f"pure Python ({PURE_ENV} is set)"
+    try:
+        mod = importlib.import_module("ivshmem_virtio._native._fastpath")
+    except ImportError as e:
+        return None, f"pure Python (compiled data path not built: {e})"
+    return mod, "compiled"
+
+
+def data_path() -> str:
+    """``compiled`` or ``pure Python (why)``: for ``--version`` and the bench's machine block."""
+    global _chosen
+    if _chosen is None:
+        _chosen = _load()
+    return _chosen[1]
+
+
+def native() -> ModuleType | None:
+    """The compiled module, or None for the pure path; the first call logs which one runs."""
+    global _logged
+    path = data_path()
+    assert _chosen is not None
+    if not _logged:
+        _logged = True
+        if _chosen[0] is None:
+            log.info("blk data path", path=path)
+        else:
+            log.debug("blk data path", path=path)
+    return _chosen[0]
+
+
+def reset_for_tests() -> None:
+    """Forget the choice (tests switch ``IVSHMEM_VIRTIO_PURE`` within one process)."""
+    global _chosen, _logged
+    _chosen = None
+    _logged = False

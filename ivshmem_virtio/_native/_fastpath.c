@@ -1,0 +1,188 @@
+/* CPython binding of the compiled blk data path (vqblk.c). One BlkQueue per enabled queue,
+ * holding the section's buffer for as long as the DeviceQueue it mirrors. The queue indices
+ * stay the Python DeviceQueue's: they are passed in and returned, so both paths can serve
+ * the same ring one after the other. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "vqblk.h"
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int have_view;
+    struct vq q;
+    struct blk b;
+} BlkQueue;
+
+static void BlkQueue_dealloc(BlkQueue *self)
+{
+    if (self->have_view)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int area_ok(uint64_t mem, uint64_t off, uint64_t len, uint64_t align)
+{
+    return off % align == 0 && off <= mem && len <= mem - off;
+}
+
+static int BlkQueue_init(BlkQueue *self, PyObject *args, PyObject *kwds)
+{
+    static char *kw[] = {"buf", "size", "desc", "avail", "used", "indirect", "fd",
+                         "read_only", "capacity", "max_data", NULL};
+    PyObject *buf;
+    unsigned int size;
+    unsigned long long desc, avail, used, capacity, max_data;
+    int indirect, fd, read_only;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OIKKKpipKK", kw, &buf, &size, &desc, &avail,
+                                     &used, &indirect, &fd, &read_only, &capacity, &max_data))
+        return -1;
+    if (self->have_view) {
+        PyBuffer_Release(&self->view);
+        self->have_view = 0;
+    }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    self->have_view = 1;
+    self->q.mem = self->view.buf;
+    self->q.mem_size = (uint64_t)self->view.len;
+    /* checked again here (DeviceQueue checked them first): this object trusts them per request */
+    if (size == 0 || (size & (size - 1)) || size > VQ_MAX_QUEUE_SIZE
+        || !area_ok(self->q.mem_size, desc, 16ull * size, 16)
+        || !area_ok(self->q.mem_size, avail, 6ull + 2ull * size, 2)
+        || !area_ok(self->q.mem_size, used, 6ull + 8ull * size, 4) || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "queue geometry outside the section");
+        return -1;
+    }
+    self->q.desc = desc;
+    self->q.avail = avail;
+    self->q.used = used;
+    self->q.size = size;
+    self->q.indirect = indirect;
+    self->b.fd = fd;
+    self->b.read_only = read_only;
+    self->b.capacity = capacity;
+    self->b.max_data = max_data;
+    return 0;
+}
+
+static int ready(BlkQueue *self)
+{
+    if (!self->have_view) {
+        PyErr_SetString(PyExc_ValueError, "BlkQueue released");
+        return 0;
+    }
+    return 1;
+}
+
+/* serve(last_avail, next_used, limit) -> (served, last_avail, next_used, stop, read_count,
+ * read_bytes, write_count, write_bytes, io_fails); the GIL is released while it runs. */
+static PyObject *BlkQueue_serve(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long last, used, limit;
+    uint16_t l16, u16;
+    struct blk_counters cnt = {0};
+    unsigned served;
+    int stop;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "serve(last_avail, next_used, limit)");
+        return NULL;
+    }
+    last = PyLong_AsUnsignedLong(args[0]);
+    used = PyLong_AsUnsignedLong(args[1]);
+    limit = PyLong_AsUnsignedLong(args[2]);
+    if (PyErr_Occurred() || !ready(self))
+        return NULL;
+    if (last > 0xFFFF || used > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "ring index out of range");
+        return NULL;
+    }
+    l16 = (uint16_t)last;
+    u16 = (uint16_t)used;
+    if (limit > 0xFFFFu)
+        limit = 0xFFFFu;
+    Py_BEGIN_ALLOW_THREADS
+    served = blk_serve(&self->q, &self->b, &l16, &u16, (unsigned)limit, &cnt, &stop);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(IHHiKKKKK)", served, l16, u16, stop,
+                         (unsigned long long)cnt.read_count, (unsigned long long)cnt.read_bytes,
+                         (unsigned long long)cnt.write_count, (unsigned long long)cnt.write_bytes,
+                         (unsigned long long)cnt.io_fails);
+}
+
+/* publish(next_used, signalled_used, event_idx) -> bool: DeviceQueue.publish's work */
+static PyObject *BlkQueue_publish(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long nu, su;
+    int ev;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "publish(next_used, signalled_used, event_idx)");
+        return NULL;
+    }
+    nu = PyLong_AsUnsignedLong(args[0]);
+    su = PyLong_AsUnsignedLong(args[1]);
+    ev = PyObject_IsTrue(args[2]);
+    if (PyErr_Occurred() || ev < 0 || !ready(self))
+        return NULL;
+    if (nu > 0xFFFF || su > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "ring index out of range");
+        return NULL;
+    }
+    return PyBool_FromLong(vq_publish(&self->q, (uint16_t)nu, (uint16_t)su, ev));
+}
+
+static PyObject *BlkQueue_release(BlkQueue *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->have_view) {
+        PyBuffer_Release(&self->view);
+        self->have_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef BlkQueue_methods[] = {
+    {"serve", (PyCFunction)(void (*)(void))BlkQueue_serve, METH_FASTCALL,
+     "Serve the usual reads and writes; stop at the first other chain."},
+    {"publish", (PyCFunction)(void (*)(void))BlkQueue_publish, METH_FASTCALL,
+     "Store used->idx and decide on the interrupt."},
+    {"release", (PyCFunction)BlkQueue_release, METH_NOARGS, "Let the section's buffer go."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BlkQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ivshmem_virtio._native._fastpath.BlkQueue",
+    .tp_basicsize = sizeof(BlkQueue),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled blk data path over one enabled queue.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)BlkQueue_init,
+    .tp_dealloc = (destructor)BlkQueue_dealloc,
+    .tp_methods = BlkQueue_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastpath", "Compiled virtio-blk data path (vqblk.c).", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&BlkQueueType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&BlkQueueType);
+    if (PyModule_AddObject(m, "BlkQueue", (PyObject *)&BlkQueueType) < 0) {
+        Py_DECREF(&BlkQueueType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

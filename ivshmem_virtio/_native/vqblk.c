@@ -1,0 +1,264 @@
+/* Compiled virtio-blk data path: see vqblk.h. Every rule here mirrors the Python reference
+ * (DeviceQueue._walk/_indirect_table, BlkModel.handle/_rw_now, DeviceQueue.push/publish); the
+ * tests run the same cases through both and compare every effect. */
+#define _GNU_SOURCE
+#include "vqblk.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+#define T_IN 0u
+#define T_OUT 1u
+#define S_OK 0u
+#define S_IOERR 1u
+
+/* The peer writes the section at any time. Each value is copied into a local with memcpy and
+ * a compiler barrier follows, so the compiler can never fetch a field a second time from
+ * shared memory after it was checked (a double fetch): what is validated is what is used. */
+#define COPIED() __asm__ __volatile__("" ::: "memory")
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+    return le16toh(v);
+}
+
+static inline void st16(uint8_t *p, uint16_t v)
+{
+    v = htole16(v);
+    memcpy(p, &v, sizeof v);
+}
+
+static inline void st32(uint8_t *p, uint32_t v)
+{
+    v = htole32(v);
+    memcpy(p, &v, sizeof v);
+}
+
+struct desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+};
+
+static inline struct desc ld_desc(const uint8_t *p)
+{
+    unsigned char raw[16];
+    struct desc d;
+    memcpy(raw, p, sizeof raw);
+    COPIED();
+    memcpy(&d.addr, raw, 8);
+    memcpy(&d.len, raw + 8, 4);
+    memcpy(&d.flags, raw + 12, 2);
+    memcpy(&d.next, raw + 14, 2);
+    d.addr = le64toh(d.addr);
+    d.len = le32toh(d.len);
+    d.flags = le16toh(d.flags);
+    d.next = le16toh(d.next);
+    return d;
+}
+
+/* [off, off + len) inside the section, without overflow (Region.contains). */
+static inline int inside(const struct vq *q, uint64_t off, uint64_t len)
+{
+    return off <= q->mem_size && len <= q->mem_size - off;
+}
+
+int vq_walk(const struct vq *q, uint16_t head, struct vq_chain *c)
+{
+    struct desc table[VQ_MAX_INDIRECT];
+    int in_table = 0;
+    uint32_t count = q->size, budget = q->size; /* a chain never holds more than its table */
+    uint32_t index = head;
+
+    c->head = head;
+    c->nr = c->nw = 0;
+    c->error = 0;
+    for (;;) {
+        struct desc d;
+        if (budget == 0)
+            return VQ_PYTHON; /* loops or is longer than the table: RingError */
+        budget--;
+        if (!in_table) {
+            if (index >= q->size) /* (head checked by the caller, next below) */
+                return VQ_PYTHON;
+            d = ld_desc(q->mem + q->desc + 16u * (uint64_t)index);
+        } else {
+            d = table[index]; /* index < count, checked below */
+        }
+        if (d.flags & F_INDIRECT) {
+            uint32_t n;
+            if (in_table || !q->indirect || (d.flags & F_NEXT))
+                return VQ_PYTHON; /* nested, not negotiated, NEXT set: RingError */
+            if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_QUEUE_SIZE)
+                return VQ_PYTHON; /* RingError */
+            if (d.addr % 16 || !inside(q, d.addr, d.len))
+                return VQ_PYTHON; /* RingError */
+            n = d.len / 16;
+            if (n > VQ_MAX_INDIRECT)
+                return VQ_PYTHON; /* valid, but more than this code keeps */
+            /* the whole table is copied before any entry is looked at (as the Python walk
+             * unpacks it at once) */
+            for (uint32_t i = 0; i < n; i++)
+                table[i] = ld_desc(q->mem + d.addr + 16u * i);
+            in_table = 1;
+            count = budget = n;
+            index = 0;
+            continue;
+        }
+        if (d.flags & F_WRITE) {
+            if (c->nw == VQ_MAX_SEGS)
+                return VQ_PYTHON;
+            c->w[c->nw].addr = d.addr;
+            c->w[c->nw].len = d.len;
+            c->nw++;
+        } else {
+            if (c->nw)
+                c->error = 1; /* readable after writable */
+            if (c->nr == VQ_MAX_SEGS)
+                return VQ_PYTHON;
+            c->r[c->nr].addr = d.addr;
+            c->r[c->nr].len = d.len;
+            c->nr++;
+        }
+        if (!inside(q, d.addr, d.len))
+            c->error = 1;
+        if (!(d.flags & F_NEXT))
+            return VQ_OK;
+        if (d.next >= count)
+            return VQ_PYTHON; /* RingError */
+        index = d.next;
+    }
+}
+
+/* BlkModel.handle's fast-path test: the usual read or write, three descriptors, all inside.
+ * Fills the request's fields and returns 1, or 0 for anything the Python model must decide. */
+static int blk_usual(const struct vq *q, const struct blk *b, const struct vq_chain *c,
+                     uint32_t *type, uint64_t *sector, struct vq_seg *data, uint64_t *status)
+{
+    unsigned char hdr[16];
+    uint32_t t;
+    uint64_t s, n;
+    const struct vq_seg *d;
+
+    if (c->error || c->nr + c->nw != 3 || !c->nr || !c->nw || c->r[0].len != 16
+        || c->w[c->nw - 1].len != 1)
+        return 0;
+    memcpy(hdr, q->mem + c->r[0].addr, sizeof hdr); /* inside: the walk found no error */
+    COPIED();
+    memcpy(&t, hdr, 4);
+    memcpy(&s, hdr + 8, 8);
+    t = le32toh(t);
+    s = le64toh(s);
+    if (t == T_IN)
+        d = c->nw == 2 ? &c->w[0] : NULL;
+    else if (t == T_OUT && !b->read_only)
+        d = c->nr == 2 ? &c->r[1] : NULL;
+    else
+        d = NULL;
+    if (!d)
+        return 0;
+    n = d->len;
+    if (!(n > 0 && n <= b->max_data && !(n & 511) && s < b->capacity
+          && s + (n >> 9) <= b->capacity))
+        return 0;
+    *type = t;
+    *sector = s;
+    *data = *d;
+    *status = c->w[c->nw - 1].addr;
+    return 1;
+}
+
+/* BlkModel._rw_now: one preadv/pwritev straight on the section; the used length. */
+static uint32_t blk_rw(const struct vq *q, const struct blk *b, uint32_t type, uint64_t sector,
+                       struct vq_seg data, uint64_t status, struct blk_counters *cnt)
+{
+    struct iovec iov = {.iov_base = q->mem + data.addr, .iov_len = data.len};
+    off_t off = (off_t)(sector << 9);
+    ssize_t done;
+
+    do {
+        done = type == T_IN ? preadv(b->fd, &iov, 1, off) : pwritev(b->fd, &iov, 1, off);
+    } while (done < 0 && errno == EINTR); /* as os.preadv retries (PEP 475) */
+    if (done != (ssize_t)data.len) { /* an error, or short: the image shrank, or full */
+        cnt->io_fails++;
+        q->mem[status] = S_IOERR;
+        return 1;
+    }
+    q->mem[status] = S_OK;
+    if (type == T_IN) {
+        cnt->read_count++;
+        cnt->read_bytes += data.len;
+        return data.len + 1;
+    }
+    cnt->write_count++;
+    cnt->write_bytes += data.len;
+    return 1; /* the device wrote only the status byte */
+}
+
+unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                   uint16_t *next_used, unsigned limit, struct blk_counters *cnt, int *stop)
+{
+    uint16_t last = *last_avail, used = *next_used;
+    uint32_t mask = q->size - 1;
+    unsigned n, served = 0;
+
+    *stop = 0;
+    /* avail->idx read once: the value validated is the one used (DeviceQueue.pop_all) */
+    n = (uint16_t)(ld16(q->mem + q->avail + 2) - last);
+    COPIED();
+    if (n > q->size) {
+        *stop = 1; /* the Python pop_all raises the RingError */
+        return 0;
+    }
+    if (n > limit)
+        n = limit;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* avail->idx before the entries it covers */
+    while (served < n) {
+        struct vq_chain c;
+        struct vq_seg data;
+        uint32_t type, len;
+        uint64_t sector, status;
+        uint16_t head = ld16(q->mem + q->avail + 4 + 2u * (last & mask));
+        COPIED();
+        if (head >= q->size || vq_walk(q, head, &c) != VQ_OK
+            || !blk_usual(q, b, &c, &type, &sector, &data, &status)) {
+            *stop = 1; /* this chain is the Python path's, unconsumed */
+            break;
+        }
+        last++;
+        len = blk_rw(q, b, type, sector, data, status, cnt);
+        {
+            uint8_t *elem = q->mem + q->used + 4 + 8u * (used & mask);
+            st32(elem, head);
+            st32(elem + 4, len);
+        }
+        used++;
+        served++;
+    }
+    *last_avail = last;
+    *next_used = used;
+    return served;
+}
+
+int vq_publish(const struct vq *q, uint16_t next_used, uint16_t signalled_used, int event_idx)
+{
+    if (next_used == signalled_used)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* used elements before used->idx */
+    st16(q->mem + q->used + 2, next_used);
+    /* used->idx before reading the driver's suppression state (Dekker: store -> load) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (event_idx) {
+        uint16_t event = ld16(q->mem + q->avail + 4 + 2u * q->size);
+        COPIED();
+        return (uint16_t)(next_used - event - 1) < (uint16_t)(next_used - signalled_used);
+    }
+    return !(ld16(q->mem + q->avail) & 1u); /* VRING_AVAIL_F_NO_INTERRUPT */
+}

@@ -1,0 +1,73 @@
+/* Compiled virtio-blk data path: device-side split-ring walk and the blk read/write fast path.
+ *
+ * Plain C with no Python in it, so the extension module (_fastpath.c) and the libFuzzer harness
+ * (fuzz_vqblk.c) call the very same functions on shared memory or on a fuzzer's buffer.
+ * The Python modules (ivshmem_virtio/virtqueue/device.py, backend/devices/blk.py) are the
+ * reference: anything this code does not take on (an unusual layout, any error, other request
+ * types) is left untouched for them, so they decide every case that is not the usual one.
+ */
+#ifndef IVSHMEM_VIRTIO_VQBLK_H
+#define IVSHMEM_VIRTIO_VQBLK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define VQ_MAX_QUEUE_SIZE 32768u
+#define VQ_MAX_SEGS 4u       /* longer chains go to the Python walk */
+#define VQ_MAX_INDIRECT 16u  /* larger indirect tables go to the Python walk */
+
+/* One enabled queue over one shared section. The geometry was validated by the Python
+ * DeviceQueue (validate_geometry) before an object of this kind is made; it stays fixed. */
+struct vq {
+    uint8_t *mem;       /* the R/W section */
+    uint64_t mem_size;
+    uint64_t desc, avail, used; /* offsets of the three areas */
+    uint32_t size;      /* power of two, <= VQ_MAX_QUEUE_SIZE */
+    int indirect;       /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
+};
+
+struct vq_seg {
+    uint64_t addr;
+    uint32_t len;
+};
+
+/* A chain as the walk copied it: readable then writable segments, and whether a buffer lies
+ * outside the section or a readable one follows a writable one (Chain.error in Python). */
+struct vq_chain {
+    uint16_t head;
+    unsigned nr, nw;
+    struct vq_seg r[VQ_MAX_SEGS], w[VQ_MAX_SEGS];
+    int error;
+};
+
+enum { VQ_OK = 0, VQ_PYTHON = 1 };
+
+/* Walk the chain at `head` (< size, checked by the caller). VQ_PYTHON when the chain breaks a
+ * ring rule (the Python walk then raises the RingError) or is longer than this code keeps. */
+int vq_walk(const struct vq *q, uint16_t head, struct vq_chain *c);
+
+struct blk {
+    int fd;              /* the image */
+    int read_only;
+    uint64_t capacity;   /* sectors */
+    uint64_t max_data;   /* size_max * seg_max */
+};
+
+struct blk_counters {
+    uint64_t read_count, read_bytes, write_count, write_bytes, io_fails;
+};
+
+/* Serve at most `limit` chains from the avail ring: every one that is the usual
+ * three-descriptor read or write is walked, executed with preadv/pwritev straight on the
+ * section, answered (status byte) and pushed to the used ring (not published). Stops at the
+ * first chain that is anything else, leaving it unconsumed for the Python path, and sets
+ * *stop = 1 then. *last_avail and *next_used are the queue's indices, advanced here. Returns
+ * how many chains were served. */
+unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                   uint16_t *next_used, unsigned limit, struct blk_counters *cnt, int *stop);
+
+/* DeviceQueue.publish: store used->idx = next_used (after a release fence), then a full fence,
+ * then the event-idx (or flags) decision. 1 when the driver wants an interrupt. */
+int vq_publish(const struct vq *q, uint16_t next_used, uint16_t signalled_used, int event_idx);
+
+#endif
