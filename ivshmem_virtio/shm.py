@@ -234,6 +234,11 @@ class Region:
             self.check(off, length)
         return self._mv[off:off + length]
 
+    def buffer(self) -> memoryview:
+        """The whole window as one writable byte view, for the compiled data path
+        (``ivshmem_virtio/_native``), which checks its own bounds against ``len()`` of it."""
+        return self._mv
+
     def u16_array(self, off: int, count: int) -> memoryview:
         """``count`` aligned little-endian u16 (a ring, an index): each item one 16-bit access.
 

@@ -14,6 +14,8 @@ Addresses are byte offsets into the region (virtio-ivshmem.md §3.1). Two kinds 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from ..errors import RingError
 from ..shm import Region, fence, full_fence
 from ..spec import ring as R
@@ -28,6 +30,12 @@ _F_NEXT = R.DESC_F_NEXT
 _F_WRITE = R.DESC_F_WRITE
 _F_INDIRECT = R.DESC_F_INDIRECT
 _Desc = tuple[int, int, int, int]  # addr, len, flags, next: one descriptor, copied out
+
+
+class Accel(Protocol):
+    """What :meth:`DeviceQueue.publish` needs of a compiled companion (``_fastpath.BlkQueue``)."""
+
+    def publish(self, next_used: int, signalled_used: int, event_idx: bool, /) -> bool: ...
 
 
 class Chain:
@@ -95,6 +103,9 @@ class DeviceQueue:
         self.next_used = 0  # used index after the entries pushed so far
         self.signalled_used = 0  # used index the driver was last notified about
         self._mask = size - 1
+        #: a compiled companion over this ring (``ivshmem_virtio._native``), set by a device
+        #: service that has one; it lives and dies with this queue and takes over publish
+        self.accel: Accel | None = None
         # per request only indices are checked (head and next against the table size here,
         # the view's own bounds by memoryview)
         (self._desc_mv, self._avail_ring, self._avail_idx, self._used_mv, self._used_idx,
@@ -217,6 +228,10 @@ class DeviceQueue:
         old = self.signalled_used
         if new == old:
             return False
+        accel = self.accel
+        if accel is not None:  # the same steps in C: store, full fence, event-idx decision
+            self.signalled_used = new
+            return accel.publish(new, old, self.event_idx)
         fence()  # used elements before used->idx
         self._used_idx[0] = new
         full_fence()  # used->idx before reading the driver's suppression state
