@@ -72,22 +72,26 @@ def test_flush_completes_only_after_fdatasync_returned(tmp_path, image_factory, 
 
     async def body() -> None:
         async with blk_stack(str(tmp_path / "g.sock"), image, service=service) as s:
-            await s.client.write(0, data)
-            flush = asyncio.ensure_future(s.client.flush())
-            await _first(flush, gate)
-            assert gate.entered.is_set(), ("FLUSH completed without fdatasync" if flush.done()
-                                           else "FLUSH neither synced nor completed")
-            # the loop keeps running (other requests are served meanwhile): a FLUSH that does
-            # not wait for the sync would complete here
-            assert (await s.client.read(0, 4096)) == data[:4096]
-            for _ in range(20):
-                await asyncio.sleep(0.005)
-            assert not flush.done(), "FLUSH completed while fdatasync had not returned"
-            assert not gate.returned.is_set()
-            gate.release.set()
-            await asyncio.wait_for(flush, 10)
-            assert gate.returned.is_set()
-            assert gate.fds and set(gate.fds) == {service.image.fd}
+            try:
+                await s.client.write(0, data)
+                flush = asyncio.ensure_future(s.client.flush())
+                await _first(flush, gate)
+                assert gate.entered.is_set(), ("FLUSH completed without fdatasync"
+                                               if flush.done() else "FLUSH neither synced nor "
+                                               "completed")
+                # the loop keeps running (other requests are served meanwhile): a FLUSH that
+                # does not wait for the sync would complete here
+                assert (await s.client.read(0, 4096)) == data[:4096]
+                for _ in range(20):
+                    await asyncio.sleep(0.005)
+                assert not flush.done(), "FLUSH completed while fdatasync had not returned"
+                assert not gate.returned.is_set()
+                gate.release.set()
+                await asyncio.wait_for(flush, 10)
+                assert gate.returned.is_set()
+                assert gate.fds and set(gate.fds) == {service.image.fd}
+            finally:
+                gate.release.set()  # the stack's close syncs too: never hold it
 
     try:
         run(body(), timeout=60)

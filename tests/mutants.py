@@ -1,0 +1,201 @@
+"""Mutation check: remove each protection in turn and require a test to fail by an assertion.
+
+A protection nobody would miss is one a refactoring can drop silently (issue 13 found the
+FLUSH's fdatasync, the device model's read-only check and the DISCARD range check removable with
+the whole suite green). This script copies the source tree to a temporary directory, plants one
+protection's removal at a time by exact text replacement, runs the few tests that guard it
+(with a per-mutant time limit) and reports each mutant as
+
+* killed: a selected test failed on an assertion (AssertionError, ``pytest.raises`` that did not
+  raise or matched the wrong message);
+* SURVIVED: the tests passed, failed only otherwise (an IndexError, an import error) or hung
+  into the time limit.
+
+It exits non-zero unless every mutant is killed, and fails loudly when a pattern no longer
+occurs exactly once in the file it patches (the code changed: update the pattern). Run by
+``tests/test_mutants.py``; by hand: ``.venv/bin/python tests/mutants.py [NAME...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ("ivshmem_virtio", "backend", "frontend", "tests", "pyproject.toml")
+LIMIT = 45.0  # seconds per mutant (the tests kill in a few; a hang is a survivor)
+TEST_TIMEOUT = 20  # pytest-timeout per test inside a mutant run
+
+REGION = "tests/test_ring_protections.py::test_region_refuses_every_access_outside"
+LOOPS = ["tests/test_ring_protections.py::test_chain_that_loops_is_a_ring_error",
+         "tests/test_ring_protections.py::test_loop_inside_an_indirect_table_is_a_ring_error"]
+AVAIL = "tests/test_ring_protections.py::test_avail_index_jump_is_a_ring_error"
+USED = "tests/test_ring_protections.py::test_used_index_beyond_what_is_in_flight_is_a_ring_error"
+EDGES = "tests/test_blk_edges.py"
+GATE = "tests/test_durability.py::test_flush_completes_only_after_fdatasync_returned"
+STRACE = "tests/test_durability.py::test_backend_process_syncs_the_image_before_completing_flush"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("region-check", "ivshmem_virtio/shm.py",
+           "        if not (0 <= off and 0 <= length and off + length <= self.size):\n"
+           "            raise MemoryAccessError(\n",
+           "        if False:\n            raise MemoryAccessError(\n", (REGION,)),
+    Mutant("region-view-inline-check", "ivshmem_virtio/shm.py",
+           "        if not (0 <= off and 0 <= length and off + length <= self.size):\n"
+           "            self.check(off, length)\n        return self._mv[off:off + length]\n",
+           "        return self._mv[off:off + length]\n", (REGION,)),
+    Mutant("chain-length-bound", "ivshmem_virtio/virtqueue/device.py",
+           "            if budget <= 0:\n", "            if False:\n", tuple(LOOPS)),
+    Mutant("avail-index-check", "ivshmem_virtio/virtqueue/device.py",
+           "        if n > size:\n            raise RingError(f\"avail index jumped",
+           "        if False:\n            raise RingError(f\"avail index jumped", (AVAIL,)),
+    Mutant("avail-index-check-pending", "ivshmem_virtio/virtqueue/device.py",
+           "        if n > self.size:\n            raise RingError(f\"avail index jumped",
+           "        if False:\n            raise RingError(f\"avail index jumped", (AVAIL,)),
+    Mutant("used-index-check", "ivshmem_virtio/virtqueue/driver.py",
+           "        if n > self.size - len(self._free_idx):\n", "        if False:\n", (USED,)),
+    Mutant("read-only-out", "backend/devices/blk.py",
+           "        if rtype == B.T_OUT:\n            if self.read_only:\n",
+           "        if rtype == B.T_OUT:\n            if False:\n", (EDGES,)),
+    Mutant("read-only-out-fast-path", "backend/devices/blk.py",
+           "            elif rtype == _T_OUT and not self.read_only:\n",
+           "            elif rtype == _T_OUT:\n", (EDGES,)),
+    Mutant("read-only-discard-write-zeroes", "backend/devices/blk.py",
+           "        if rtype in (B.T_DISCARD, B.T_WRITE_ZEROES):\n            if self.read_only:\n",
+           "        if rtype in (B.T_DISCARD, B.T_WRITE_ZEROES):\n            if False:\n",
+           (EDGES,)),
+    Mutant("discard-write-zeroes-range", "backend/devices/blk.py",
+           "            if count > self.max_discard_sectors or sector >= self.capacity \\\n"
+           "                    or sector + count > self.capacity:\n",
+           "            if False:\n", (EDGES,)),
+    Mutant("discard-write-zeroes-flags", "backend/devices/blk.py",
+           "            if flags & ~B.DWZ_F_UNMAP or (req.type == B.T_DISCARD and flags & "
+           "B.DWZ_F_UNMAP):\n",
+           "            if False:\n", (EDGES,)),
+    Mutant("seg-max", "backend/devices/blk.py",
+           "        if len(data) > self.seg_max:", "        if False:", (EDGES,)),
+    Mutant("short-read", "backend/devices/blk.py",
+           "                if got != req.data_len:\n",
+           "                if False:\n", (EDGES,)),
+    Mutant("short-write-fast-path", "backend/devices/blk.py",
+           "                if done != n:\n                    raise OSError(28",
+           "                if False:\n                    raise OSError(28", (EDGES,)),
+    Mutant("flush-without-fdatasync", "backend/resources/image.py",
+           "        os.fdatasync(self.fd)\n", "        pass\n", (EDGES, GATE, STRACE)),
+    Mutant("flush-not-called", "backend/devices/blk.py",
+           "                image.flush()\n", "                pass\n", (EDGES, GATE)),
+    Mutant("flush-completes-before-fdatasync", "backend/resources/image.py",
+           "        os.fdatasync(self.fd)\n",
+           "        __import__('threading').Thread(target=os.fdatasync, args=(self.fd,)).start()\n",
+           (GATE,)),
+    Mutant("image-lock", "backend/resources/image.py",
+           "        fcntl.fcntl(fd, F_OFD_SETLK, flock)\n", "        pass\n",
+           ("tests/test_image_lock.py::test_writer_excludes_everyone",)),
+]
+
+# what a failure by assertion looks like in pytest's short summary (-rf)
+_ASSERTION = re.compile(r"^FAILED .+? - (AssertionError|Failed: DID NOT RAISE|assert )", re.M)
+
+
+def copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "fuzz", ".hypothesis")
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dst / name)
+
+
+def pytest_run(tree: Path, tests: tuple[str, ...], limit: float) -> tuple[str, str]:
+    """('passed'|'failed'|'timeout', output) of the tests in ``tree``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["COLUMNS"] = "1000"  # the short summary keeps each failure's reason
+    argv = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
+            "-o", "addopts=", f"--timeout={TEST_TIMEOUT}", *tests]
+    try:
+        r = subprocess.run(argv, cwd=tree, env=env, capture_output=True, timeout=limit)
+    except subprocess.TimeoutExpired as e:  # subprocess.run ended the pytest it started
+        out = (e.stdout or b"").decode(errors="replace")
+        return "timeout", out
+    out = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
+    return ("passed" if r.returncode == 0 else "failed"), out
+
+
+def plant(tree: Path, m: Mutant) -> str:
+    """Apply ``m`` in ``tree``; returns the original text to restore."""
+    f = tree / m.path
+    text = f.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(f"mutant {m.name}: the pattern occurs {count} times in {m.path} "
+                         f"(expected exactly once): the code changed, update tests/mutants.py\n"
+                         f"pattern:\n{m.old}")
+    f.write_text(text.replace(m.old, m.new))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="only these mutants (default: all)")
+    ap.add_argument("--limit", type=float, default=LIMIT, help="seconds per mutant")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if not chosen:
+        raise SystemExit(f"no mutant named {args.names}; known: {[m.name for m in MUTANTS]}")
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        for m in chosen:  # every pattern checked before anything runs
+            (tree / m.path).write_text(plant(tree, m))
+        everything = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        state, out = pytest_run(tree, everything, 2 * args.limit)
+        if state != "passed":
+            print(out[-4000:])
+            print(f"baseline: the selected tests do not pass unmutated ({state})")
+            return 1
+        survivors = []
+        for m in chosen:
+            original = plant(tree, m)
+            t0 = time.monotonic()
+            try:
+                state, out = pytest_run(tree, m.tests, args.limit)
+            finally:
+                (tree / m.path).write_text(original)
+            took = time.monotonic() - t0
+            if state == "failed" and _ASSERTION.search(out):
+                print(f"killed    {m.name:36s} {took:5.1f} s")
+                continue
+            why = {"passed": "tests passed", "timeout": f"hung past {args.limit:.0f} s",
+                   "failed": "failed, but not by an assertion"}[state]
+            print(f"SURVIVED  {m.name:36s} {took:5.1f} s  ({why})")
+            print("\n".join("    " + ln for ln in out[-2500:].splitlines()))
+            survivors.append(m.name)
+    print(f"{len(chosen) - len(survivors)}/{len(chosen)} mutants killed in "
+          f"{time.monotonic() - start:.0f} s")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
