@@ -118,6 +118,15 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         "" if m is None else f"over {m.params['seconds']} s after 2,000 QD1 reads; the idle "
         f"frontend used {m.extra['frontend_cpu_percent']} %", ["idle"], m))
     out += _fairness(ctx)
+    a, b = g("console.output"), g("console.pty-output")
+    out.append(_target(
+        "console output MB/s / a bare pty's", _ratio(_mbs(a), _mbs(b)), None, None, "fraction",
+        f"{a and round(a.mb_per_s or 0, 1)} / {b and round(b.mb_per_s or 0, 1)} MB/s; reported, "
+        "no goal (issue 18)", ["console"], a, b))
+    a, b = g("console.echo"), g("console.pty-echo")
+    out.append(_target(
+        "console keystroke echo p50 / a bare pty's", _ratio(_p50(a), _p50(b)), None, None, "x",
+        f"{_p50(a)} us / {_p50(b)} us; reported, no goal (issue 18)", ["console"], a, b))
 
     spin, efd = "baseline.pingpong.py.spin", "baseline.pingpong.c.eventfd"
     out.append(_bracket_ratio(
