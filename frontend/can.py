@@ -36,7 +36,14 @@ from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.log import RateLimiter
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec import virtio as V
-from ivshmem_virtio.spec.can import CanFrame, CanFrameError, decode_frame, encode_frame
+from ivshmem_virtio.spec.can import (
+    CanErrorFrame,
+    CanFrame,
+    CanFrameError,
+    decode_error_frame,
+    decode_frame,
+    encode_frame,
+)
 from ivshmem_virtio.virtqueue.driver import Buffers, DriverQueue
 
 from .driver import VirtioDriver
@@ -50,6 +57,14 @@ class Received:
 
     frame: CanFrame
     length: int
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedError:
+    """An error frame the device delivered (project extension, F_IVV_ERROR_STATE)."""
+
+    frame: CanErrorFrame
     timestamp: float
 
 
@@ -104,6 +119,7 @@ class CanDriverMetrics:
     rx_invalid: int = 0  # RX buffers with an impossible length, bad frame or unnegotiated type
     config_events: int = 0
     bus_off_events: int = 0
+    error_frames: int = 0  # error frames delivered (extension, F_IVV_ERROR_STATE)
 
 
 class CanDriver(VirtioDriver):
@@ -116,9 +132,14 @@ class CanDriver(VirtioDriver):
                  rtr: bool = True, late_tx_ack: bool = True, event_idx: bool = True,
                  rx_buffer_size: int | None = None, rx_buffers: int | None = None,
                  auto_start: bool = True, on_frame: Callable[[Received], None] | None = None,
+                 errors: bool = False,
+                 on_error: Callable[[ReceivedError], None] | None = None,
                  **kw: object) -> None:
+        # ``errors``: negotiate the project's error-state extension (bit 22): the controller's
+        # error-warning/passive in ``status`` and error frames, which plain virtio-can lacks.
         wanted = ((wire.F_CAN_CLASSIC if classic else 0) | (wire.F_CAN_FD if fd else 0)
                   | (wire.F_RTR_FRAMES if rtr else 0)
+                  | (wire.F_IVV_ERROR_STATE if errors else 0)
                   | (wire.F_LATE_TX_ACK if late_tx_ack else 0)
                   | (V.bit(V.F_EVENT_IDX) if event_idx else 0))
         # before the base class assigns ``vqs`` (a property taking it, see there)
@@ -137,10 +158,16 @@ class CanDriver(VirtioDriver):
         self.rx_buffers = rx_buffers
         self.auto_start = auto_start
         self.on_frame = on_frame
+        self.on_error = on_error
         self.rx: asyncio.Queue[Received] = asyncio.Queue()
+        #: error frames, when ``on_error`` is None (extension, F_IVV_ERROR_STATE)
+        self.errors: asyncio.Queue[ReceivedError] = asyncio.Queue()
         self.metrics = CanDriverMetrics()
         self.status = 0
         self.bus_off = False
+        #: the controller's error state from ``status`` (extension; False without it)
+        self.error_warning = False
+        self.error_passive = False
         self.controller_started = False
         self.attached = asyncio.Event()
         self.config_changed = asyncio.Event()
@@ -201,6 +228,7 @@ class CanDriver(VirtioDriver):
     def _fill_rings(self) -> None:
         self.status = self._read_status()
         self.bus_off = bool(self.status & wire.VIRTIO_CAN_S_CTRL_BUSOFF)
+        self._error_bits()
         self.controller_started = False
         self.attached.clear()
         vq = self.vqs[wire.RXQ]
@@ -561,6 +589,14 @@ class CanDriver(VirtioDriver):
             self.metrics.rx_empty += 1
         elif not wire.FRAME_HEADER_SIZE <= length <= buf.size:
             self.metrics.rx_invalid += 1
+        elif self.has(wire.F_IVV_ERROR_STATE) and (err := decode_error_frame(
+                self.transport.hdr.read(buf.addr, length))) is not None:
+            self.metrics.error_frames += 1
+            e = ReceivedError(err, time.time())
+            if self.on_error is not None:
+                self.on_error(e)
+            else:
+                self.errors.put_nowait(e)
         else:
             try:
                 frame = decode_frame(self.transport.hdr.read(buf.addr, length), wire.VIRTIO_CAN_RX)
@@ -620,6 +656,13 @@ class CanDriver(VirtioDriver):
             self.controller_started = False  # the device stopped the controller
             log.warning("bus-off", link=self.dev.name)
         self.bus_off = busoff
+        self._error_bits()
+
+    def _error_bits(self) -> None:
+        """Error-warning/passive from ``status``: only meaningful with the extension."""
+        ext = self.has(wire.F_IVV_ERROR_STATE)
+        self.error_passive = ext and bool(self.status & wire.VIRTIO_CAN_S_IVV_ERROR_PASSIVE)
+        self.error_warning = ext and bool(self.status & wire.VIRTIO_CAN_S_IVV_ERROR_WARNING)
 
     def on_config_change(self) -> None:
         self.metrics.config_events += 1

@@ -51,11 +51,12 @@ from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec.can import (
     CanFrameError,
     encode_frame,
+    error_frame_to_message,
     frame_from_message,
     frame_to_message,
 )
 
-from .can import CanDriver, Received
+from .can import CanDriver, Received, ReceivedError
 
 
 class IvshmemCanBus(BusABC):
@@ -118,7 +119,8 @@ class IvshmemCanBus(BusABC):
         dev = open_link(self.channel, backend=False,
                         protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=self._timeout)
         driver = CanDriver(dev, fd=True if fd is None else fd, late_tx_ack=late_tx_ack,
-                           on_frame=self._on_frame, mode=self._mode, timeout=self._timeout)
+                           on_frame=self._on_frame, errors=True, on_error=self._on_error,
+                           mode=self._mode, timeout=self._timeout)
         try:
             await driver.start(self._timeout)
         except BaseException:
@@ -139,6 +141,11 @@ class IvshmemCanBus(BusABC):
     def _on_frame(self, r: Received) -> None:
         """Driver thread: queue the frame, then make the eventfd readable."""
         self._enqueue(frame_to_message(r.frame, timestamp=r.timestamp, channel=self.channel))
+
+    def _on_error(self, r: ReceivedError) -> None:
+        """Driver thread: an error frame (extension) is queued as python-can's socketcan does."""
+        self._enqueue(error_frame_to_message(r.frame, timestamp=r.timestamp,
+                                             channel=self.channel))
 
     def _enqueue(self, msg: can.Message) -> None:
         self._rxq.append(msg)
@@ -230,9 +237,14 @@ class IvshmemCanBus(BusABC):
 
     @property
     def state(self) -> BusState:
+        """ERROR when stopped or bus-off; PASSIVE when the controller is error-passive (the
+        project's error-state extension, as python-can's kvaser interface maps it); else
+        ACTIVE (error-warning is still active in python-can's three states)."""
         driver = self._driver
         if driver is None or driver.bus_off or not driver.controller_started:
             return BusState.ERROR
+        if driver.error_passive:
+            return BusState.PASSIVE
         return BusState.ACTIVE
 
     @state.setter

@@ -626,3 +626,64 @@ def test_bus_off_report_extension_needs_its_feature():
     assert ext.set_features(w.F_CAN_CLASSIC | w.F_IVV_BUSOFF_REPORT)
     assert ext.handle_control(req) == w.VIRTIO_CAN_RESULT_OK
     assert ext.bus_off_reports == 1
+
+
+def test_error_report_extension_needs_its_feature_and_a_whole_body() -> None:
+    """Project extension 0x02F1 (bit 22): error-warning/passive and RX overflow from a driver.
+
+    Without the bit (or with a short body, or a state beyond passive) it is NOT_OK and nothing
+    is recorded; with it the report is kept for the runner, and the status word of a link that
+    negotiated the bit shows the state, as a config status a Linux driver can read.
+    """
+    rep = wire.ErrorReport(wire.CAN_STATE_ERROR_PASSIVE, wire.CAN_ERR_CRTL_TX_PASSIVE, 130, 5, 2)
+    body = rep.encode()
+    assert len(body) == 8 and body[:2] == struct.pack("<H", 0x02F1)
+    plain = CanLinkModel(wire.F_ALL)
+    assert plain.set_features(CLASSIC_ONLY)
+    assert plain.handle_control(body) == NOT_OK and plain.error_reports == []
+    assert not plain.set_error_state(wire.CAN_STATE_ERROR_PASSIVE) and plain.status == 0
+    ext = CanLinkModel(wire.F_ALL)
+    assert ext.set_features(CLASSIC_ONLY | wire.F_IVV_ERROR_STATE)
+    assert ext.handle_control(body[:6]) == NOT_OK
+    assert ext.handle_control(body[:2] + bytes([3]) + body[3:]) == NOT_OK  # bus-off: own request
+    assert ext.handle_control(body) == OK
+    assert ext.error_reports == [rep] and ext.metrics.error_reports == 1
+    assert ext.set_error_state(rep.state)
+    assert ext.status == wire.VIRTIO_CAN_S_IVV_ERROR_PASSIVE
+    assert ext.set_error_state(wire.CAN_STATE_ERROR_WARNING)
+    assert ext.status == wire.VIRTIO_CAN_S_IVV_ERROR_WARNING
+    assert ext.set_error_state(wire.CAN_STATE_ERROR_ACTIVE) and ext.status == 0
+
+
+def test_error_frame_codec_matches_socketcan() -> None:
+    """The RX error frame carries SocketCAN's class bits and data bytes, as mcp251x sets them."""
+    rep = wire.ErrorReport(wire.CAN_STATE_ERROR_PASSIVE,
+                           wire.CAN_ERR_CRTL_RX_PASSIVE | wire.CAN_ERR_CRTL_RX_OVERFLOW, 0, 140, 1)
+    frame = wire.CanErrorFrame.from_report(rep)
+    raw_rx = wire.encode_error_frame(frame)
+    assert len(raw_rx) == 24
+    assert struct.unpack_from("<I", raw_rx, 8)[0] == wire.VIRTIO_CAN_FLAGS_IVV_ERROR
+    assert wire.decode_error_frame(raw_rx) == frame
+    # an ordinary decoder refuses it (undefined flag): a link without bit 22 never sees one
+    with pytest.raises(CanFrameError):
+        wire.decode_frame(raw_rx, wire.VIRTIO_CAN_RX)
+    assert wire.decode_error_frame(wire.encode_frame(CanFrame.data_frame(4, bytes(8)))) is None
+    msg = wire.error_frame_to_message(frame)
+    assert msg.is_error_frame and msg.arbitration_id == wire.CAN_ERR_CRTL | wire.CAN_ERR_CNT
+    assert msg.data[1] == 0x11 and msg.data[7] == 140
+
+
+def test_error_frame_only_for_negotiating_started_links() -> None:
+    """rx_encode_error: nothing for a link without bit 22; counted drop when stopped."""
+    frame = wire.CanErrorFrame(wire.CAN_ERR_CRTL, bytes(8))
+    plain = CanLinkModel(wire.F_ALL)
+    assert plain.set_features(CLASSIC_ONLY)
+    plain.handle_control(START)
+    assert plain.rx_encode_error(frame, 24) is None
+    ext = CanLinkModel(wire.F_ALL)
+    assert ext.set_features(CLASSIC_ONLY | wire.F_IVV_ERROR_STATE)
+    assert ext.rx_encode_error(frame, 24) is None and ext.metrics.rx_dropped_stopped == 1
+    ext.handle_control(START)
+    assert ext.rx_encode_error(frame, 23) is None
+    assert ext.rx_encode_error(frame, 24) == wire.encode_error_frame(frame)
+    assert ext.metrics.error_frames == 1

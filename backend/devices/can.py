@@ -90,6 +90,8 @@ class CanLinkMetrics:
     rx_dropped_unsupported: int = 0  # frame type not negotiated (§8.3)
     rx_dropped_small_buffer: int = 0  # RX buffer shorter than the frame (§8.2)
     bus_off_count: int = 0  # bus-off events
+    error_reports: int = 0  # error-state reports this link's driver sent (extension)
+    error_frames: int = 0  # error frames written into this link's RX buffers (extension)
 
     def as_dict(self) -> dict[str, int]:
         """Stable keys for structlog events and metrics export."""
@@ -117,6 +119,8 @@ class CanLinkModel:
         self._offered = offered_features
         self._negotiated = 0
         self.bus_off_reports = 0  # driver-side controller bus-offs reported (extension)
+        #: Error reports received and not yet taken by the runner (extension, bit 22).
+        self.error_reports: list[wire.ErrorReport] = []
         self._state = ControllerState.STOPPED
         self._status = 0
         self.metrics = CanLinkMetrics()
@@ -200,6 +204,12 @@ class CanLinkModel:
                 self._negotiated & wire.F_IVV_BUSOFF_REPORT:
             self.bus_off_reports += 1  # the runner turns it into the switch-wide bus-off flow
             return wire.VIRTIO_CAN_RESULT_OK
+        if msg_type == wire.VIRTIO_CAN_IVV_ERROR_REPORT and self._has(wire.F_IVV_ERROR_STATE):
+            report = wire.ErrorReport.decode(request)
+            if report is not None:
+                self.metrics.error_reports += 1
+                self.error_reports.append(report)  # the runner shows it to the other links
+                return wire.VIRTIO_CAN_RESULT_OK
         self.metrics.control_fails += 1
         return wire.VIRTIO_CAN_RESULT_NOT_OK
 
@@ -215,6 +225,37 @@ class CanLinkModel:
         if newly:
             self.metrics.bus_off_count += 1
         return BusOffEffects(notify_config=newly, fail_pending_tx=was_started)
+
+    @property
+    def error_state_ext(self) -> bool:
+        """Whether this link negotiated the error-state extension (bit 22)."""
+        return self._has(wire.F_IVV_ERROR_STATE)
+
+    def set_error_state(self, state: int) -> bool:
+        """Show the switch's error state in ``status`` (only with bit 22); True if it changed."""
+        if not self.error_state_ext:
+            return False
+        bits = (wire.VIRTIO_CAN_S_IVV_ERROR_PASSIVE if state == wire.CAN_STATE_ERROR_PASSIVE
+                else wire.VIRTIO_CAN_S_IVV_ERROR_WARNING if state == wire.CAN_STATE_ERROR_WARNING
+                else 0)
+        mask = wire.VIRTIO_CAN_S_IVV_ERROR_PASSIVE | wire.VIRTIO_CAN_S_IVV_ERROR_WARNING
+        new = (self._status & ~mask) | bits
+        changed = new != self._status
+        self._status = new
+        return changed
+
+    def rx_encode_error(self, frame: wire.CanErrorFrame, buffer_len: int) -> bytes | None:
+        """RX bytes of an error frame, or None (not negotiated, stopped, buffer too small)."""
+        if not self.error_state_ext:
+            return None
+        if not self.started:
+            self._drop("rx_dropped_stopped")
+            return None
+        if buffer_len < wire.FRAME_HEADER_SIZE + wire.CAN_ERR_DLC:
+            self._drop("rx_dropped_small_buffer")
+            return None
+        self.metrics.error_frames += 1
+        return wire.encode_error_frame(frame)
 
     # --- frame types ----------------------------------------------------------------------
     def supports(self, frame: CanFrame) -> bool:

@@ -329,6 +329,25 @@ class CanLinkService:
             vq.push(chain.head, len(data))  # exactly 16 + length bytes (§8.1)
         self._rx_dirty = True
 
+    def deliver_error(self, frame: wire.CanErrorFrame) -> None:
+        """Write an error frame into the next RX buffer (extension; call :meth:`flush_rx`)."""
+        if not self.model.error_state_ext or not self.model.started:
+            return
+        chain = self._next_rx_buffer()
+        if chain is None:
+            self.metrics.rx_dropped_no_buffer += 1
+            self.model.metrics.rx_dropped += 1
+            return
+        vq = self._rx_vq
+        assert vq is not None
+        data = self.model.rx_encode_error(frame, chain.writable_len)
+        if data is None:
+            vq.push(chain.head, 0)
+        else:
+            _scatter(vq.mem, chain.writable, data)
+            vq.push(chain.head, len(data))
+        self._rx_dirty = True
+
     def flush_rx(self) -> None:
         """Publish the RX buffers filled since the last flush and notify the driver once."""
         if not self._rx_dirty:
@@ -356,7 +375,13 @@ class CanLinkService:
             status = self.model.status
             reports = self.model.bus_off_reports
             result = self.model.handle_control(
-                _gather(mem, chain.readable, wire.CONTROL_REQUEST.size))
+                _gather(mem, chain.readable, wire.ERROR_REPORT_SIZE))
+            if self.model.error_reports:
+                reports, self.model.error_reports = self.model.error_reports, []
+                self._answer(vq, chain.head, result_addr, result)
+                for report in reports:
+                    self.backend.controller_error(self, report)
+                continue
             if self.model.bus_off_reports != reports:
                 # answer first, so the reporting driver is not left waiting behind the flow
                 self._answer(vq, chain.head, result_addr, result)
@@ -374,6 +399,11 @@ class CanLinkService:
         """Show the model's status word in the config space (with a config-change event)."""
         if self.runner is not None:
             self.runner.transport.update_config(self.model.config_bytes())
+
+    def show_error_state(self, state: int) -> None:
+        """The switch's error state changed: status bits, config-change notification."""
+        if self.model.set_error_state(state):
+            self.push_config()
 
     def bus_off(self) -> None:
         effects = self.model.bus_off()
@@ -415,6 +445,13 @@ class CanBackend:
         self.switch = CanSwitch(has_bus=bridge is not None)
         self.links: dict[str, CanLinkService] = {}
         self.bus_off_count = 0
+        #: The controller error state last reported by a link's driver (extension, bit 22):
+        #: Linux's enum can_state, 0 active, 1 warning, 2 passive.
+        self.error_state = wire.CAN_STATE_ERROR_ACTIVE
+        #: Counted as Linux's can_stats / net stats count them for mcp251x.
+        self.error_warning_count = 0
+        self.error_passive_count = 0
+        self.rx_overflow_count = 0
         self._touched: dict[str, CanLinkService] = {}  # links with deliveries not yet flushed
 
     def add_link(self, link_id: str) -> CanLinkService:
@@ -503,3 +540,30 @@ class CanBackend:
         log.warning("bus-off", reason=reason, links=len(self.links))
         for service in list(self.links.values()):
             service.bus_off()
+
+    def controller_error(self, source: CanLinkService, report: wire.ErrorReport) -> None:
+        """A link's driver reported its controller's error state or an RX overflow.
+
+        virtio-can only knows bus-off, so this is the project's extension (bit 22): the state
+        goes into the status word of every link that negotiated it, and every OTHER such link
+        (no own echo, §8.7) gets the error frame Linux's mcp251x would have produced.
+        """
+        old = self.error_state
+        if report.state != old:
+            if old == wire.CAN_STATE_ERROR_ACTIVE and report.state >= wire.CAN_STATE_ERROR_WARNING:
+                self.error_warning_count += 1
+            if report.state == wire.CAN_STATE_ERROR_PASSIVE:
+                self.error_passive_count += 1
+            self.error_state = report.state
+        self.rx_overflow_count += report.rx_overflows
+        log.warning("controller error state", link=source.link_id, state=report.state,
+                    crtl=report.crtl, txerr=report.txerr, rxerr=report.rxerr,
+                    rx_overflows=report.rx_overflows)
+        frame = wire.CanErrorFrame.from_report(report)
+        touched = self._touched
+        for service in list(self.links.values()):
+            service.show_error_state(report.state)
+            if service is not source and service.model.error_state_ext:
+                service.deliver_error(frame)
+                touched[service.link_id] = service
+        self.flush_rx()

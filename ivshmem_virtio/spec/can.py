@@ -43,9 +43,17 @@ F_LATE_TX_ACK: Final = 1 << VIRTIO_CAN_F_LATE_TX_ACK
 #: far from any bit the OASIS spec may assign next.
 VIRTIO_CAN_F_IVV_BUSOFF_REPORT: Final = 23
 F_IVV_BUSOFF_REPORT: Final = 1 << VIRTIO_CAN_F_IVV_BUSOFF_REPORT
+#: Project extension (docs/protocol.md, virtio-can decisions): the controller's error state beyond
+#: bus-off, which virtio-can has no way to carry. A driver with its own controller behind it (the
+#: RTOS inmate) reports error-warning / error-passive / RX overflow with the control request
+#: VIRTIO_CAN_IVV_ERROR_REPORT; the device shows the state in the config status
+#: (VIRTIO_CAN_S_IVV_ERROR_*) and delivers SocketCAN-style error frames (VIRTIO_CAN_FLAGS_IVV_ERROR)
+#: to every other link that negotiated the bit. Bit 22: next to bit 23, far from the spec's 0-3.
+VIRTIO_CAN_F_IVV_ERROR_STATE: Final = 22
+F_IVV_ERROR_STATE: Final = 1 << VIRTIO_CAN_F_IVV_ERROR_STATE
 #: Every device-specific feature this module knows.
 F_ALL: Final = (F_CAN_CLASSIC | F_CAN_FD | F_RTR_FRAMES | F_LATE_TX_ACK
-                | F_IVV_BUSOFF_REPORT)
+                | F_IVV_BUSOFF_REPORT | F_IVV_ERROR_STATE)
 #: virtio reserves bits 0..23 for device-specific features; transport bits sit above.
 DEVICE_FEATURE_MASK: Final = (1 << 24) - 1
 
@@ -57,6 +65,9 @@ VIRTIO_CAN_SET_CTRL_MODE_STOP: Final = 0x0202
 #: Project extension, only with F_IVV_BUSOFF_REPORT: "the controller behind this driver is
 #: bus-off"; the device runs its bus-off flow for the whole switch.
 VIRTIO_CAN_IVV_BUSOFF_REPORT: Final = 0x02F0
+#: Project extension, only with F_IVV_ERROR_STATE: the controller behind this driver changed its
+#: error state or lost frames (RX overflow); the body is :data:`ERROR_REPORT`.
+VIRTIO_CAN_IVV_ERROR_REPORT: Final = 0x02F1
 
 # --- Frame flags ----------------------------------------------------------------------------
 VIRTIO_CAN_FLAGS_EXTENDED: Final = 0x8000
@@ -67,6 +78,12 @@ VIRTIO_CAN_FLAGS_KNOWN: Final = (
     VIRTIO_CAN_FLAGS_EXTENDED | VIRTIO_CAN_FLAGS_FD | VIRTIO_CAN_FLAGS_RTR
 )
 
+#: Project extension, only to a link that negotiated F_IVV_ERROR_STATE: an error frame. ``can_id``
+#: is a SocketCAN error class (CAN_ERR_*), ``length`` 8 and the payload SocketCAN's 8 error bytes,
+#: so it maps 1:1 onto a python-can or SocketCAN error frame. The top bit of the le32 ``flags``: far
+#: from the bits the spec assigns (0x2000-0x8000) and may assign next.
+VIRTIO_CAN_FLAGS_IVV_ERROR: Final = 0x80000000
+
 # --- Results --------------------------------------------------------------------------------
 VIRTIO_CAN_RESULT_OK: Final = 0
 #: Any value other than OK counts as NOT_OK for the driver; the device only ever writes 1.
@@ -75,6 +92,10 @@ RESULT_SIZE: Final = 1
 
 # --- Config space ---------------------------------------------------------------------------
 VIRTIO_CAN_S_CTRL_BUSOFF: Final = 1 << 0
+#: Project extension, only with F_IVV_ERROR_STATE: the controller is error-warning (an error
+#: counter >= 96) / error-passive (>= 128). Top bits of ``status``, far from the spec's bit 0.
+VIRTIO_CAN_S_IVV_ERROR_WARNING: Final = 1 << 14
+VIRTIO_CAN_S_IVV_ERROR_PASSIVE: Final = 1 << 15
 #: ``struct virtio_can_config { le16 status; }``
 CONFIG: Final = struct.Struct("<H")
 CONFIG_SIZE: Final = CONFIG.size
@@ -82,6 +103,96 @@ CONFIG_SIZE: Final = CONFIG.size
 # --- Control request ------------------------------------------------------------------------
 #: Control request, driver-readable part: ``le16 msg_type``; a writable ``u8 result`` follows.
 CONTROL_REQUEST: Final = struct.Struct("<H")
+
+# --- Error report (project extension, F_IVV_ERROR_STATE) -----------------------------------
+#: ``le16 msg_type (0x02F1); u8 state; u8 crtl; u8 txerr; u8 rxerr; le16 rx_overflows``, then the
+#: writable ``u8 result``. ``state`` is Linux's ``enum can_state`` (0 active, 1 warning,
+#: 2 passive; bus-off has its own request), ``crtl`` the CAN_ERR_CRTL_* bits of SocketCAN's
+#: ``data[1]`` as Linux's mcp251x would set them, ``txerr``/``rxerr`` the TEC/REC counters and
+#: ``rx_overflows`` the frames lost to RX overflow since the previous report (saturating).
+ERROR_REPORT: Final = struct.Struct("<HBBBBH")
+ERROR_REPORT_SIZE: Final = ERROR_REPORT.size  # 8
+assert ERROR_REPORT_SIZE == 8
+CAN_STATE_ERROR_ACTIVE: Final = 0
+CAN_STATE_ERROR_WARNING: Final = 1
+CAN_STATE_ERROR_PASSIVE: Final = 2
+#: SocketCAN error classes and controller bits (linux/can/error.h), used in error frames.
+CAN_ERR_CRTL: Final = 0x00000004
+CAN_ERR_CNT: Final = 0x00000200
+CAN_ERR_DLC: Final = 8
+CAN_ERR_CRTL_RX_OVERFLOW: Final = 0x01
+CAN_ERR_CRTL_TX_OVERFLOW: Final = 0x02
+CAN_ERR_CRTL_RX_WARNING: Final = 0x04
+CAN_ERR_CRTL_TX_WARNING: Final = 0x08
+CAN_ERR_CRTL_RX_PASSIVE: Final = 0x10
+CAN_ERR_CRTL_TX_PASSIVE: Final = 0x20
+CAN_ERR_CRTL_ACTIVE: Final = 0x40
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """A decoded VIRTIO_CAN_IVV_ERROR_REPORT body: what the controller behind a driver saw."""
+
+    state: int
+    crtl: int
+    txerr: int
+    rxerr: int
+    rx_overflows: int
+
+    @classmethod
+    def decode(cls, buf: bytes | bytearray | memoryview) -> ErrorReport | None:
+        """None when the request is short or names a state that is not active/warning/passive."""
+        if len(buf) < ERROR_REPORT_SIZE:
+            return None
+        _msg, state, crtl, txerr, rxerr, ovr = ERROR_REPORT.unpack_from(buf)
+        if state > CAN_STATE_ERROR_PASSIVE:
+            return None
+        return cls(state, crtl, txerr, rxerr, ovr)
+
+    def encode(self) -> bytes:
+        return ERROR_REPORT.pack(VIRTIO_CAN_IVV_ERROR_REPORT, self.state, self.crtl,
+                                 self.txerr, self.rxerr, self.rx_overflows)
+
+
+@dataclass(frozen=True, slots=True)
+class CanErrorFrame:
+    """A SocketCAN-style error frame: ``can_id`` = CAN_ERR_* classes, 8 data bytes."""
+
+    can_id: int
+    data: bytes
+
+    @classmethod
+    def from_report(cls, report: ErrorReport) -> CanErrorFrame:
+        """The frame mcp251x would emit for this report (controller class, counters)."""
+        data = bytes((0, report.crtl, 0, 0, 0, 0, report.txerr, report.rxerr))
+        return cls(CAN_ERR_CRTL | CAN_ERR_CNT, data)
+
+
+def encode_error_frame(frame: CanErrorFrame) -> bytes:
+    """RX bytes of an error frame: header with VIRTIO_CAN_FLAGS_IVV_ERROR + 8 bytes."""
+    header = FRAME_HEADER.pack(VIRTIO_CAN_RX, CAN_ERR_DLC, 0, 0, 0, VIRTIO_CAN_FLAGS_IVV_ERROR,
+                               frame.can_id)
+    return header + frame.data[:CAN_ERR_DLC].ljust(CAN_ERR_DLC, b"\0")
+
+
+def decode_error_frame(buf: bytes | bytearray | memoryview) -> CanErrorFrame | None:
+    """The error frame in RX bytes, or None when they are not one (then use decode_frame)."""
+    if len(buf) < FRAME_HEADER_SIZE + CAN_ERR_DLC:
+        return None
+    msg_type, length, _d, _p, _x, flags, can_id = FRAME_HEADER.unpack_from(buf)
+    if msg_type != VIRTIO_CAN_RX or flags != VIRTIO_CAN_FLAGS_IVV_ERROR or length != CAN_ERR_DLC:
+        return None
+    return CanErrorFrame(can_id & CAN_EFF_MASK,
+                         bytes(buf[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + CAN_ERR_DLC]))
+
+
+def error_frame_to_message(frame: CanErrorFrame, *, timestamp: float = 0.0,
+                           channel: str | int | None = None) -> can.Message:
+    """A python-can error frame, as python-can's socketcan interface presents one."""
+    return can.Message(timestamp=timestamp, arbitration_id=frame.can_id, is_extended_id=False,
+                       is_error_frame=True, dlc=CAN_ERR_DLC, data=frame.data, channel=channel,
+                       is_rx=True)
+
 
 # --- Frame header ---------------------------------------------------------------------------
 #: msg_type, length, reserved_classic_dlc, padding, reserved_xl_priority, flags, can_id.

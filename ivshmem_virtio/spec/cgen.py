@@ -113,6 +113,21 @@ _CONSTANTS: list[tuple[str, ModuleType, list[tuple[str, str, str]]]] = [
         ("VIRTIO_CAN_SET_CTRL_MODE_START", "IVV_CAN_SET_CTRL_MODE_START", "hex"),
         ("VIRTIO_CAN_SET_CTRL_MODE_STOP", "IVV_CAN_SET_CTRL_MODE_STOP", "hex"),
         ("VIRTIO_CAN_IVV_BUSOFF_REPORT", "IVV_CAN_IVV_BUSOFF_REPORT", "hex"),
+        ("VIRTIO_CAN_F_IVV_ERROR_STATE", "IVV_CAN_F_IVV_ERROR_STATE", "dec"),
+        ("VIRTIO_CAN_IVV_ERROR_REPORT", "IVV_CAN_IVV_ERROR_REPORT", "hex"),
+        ("VIRTIO_CAN_FLAGS_IVV_ERROR", "IVV_CAN_FLAGS_IVV_ERROR", "hex"),
+        ("VIRTIO_CAN_S_IVV_ERROR_WARNING", "IVV_CAN_S_IVV_ERROR_WARNING", "hex"),
+        ("VIRTIO_CAN_S_IVV_ERROR_PASSIVE", "IVV_CAN_S_IVV_ERROR_PASSIVE", "hex"),
+        ("ERROR_REPORT_SIZE", "IVV_CAN_ERROR_REPORT_SIZE", "dec"),
+        ("CAN_STATE_ERROR_ACTIVE", "IVV_CAN_STATE_ERROR_ACTIVE", "dec"),
+        ("CAN_STATE_ERROR_WARNING", "IVV_CAN_STATE_ERROR_WARNING", "dec"),
+        ("CAN_STATE_ERROR_PASSIVE", "IVV_CAN_STATE_ERROR_PASSIVE", "dec"),
+        ("CAN_ERR_CRTL_RX_OVERFLOW", "IVV_CAN_ERR_CRTL_RX_OVERFLOW", "hex"),
+        ("CAN_ERR_CRTL_RX_WARNING", "IVV_CAN_ERR_CRTL_RX_WARNING", "hex"),
+        ("CAN_ERR_CRTL_TX_WARNING", "IVV_CAN_ERR_CRTL_TX_WARNING", "hex"),
+        ("CAN_ERR_CRTL_RX_PASSIVE", "IVV_CAN_ERR_CRTL_RX_PASSIVE", "hex"),
+        ("CAN_ERR_CRTL_TX_PASSIVE", "IVV_CAN_ERR_CRTL_TX_PASSIVE", "hex"),
+        ("CAN_ERR_CRTL_ACTIVE", "IVV_CAN_ERR_CRTL_ACTIVE", "hex"),
         ("VIRTIO_CAN_FLAGS_EXTENDED", "IVV_CAN_FLAGS_EXTENDED", "hex"),
         ("VIRTIO_CAN_FLAGS_FD", "IVV_CAN_FLAGS_FD", "hex"),
         ("VIRTIO_CAN_FLAGS_RTR", "IVV_CAN_FLAGS_RTR", "hex"),
@@ -207,6 +222,8 @@ def structs() -> list[StructDef]:
                                               "can_id"])
     can_cfg = _from_struct(can.CONFIG, ["status"])
     can_ctl = _from_struct(can.CONTROL_REQUEST, ["msg_type"])
+    can_err = _from_struct(can.ERROR_REPORT, ["msg_type", "state", "crtl", "txerr", "rxerr",
+                                              "rx_overflows"])
     regs = [Field(name, "uint32_t", off, 4) for name, off in (
         ("id", ivshmem.REG_ID), ("max_peers", ivshmem.REG_MAX_PEERS),
         ("int_control", ivshmem.REG_INT_CONTROL), ("doorbell", ivshmem.REG_DOORBELL),
@@ -235,6 +252,9 @@ def structs() -> list[StructDef]:
                   can.CONFIG_SIZE),
         StructDef("ivv_virtio_can_control", "virtio-can control request (a u8 result follows "
                   "in its own writable buffer)", tuple(can_ctl), can.CONTROL_REQUEST.size),
+        StructDef("ivv_virtio_can_error_report", "virtio-can error report (project extension, "
+                  "F_IVV_ERROR_STATE; a u8 result follows in its own writable buffer)",
+                  tuple(can_err), can.ERROR_REPORT_SIZE),
     ]
 
 

@@ -121,6 +121,21 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 #define IVV_CAN_SET_CTRL_MODE_START    0x201u
 #define IVV_CAN_SET_CTRL_MODE_STOP     0x202u
 #define IVV_CAN_IVV_BUSOFF_REPORT      0x2F0u
+#define IVV_CAN_F_IVV_ERROR_STATE      22u
+#define IVV_CAN_IVV_ERROR_REPORT       0x2F1u
+#define IVV_CAN_FLAGS_IVV_ERROR        0x80000000u
+#define IVV_CAN_S_IVV_ERROR_WARNING    0x4000u
+#define IVV_CAN_S_IVV_ERROR_PASSIVE    0x8000u
+#define IVV_CAN_ERROR_REPORT_SIZE      8u
+#define IVV_CAN_STATE_ERROR_ACTIVE     0u
+#define IVV_CAN_STATE_ERROR_WARNING    1u
+#define IVV_CAN_STATE_ERROR_PASSIVE    2u
+#define IVV_CAN_ERR_CRTL_RX_OVERFLOW   0x1u
+#define IVV_CAN_ERR_CRTL_RX_WARNING    0x4u
+#define IVV_CAN_ERR_CRTL_TX_WARNING    0x8u
+#define IVV_CAN_ERR_CRTL_RX_PASSIVE    0x10u
+#define IVV_CAN_ERR_CRTL_TX_PASSIVE    0x20u
+#define IVV_CAN_ERR_CRTL_ACTIVE        0x40u
 #define IVV_CAN_FLAGS_EXTENDED         0x8000u
 #define IVV_CAN_FLAGS_FD               0x4000u
 #define IVV_CAN_FLAGS_RTR              0x2000u
@@ -273,5 +288,22 @@ struct ivv_virtio_can_control {
 };
 _Static_assert(offsetof(struct ivv_virtio_can_control, msg_type) == 0, "ivv_virtio_can_control.msg_type");
 _Static_assert(sizeof(struct ivv_virtio_can_control) == 2, "ivv_virtio_can_control size");
+
+/* virtio-can error report (project extension, F_IVV_ERROR_STATE; a u8 result follows in its own writable buffer) */
+struct ivv_virtio_can_error_report {
+	uint16_t msg_type;
+	uint8_t state;
+	uint8_t crtl;
+	uint8_t txerr;
+	uint8_t rxerr;
+	uint16_t rx_overflows;
+};
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, msg_type) == 0, "ivv_virtio_can_error_report.msg_type");
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, state) == 2, "ivv_virtio_can_error_report.state");
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, crtl) == 3, "ivv_virtio_can_error_report.crtl");
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, txerr) == 4, "ivv_virtio_can_error_report.txerr");
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, rxerr) == 5, "ivv_virtio_can_error_report.rxerr");
+_Static_assert(offsetof(struct ivv_virtio_can_error_report, rx_overflows) == 6, "ivv_virtio_can_error_report.rx_overflows");
+_Static_assert(sizeof(struct ivv_virtio_can_error_report) == 8, "ivv_virtio_can_error_report size");
 
 #endif /* RTOS_INMATE_SHARED_LAYOUT_H */

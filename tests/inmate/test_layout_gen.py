@@ -58,6 +58,10 @@ def expected() -> dict[str, int]:
     exp["sizeof ivv_virtio_can_config"] = can.CONFIG_SIZE
     exp["ivv_virtio_can_control.msg_type"] = 0
     exp["sizeof ivv_virtio_can_control"] = can.CONTROL_REQUEST.size
+    err = ["msg_type", "state", "crtl", "txerr", "rxerr", "rx_overflows"]
+    for n, off in _offsets(can.ERROR_REPORT, err).items():
+        exp[f"ivv_virtio_can_error_report.{n}"] = off
+    exp["sizeof ivv_virtio_can_error_report"] = can.ERROR_REPORT_SIZE
     # constants the C code uses by name
     exp["IVV_HDR_CONFIG"] = ivshmem.HDR_CONFIG
     exp["IVV_HDR_WRITE_TRANSACTION"] = ivshmem.HDR_WRITE_TRANSACTION
