@@ -1,0 +1,125 @@
+"""libFuzzer (ASan + UBSan) on the compiled blk data path: ``ivshmem_virtio/_native/vqblk.c``.
+
+The harness (``fuzz_vqblk.c``, next to the source) calls the very functions the extension
+calls (walk, blk parse, preadv/pwritev, used push, publish) on a fuzzer-written ring in a heap
+block of exactly the section's size, with the syscalls replaced by copies that abort when an
+iovec leaves the section. Each run: >= 100,000 inputs from the seed corpus
+(tests/fuzz/corpus/native_blk, valid reads and writes, direct and indirect, made by
+:func:`seeds`), new inputs in a temporary directory. Prints the executions and how many served
+a request. A sanitizer report or a broken invariant fails the test with the input saved.
+Skipped only when clang or its libFuzzer runtime is missing (.ci/apt-packages installs both).
+
+``python tests/fuzz/test_fuzz_native.py`` rewrites the seed corpus.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "ivshmem_virtio" / "_native" / "fuzz_vqblk.c"
+CORPUS = Path(__file__).resolve().parent / "corpus" / "native_blk"
+DICT = HARNESS.with_suffix(".dict")
+RUNS = 100_000
+MIN_DEEP = 0.05
+LINE = re.compile(r"^fuzz_vqblk: (\d+) execs, (\d+) reached 'served'$", re.M)
+
+# the harness's layout (fuzz_vqblk.c): ring areas, tables and headers in the first 0x200 bytes
+DESC, AVAIL, USED, ITABLE, HDRS, STATUS, DATA = 0x0, 0x80, 0xA0, 0x100, 0x1C0, 0x200, 0x400
+SECTION = 0x2000
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+def _seed(kinds: list[str], *, flags: int = 5, limit: int = 8, start: int = 0,
+          at_end: bool = False) -> bytes:
+    """Parameters + overlay for a ring of 8 holding one chain per kind (4 descriptors apart);
+    ``at_end``: data and status buffers end exactly at the end of the section (one bit flip
+    of a length or address away from leaving it)."""
+    mem = bytearray(0x200)
+    for slot, kind in enumerate(kinds):
+        head = 4 * slot % 8
+        rtype = 1 if "write" in kind else 0
+        hdr, status, data = HDRS + 16 * slot, STATUS + slot, DATA + 0x200 * slot
+        if at_end:
+            status, data = SECTION - 1 - slot, SECTION - 0x200 * (slot + 1) - 8
+        struct.pack_into("<IIQ", mem, hdr, rtype, 0, slot)
+        descs = [(hdr, 16, 0), (data, 512, 0 if rtype else WRITE), (status, 1, WRITE)]
+        if kind.startswith("indirect"):
+            table = ITABLE + 0x30 * slot
+            for i, (a, n, f) in enumerate(descs):
+                struct.pack_into("<QIHH", mem, table + 16 * i, a, n, f | (NEXT if i < 2 else 0),
+                                 i + 1)
+            struct.pack_into("<QIHH", mem, DESC + 16 * head, table, 48, INDIRECT, 0)
+        else:
+            for i, (a, n, f) in enumerate(descs):
+                struct.pack_into("<QIHH", mem, DESC + 16 * (head + i), a, n,
+                                 f | (NEXT if i < 2 else 0), head + i + 1)
+        struct.pack_into("<H", mem, AVAIL + 4 + 2 * ((start + slot) % 8), head)
+    struct.pack_into("<H", mem, AVAIL + 2, (start + len(kinds)) & 0xFFFF)
+    struct.pack_into("<H", mem, USED + 2, start)
+    struct.pack_into("<H", mem, AVAIL + 4 + 16, start)  # used_event
+    return bytes([flags, limit, 3]) + bytes(mem)
+
+
+def seeds() -> dict[str, bytes]:
+    return {
+        "read": _seed(["read"]),
+        "write": _seed(["write"]),
+        "read_write": _seed(["read", "write"]),
+        "indirect_read": _seed(["indirect read"]),
+        "indirect_write_ro": _seed(["indirect write"], flags=3),
+        "wrap": _seed(["read", "indirect write"], start=0xFFFF),
+        "no_event_idx": _seed(["write", "read"], flags=1, limit=1),
+        "read_at_end": _seed(["read"], at_end=True),
+        "write_at_end": _seed(["indirect write", "read"], at_end=True),
+    }
+
+
+@pytest.mark.timeout(300)
+def test_compiled_walk_and_blk_parse_fuzz_clean(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("clang") is None:
+        pytest.skip("clang is not installed (see .ci/apt-packages)")
+    exe = tmp_path / "fuzz_vqblk"
+    build = subprocess.run(
+        ["clang", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+         "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all", str(HARNESS),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=120)
+    if build.returncode != 0:
+        if "libclang_rt.fuzzer" in build.stderr or "fsanitize=fuzzer" in build.stderr:
+            pytest.skip("clang's libFuzzer runtime is missing (libclang-rt-14-dev)")
+        pytest.fail(f"the harness does not build:\n{build.stderr[-3000:]}")
+    new = tmp_path / "corpus"
+    new.mkdir()
+    run = subprocess.run(
+        [str(exe), f"-runs={RUNS}", "-seed=1", "-max_len=600", f"-dict={DICT}",
+         "-use_value_profile=1", "-print_final_stats=1",
+         f"-artifact_prefix={tmp_path}/", str(new), str(CORPUS)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    found = LINE.findall(run.stdout)
+    covs = re.findall(r"cov: (\d+) ft: (\d+)", run.stderr)
+    cov = covs[-1] if covs else ("?", "?")
+    assert run.returncode == 0, f"a finding (input saved in {tmp_path}):\n{run.stderr[-4000:]}"
+    assert found, run.stdout + run.stderr[-2000:]
+    execs, deep = (int(x) for x in found[-1])
+    with capsys.disabled():
+        print(f"\nfuzz fuzz_vqblk {execs:>7} execs, {deep:>7} served a request "
+              f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
+              f"{cov[0]} edges / {cov[1]} features")
+    assert execs >= RUNS
+    assert deep >= MIN_DEEP * execs, "too few inputs got a request served"
+
+
+if __name__ == "__main__":
+    CORPUS.mkdir(parents=True, exist_ok=True)
+    for name, data in seeds().items():
+        (CORPUS / name).write_bytes(data)
+    print(f"{len(seeds())} seeds in {CORPUS}", file=sys.stderr)
