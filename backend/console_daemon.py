@@ -19,8 +19,8 @@ from ivshmem_virtio.spec import console as wire
 
 from .daemon import check_runner_options, open_backend_link, serve
 from .devices.console import ConsoleModel
-from .devices.console_host import HostPort, LogPort, PtyPort, SocketPort, StdioPort
 from .devices.console_service import ConsoleRunner, ConsoleService
+from .resources.console_host import HostPort, LogPort, PtyPort, SocketPort, StdioPort
 
 log = structlog.get_logger("ivshmem_virtio.backend")
 

@@ -251,3 +251,18 @@ class LinkRunner:
 
     def notify_config(self) -> None:
         self.transport.update_config(self.service.config())
+
+    def set_passive(self, index: int, passive: bool) -> None:
+        """Make queue ``index`` passive (its new buffers are not work, ask for no kick) or active.
+
+        A service whose need for a queue changes at run time calls this: virtio-console's
+        transmitq while the host side is behind, its receiveq while no input waits. The set is
+        replaced, never mutated, so a loop over it (``_has_work``) never sees it change under it.
+        A queue made active is not served here: the caller pumps it if buffers wait.
+        """
+        current = self._passive
+        if (index in current) != passive:
+            self._passive = current | {index} if passive else current - {index}
+
+    def is_passive(self, index: int) -> bool:
+        return index in self._passive

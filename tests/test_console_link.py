@@ -18,6 +18,7 @@ from frontend.console import ConsoleDriver
 from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.spec import console as wire
+from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.spec import virtio as V
 from tests.conftest import run
 
@@ -229,6 +230,25 @@ def test_hostile_rx_buffer_handed_back_and_recovery(tmp_path: Path) -> None:
             await until(lambda: s.drv.bring_ups > before)
             await s.drv.write(b"back")
             await until(lambda: bytes(s.port.out).endswith(b"back"))
+
+    run(main())
+
+
+def test_only_emerg_wr_is_writable(tmp_path: Path) -> None:
+    """The config-write hook takes emerg_wr; a write to cols is refused, the config shows the
+    device's values again, and both transactions are answered (the driver does not hang)."""
+    async def main() -> None:
+        async with stack(tmp_path) as s:
+            t = s.runner.transport
+            before = t.metrics["transactions"]
+            await s.drv.transport.write(H.HDR_CONFIG + wire.OFF_COLS, 2, 7)
+            assert s.drv.transport.read_config(0, wire.CONFIG_SIZE) == s.service.config()
+            assert s.port.out == b""
+            await s.drv.transport.write(H.HDR_CONFIG + wire.OFF_EMERG_WR, 4, ord("E"))
+            await until(lambda: bytes(s.port.out) == b"E")
+            assert s.drv.transport.read_config(0, wire.CONFIG_SIZE) == s.service.config()
+            assert t.metrics["transactions"] == before + 2
+            assert not t.needs_reset
 
     run(main())
 

@@ -1,5 +1,5 @@
 """virtio-console served to a host side (pty, socket, log, stdio): glue between the runner, the
-pure model (:mod:`backend.devices.console`) and a :class:`~backend.devices.console_host.HostPort`.
+pure model (:mod:`backend.devices.console`) and a :class:`~backend.resources.console_host.HostPort`.
 
 Flow control, both ways, without ever blocking the daemon:
 
@@ -23,6 +23,7 @@ the host side.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -30,11 +31,9 @@ import structlog
 
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.log import RateLimiter
-from ivshmem_virtio.shm import Region, fence
+from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import console as wire
-from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.spec import virtio as V
-from ivshmem_virtio.transport.device import Phase
 from ivshmem_virtio.virtqueue.device import Chain, DeviceQueue
 
 from ..runner import LinkRunner
@@ -43,12 +42,11 @@ from .console import ConsoleModel
 if TYPE_CHECKING:
     from ivshmem_virtio.ivshmem.base import IvshmemDevice
 
-    from .console_host import HostPort
+    from ..resources.console_host import HostPort
 
 log = structlog.get_logger("ivshmem_virtio.backend.console")
 
 RING_FEATURES = V.bit(V.F_EVENT_IDX) | V.bit(V.F_INDIRECT_DESC)
-EMERG_WR = H.HDR_CONFIG + wire.OFF_EMERG_WR
 PUMP_BATCH = 64  # transmitq buffers served per host-side callback before yielding
 
 
@@ -71,37 +69,26 @@ def _scatter(mem: Region, segments: list[tuple[int, int]], data: bytes) -> None:
 
 
 class ConsoleRunner(LinkRunner):
-    """A :class:`LinkRunner` with what a console needs beyond blk and can.
+    """A :class:`LinkRunner` bound to a :class:`ConsoleService` for one life of the link.
 
-    * queues whose passivity changes at run time (:meth:`set_passive`);
-    * the one writable config field, ``emerg_wr``: the transport treats the config as read-only,
-      so its transaction is taken here, before the transport sees it, and cleared at once.
+    Beyond blk and can, a console changes which queues are passive at run time (through
+    :meth:`LinkRunner.set_passive`) and has one writable config field, ``emerg_wr``, taken
+    through the transport's config-write hook: the transaction is answered (and cleared) at
+    once, and the field reads back as the device shows it.
     """
 
     def __init__(self, dev: IvshmemDevice, service: ConsoleService, **kw: object) -> None:
         super().__init__(dev, service, **kw)  # type: ignore[arg-type]
         self.console = service
+        self.transport.config_write = self._config_write
         service.bind(self)
 
-    def set_passive(self, index: int, passive: bool) -> None:
-        current = self._passive
-        if (index in current) != passive:
-            self._passive = current | {index} if passive else current - {index}
-
-    def is_passive(self, index: int) -> bool:
-        return index in self._passive
-
-    def _control(self) -> None:
-        t = self.transport
-        if t.phase is Phase.ACTIVE and t.transaction_pending():
-            hdr = t.hdr
-            if hdr.u32(H.HDR_WRITE_TRANSACTION) == EMERG_WR:
-                self.console.emergency_write(hdr.u32(EMERG_WR))
-                hdr.write(H.HDR_CONFIG, t.config)  # emerg_wr reads back as the device shows it
-                fence()
-                hdr.set_u32(H.HDR_WRITE_TRANSACTION, 0)
-                t.metrics["transactions"] += 1
-        super()._control()
+    def _config_write(self, offset: int, written: bytes) -> bool:
+        if offset != wire.OFF_EMERG_WR:
+            return False  # cols, rows, max_nr_ports: read-only, the transport logs it
+        (value,) = struct.unpack_from("<I", written, wire.OFF_EMERG_WR)
+        self.console.emergency_write(value)
+        return True
 
 
 class ConsoleService:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -92,6 +93,12 @@ class DeviceTransport:
         self._limiter = RateLimiter()
         self.metrics = {"transactions": 0, "resets": 0, "needs_reset_count": 0,
                         "bring_ups": 0, "peer_losses": 0}
+        #: Called for a write transaction into the device config with the offset inside the
+        #: config and the config as the driver left it in the header; True means the device
+        #: took the write (virtio-console's ``emerg_wr``). The config is read-only otherwise:
+        #: a write nobody takes is logged (rate-limited) and, taken or not, the header shows
+        #: the device's config again before the transaction is cleared.
+        self.config_write: Callable[[int, bytes], bool] | None = None
 
     # -- bring-up -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +206,10 @@ class DeviceTransport:
         elif off == H.HDR_DEVICE_STATUS:
             self._status_write(res)
         elif H.HDR_CONFIG <= off < H.HDR_CONFIG + len(self.config):
-            self._note("config write ignored (read-only config)", off, sel)
+            hook = self.config_write
+            written = hdr.read(H.HDR_CONFIG, len(self.config))
+            if hook is None or not hook(off - H.HDR_CONFIG, written):
+                self._note("config write ignored (read-only config)", off, sel)
             hdr.write(H.HDR_CONFIG, self.config)
         else:
             self._note("unknown write_transaction offset", off, sel)

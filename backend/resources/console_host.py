@@ -4,8 +4,11 @@ Each port moves bytes with non-blocking file descriptors on the daemon's event l
 waits: a write the host side cannot take now returns short, and the port calls the console's
 ``host_writable`` once it can take more; input is read only while the console has room for it
 (``pause_input``/``resume_input``), so a cell that never reads holds the host side back
-instead of growing a buffer. (By the project's layout these are host resources; they live beside
-the console service for now.)
+instead of growing a buffer.
+
+A port outlives the links it serves: ``serve`` opens it once per configured device (the pty's
+path, the socket's client stay while the cell is re-created) and closes it only on shutdown or
+when a reload changes the device.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import structlog
 from ivshmem_virtio.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .console_service import ConsoleService
+    from ..devices.console_service import ConsoleService
 
 log = structlog.get_logger("ivshmem_virtio.backend.console")
 
