@@ -21,7 +21,8 @@ from ivshmem_virtio.spec import ivshmem as H
 
 DRIVER = "uio_ivshmem"
 #: The backend protocols this project serves: 0xC000 + virtio device ID.
-BACKEND_PROTOCOLS = {0xC002: "virtio-blk backend", 0xC024: "virtio-can backend"}
+BACKEND_PROTOCOLS = {0xC002: "virtio-blk backend", 0xC003: "virtio-console backend",
+                     0xC024: "virtio-can backend"}
 
 
 class BindError(IvshmemVirtioError):

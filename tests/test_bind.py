@@ -106,7 +106,10 @@ def test_bind_defaults_and_eexist_is_fine(tmp_path, monkeypatch):
     root = make_sysfs(tmp_path, [])
     r = run_cli(["bind", "--sysfs", str(root)], timeout=30)
     assert r.returncode == 0, r.stderr.decode()
-    assert new_ids(root) == [B.new_id_line(0xC002), B.new_id_line(0xC024)]
+    # every backend the project serves: blk, console, can
+    assert new_ids(root) == [B.new_id_line(0xC002), B.new_id_line(0xC003),
+                             B.new_id_line(0xC024)]
+    assert "virtio-console backend" in r.stdout.decode()
 
     def exists(path: Path, text: str) -> None:
         raise FileExistsError(errno.EEXIST, "File exists")
