@@ -18,36 +18,16 @@ from typing import TypeVar
 
 import structlog
 
-from ivshmem_virtio.errors import ConfigError, LinkError, TransportError
-from ivshmem_virtio.link import open_link, parse_link
-from ivshmem_virtio.spec import blk as B
-from ivshmem_virtio.spec import ivshmem as H
+from ivshmem_virtio.errors import ConfigError
 
 from .blk import BlkClient, BlkIOError
+from .driver import connect_driver
 
 log = structlog.get_logger("ivshmem_virtio.frontend")
 
 
 async def connect_blk(link: str, timeout: float, mode: str = "block") -> BlkClient:
-    parse_link(link)
-    try:
-        dev = open_link(link, backend=False, protocol=H.frontend_protocol(B.DEVICE_ID))
-    except LinkError as e:
-        raise ConfigError(f"--link {link}: {e}") from e
-    client = BlkClient(dev, timeout=timeout, mode=mode)
-    if not client.transport.backend_ready():  # say once why we sit there
-        print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",
-              file=sys.stderr, flush=True)
-    try:
-        await client.start(timeout=timeout)
-    except BaseException as e:
-        client.transport.leave()
-        dev.close()
-        if isinstance(e, TransportError) and not client.transport.backend_ready():
-            raise ConfigError(f"--link {link}: no backend became READY within "
-                              f"{timeout:g} s") from None
-        raise
-    return client
+    return await connect_driver(BlkClient, link, timeout, mode=mode)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -28,14 +28,13 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
-from ivshmem_virtio.errors import ConfigError, LinkError, TransportError
+from ivshmem_virtio.errors import ConfigError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
-from ivshmem_virtio.link import open_link, parse_link
 from ivshmem_virtio.spec import console as wire
 from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.spec import virtio as V
 
-from .driver import VirtioDriver
+from .driver import VirtioDriver, connect_driver
 
 log = structlog.get_logger("ivshmem_virtio.frontend.console")
 
@@ -227,25 +226,7 @@ class ConsoleDriver(VirtioDriver):
 # -- console-client ------------------------------------------------------------------------------
 
 async def connect_console(link: str, timeout: float, **kw: object) -> ConsoleDriver:
-    parse_link(link)
-    try:
-        dev = open_link(link, backend=False, protocol=H.frontend_protocol(wire.VIRTIO_ID_CONSOLE))
-    except LinkError as e:
-        raise ConfigError(f"--link {link}: {e}") from e
-    drv = ConsoleDriver(dev, timeout=timeout, **kw)  # type: ignore[arg-type]
-    if not drv.transport.backend_ready():
-        print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",
-              file=sys.stderr, flush=True)
-    try:
-        await drv.start(timeout=timeout)
-    except BaseException as e:
-        drv.transport.leave()
-        dev.close()
-        if isinstance(e, TransportError) and not drv.transport.backend_ready():
-            raise ConfigError(f"--link {link}: no backend became READY within "
-                              f"{timeout:g} s") from None
-        raise
-    return drv
+    return await connect_driver(ConsoleDriver, link, timeout, **kw)
 
 
 async def run_console_client(args: argparse.Namespace, stop: asyncio.Event) -> int:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from typing import Any, TypeVar
 
 import structlog
 
-from ivshmem_virtio.errors import IvshmemVirtioError, RingError, TransportError
+from ivshmem_virtio.errors import (
+    ConfigError,
+    IvshmemVirtioError,
+    LinkError,
+    RingError,
+    TransportError,
+)
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
-from ivshmem_virtio.link import SPIN_CAP_US, IrqWaiter, PollWindow
+from ivshmem_virtio.link import SPIN_CAP_US, IrqWaiter, PollWindow, open_link, parse_link
+from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.transport.driver import DriverTransport
 from ivshmem_virtio.virtqueue.driver import DriverQueue
 
@@ -293,3 +302,31 @@ class VirtioDriver:
 
     def fail_all(self, exc: BaseException, tokens: list[object] | None = None) -> None:
         """Fail outstanding requests (all of them when ``tokens`` is None)."""
+
+
+D = TypeVar("D", bound=VirtioDriver)
+
+
+async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> D:  # noqa: ANN401
+    """Open ``link`` as the frontend of ``cls``'s device and bring it up, for a command line:
+    says once on stderr that it waits for the backend, and turns a bad link or no READY
+    backend within ``timeout`` into one-line :class:`ConfigError`s."""
+    parse_link(link)
+    try:
+        dev = open_link(link, backend=False, protocol=H.frontend_protocol(cls.device_id))
+    except LinkError as e:
+        raise ConfigError(f"--link {link}: {e}") from e
+    drv = cls(dev, timeout=timeout, **kw)
+    if not drv.transport.backend_ready():  # say once why we sit there
+        print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",
+              file=sys.stderr, flush=True)
+    try:
+        await drv.start(timeout=timeout)
+    except BaseException as e:
+        drv.transport.leave()
+        dev.close()
+        if isinstance(e, TransportError) and not drv.transport.backend_ready():
+            raise ConfigError(f"--link {link}: no backend became READY within "
+                              f"{timeout:g} s") from None
+        raise
+    return drv
