@@ -24,6 +24,13 @@ A config names global options and a list of devices, each on its own link::
     fd = false
     late_tx_ack = true
 
+    [[devices]]
+    type = "console"
+    link = "uio:protocol=0xC003"
+    socket = "/run/ivshmem-virtio/cell.sock"  # or pty = true, or log_file = "PATH"
+    cols = 80                     # the size the cell sees (a pty's own window overrides it)
+    rows = 25
+
 Every error is one :class:`ConfigError` line naming the field (``devices[1].image: ...``), and
 validation only looks (``stat``, ``access``): no image is opened, least of all for writing,
 until the whole file is known to be good. Devices compare equal when their configuration is
@@ -44,16 +51,23 @@ from typing import Any
 from ivshmem_virtio.errors import ConfigError
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import can as C
+from ivshmem_virtio.spec import console as K
 from ivshmem_virtio.spec import ivshmem as H
 
 DEFAULT_PATH = "/etc/ivshmem-virtio/config.toml"
 MODES = ("block", "poll", "adaptive")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEVICE_TYPES = {"blk": B.DEVICE_ID, "can": C.VIRTIO_ID_CAN}
+DEVICE_TYPES = {"blk": B.DEVICE_ID, "can": C.VIRTIO_ID_CAN, "console": K.VIRTIO_ID_CONSOLE}
+#: A console's host side: exactly one of these keys names it.
+CONSOLE_SINKS = ("pty", "socket", "log_file")
 
 _GLOBAL_KEYS = {"log_level", "log_json", "mode", "spin_us", "retry_interval", "devices"}
 _COMMON_KEYS = {"name", "type", "link", "queue_size", "mode", "spin_us"}
-_TYPE_KEYS = {"blk": {"image", "read_only", "serial"}, "can": {"bus", "fd", "late_tx_ack"}}
+_TYPE_KEYS = {"blk": {"image", "read_only", "serial"}, "can": {"bus", "fd", "late_tx_ack"},
+              "console": {*CONSOLE_SINKS, "cols", "rows"}}
+#: sun_path holds 107 bytes and a NUL; bind_unix binds first in ``DIR/.sockXXXXXXXX/s``.
+_SUN_PATH_MAX = 107
+_SOCKET_TMP = len("/.sockXXXXXXXX/s")
 _PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
 
 
@@ -86,6 +100,16 @@ class CanOptions:
 
 
 @dataclass(frozen=True)
+class ConsoleOptions:
+    """A console's host side: ``sink`` is "pty", "socket" or "log" (``path`` for the last two)."""
+
+    sink: str
+    path: str = ""
+    cols: int = 80
+    rows: int = 25
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """One device; frozen and comparable, so a reload can tell what changed."""
 
@@ -97,6 +121,7 @@ class DeviceConfig:
     spin_us: float
     blk: BlkOptions | None = None
     can: CanOptions | None = None
+    console: ConsoleOptions | None = None
 
     @property
     def device_id(self) -> int:
@@ -236,6 +261,85 @@ def check_bus(spec: str, field: str) -> None:
         raise ConfigError(f"{field}: {iface!r} is not an installed python-can interface")
 
 
+def _console_size(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+    if not 1 <= value <= 0xFFFF:
+        raise ConfigError(f"{where}{key}: {value} is outside 1..65535")
+    return value
+
+
+def check_console_socket(path: str, field: str) -> None:
+    """Can a listening socket be made at ``path``? Looks only: nothing is bound here.
+
+    An existing socket file is fine (a stale one is replaced, a live one refused when the
+    socket opens); any other file is refused here, since binding would remove it.
+    """
+    full = os.path.abspath(path)
+    if len(os.fsencode(full)) > _SUN_PATH_MAX \
+            or len(os.fsencode(os.path.dirname(full))) + _SOCKET_TMP > _SUN_PATH_MAX:
+        raise ConfigError(f"{field}: {path}: too long for a UNIX socket path (at most "
+                          f"{_SUN_PATH_MAX - _SOCKET_TMP} bytes of directory)")
+    _check_parent(path, field)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"{field}: {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{field}: {path}: exists and is not a socket")
+
+
+def check_log_file(path: str, field: str) -> None:
+    """Can console output be appended to ``path``? Looks only: nothing is created here."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _check_parent(path, field)
+        return
+    except OSError as e:
+        raise ConfigError(f"{field}: {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{field}: {path}: is a directory")
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{field}: {path}: not writable by this user")
+
+
+def _check_parent(path: str, field: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{field}: {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path}: directory {parent} is not writable by this user")
+
+
+def _console(raw: dict[str, Any], where: str, host: bool) -> ConsoleOptions:
+    """One sink of ``pty = true``, ``socket = PATH``, ``log_file = PATH``; cols/rows."""
+    named = [k for k in CONSOLE_SINKS if k in raw]
+    if not named:
+        raise ConfigError(f"{where}type: a console needs one host side: pty = true, "
+                          'socket = "PATH" or log_file = "PATH"')
+    if len(named) > 1:
+        raise ConfigError(f"{where}{named[1]}: a console has one host side; {named[0]} is "
+                          "already set")
+    key = named[0]
+    cols = _console_size(raw, "cols", where, 80)
+    rows = _console_size(raw, "rows", where, 25)
+    if key == "pty":
+        if not _bool(raw, "pty", where, True):
+            raise ConfigError(f"{where}pty: false names no host side: use pty = true, "
+                              'socket = "PATH" or log_file = "PATH"')
+        return ConsoleOptions("pty", "", cols, rows)
+    path = _str(raw, key, where)
+    if not path:
+        raise ConfigError(f"{where}{key}: must not be empty")
+    if host:
+        (check_console_socket if key == "socket" else check_log_file)(path, f"{where}{key}")
+    return ConsoleOptions("socket" if key == "socket" else "log", path, cols, rows)
+
+
 # -- the whole file -----------------------------------------------------------------------------
 
 def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -> DeviceConfig:
@@ -263,6 +367,8 @@ def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -
         if host:
             check_image(image, read_only, f"{where}image")
         return DeviceConfig(**common, blk=BlkOptions(image, read_only, serial))
+    if dtype == "console":
+        return DeviceConfig(**common, console=_console(raw, where, host))
     bus = _str(raw, "bus", where)
     check_bus(bus, f"{where}bus")
     return DeviceConfig(**common, can=CanOptions(bus, _bool(raw, "fd", where, False),
@@ -274,8 +380,19 @@ def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
     seen_names: dict[str, int] = {}
     seen_links: dict[tuple, int] = {}
     seen_images: dict[tuple[int, int], int] = {}
+    # console sockets and log files by absolute path, with the sim hub sockets of every link
+    seen_paths: dict[str, str] = {os.path.abspath(d.link.path): f"devices[{i}].link"
+                                  for i, d in enumerate(devices) if d.link.kind == "sim"}
     for i, d in enumerate(devices):
         where = f"devices[{i}]."
+        con = d.console
+        if con is not None and con.path:
+            key_name = "socket" if con.sink == "socket" else "log_file"
+            full = os.path.abspath(con.path)
+            if full in seen_paths:
+                raise ConfigError(f"{where}{key_name}: {con.path} is also "
+                                  f"{seen_paths[full]}")
+            seen_paths[full] = f"{where}{key_name}"
         lk = d.link
         key: tuple[str | int | None, ...] = (lk.kind, lk.path, lk.pci, lk.protocol)
         if lk.kind == "uio" and lk.protocol is not None:

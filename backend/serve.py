@@ -6,11 +6,13 @@ created) is retried every ``retry_interval``; a link that goes away (hub stopped
 removed: udev ``remove``) stops its runner cleanly and goes back to waiting. A pyudev monitor on
 the ``uio`` subsystem retries at once when a uio device appears. The other devices never notice.
 
-Resources (disk images, CAN buses) are opened once per slot, after the whole config validated;
-a runner only borrows them, so a link coming and going never reopens an image. SIGHUP re-reads
-the config and restarts only the devices whose configuration changed (a bad new config is
-rejected and the running one kept). SIGTERM stops every runner (in-flight requests complete and
-are published), flushes the images and leaves.
+Resources (disk images, CAN buses, console host sides) are opened once per slot, after the whole
+config validated; a runner only borrows them, so a link coming and going never reopens an image,
+and a console's pty keeps its path and its socket its client while the cell is re-created (the
+console service is unbound from the runner of the lost link and bound to the next one).
+SIGHUP re-reads the config and restarts only the devices whose configuration changed (a bad new
+config is rejected and the running one kept). SIGTERM stops every runner (in-flight requests
+complete and are published), flushes the images, closes the console host sides and leaves.
 
 Two daemons on one link would both write its header: every device holds a lock file per link
 (:class:`LinkLock`, ``flock``) while it is configured, and a second ``serve`` naming the same
@@ -47,13 +49,14 @@ from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.transport.device import Phase
 
 from .bind import DRIVER, list_functions
-from .config import DeviceConfig, ServeConfig, load_config
+from .config import ConsoleOptions, DeviceConfig, ServeConfig, load_config
 from .devices.blk_service import BlkService
 from .resources.image import BlockImage
 from .runner import LinkRunner, Service
 
 if TYPE_CHECKING:
     from .devices.can_service import CanBackend, CanLinkService
+    from .devices.console_service import ConsoleService
 
 log = structlog.get_logger("ivshmem_virtio.serve")
 
@@ -112,6 +115,34 @@ class CanGroup:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def open_console(opts: ConsoleOptions, where: str) -> ConsoleService:
+    """A console's host side and service, attached to the running loop; errors name the field.
+
+    What validation could not know (a live process on the socket, a log file that will not
+    open, no free pty) is a ConfigError here, before any image is opened.
+    """
+    from .devices.console import ConsoleModel
+    from .devices.console_service import ConsoleService
+    from .resources.console_host import HostPort, LogPort, PtyPort, SocketPort
+
+    key = {"pty": "pty", "socket": "socket", "log": "log_file"}[opts.sink]
+    port: HostPort
+    try:
+        if opts.sink == "pty":
+            port = PtyPort(opts.cols, opts.rows)
+        elif opts.sink == "socket":
+            port = SocketPort(opts.path)
+        else:
+            port = LogPort(opts.path)
+    except ConfigError as e:  # "--socket PATH: ..." as the console command says it
+        raise ConfigError(f"{where}.{key}: {str(e).split(' ', 1)[-1]}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}.{key}: {opts.path or 'a new pty'}: {e.strerror}") from None
+    service = ConsoleService(port, ConsoleModel(cols=opts.cols, rows=opts.rows))
+    service.start()
+    return service
 
 
 # -- one lock per link ----------------------------------------------------------------------------
@@ -193,6 +224,7 @@ class DeviceSlot:
         self.daemon = daemon
         self.image: BlockImage | None = None
         self.group: CanGroup | None = None
+        self.console: ConsoleService | None = None
         self.lock: LinkLock | None = None
         self.runner: LinkRunner | None = None
         self.devnode = ""  # the /dev/uioN currently served (uio links)
@@ -210,7 +242,8 @@ class DeviceSlot:
 
     # -- resources (opened once, before any link) ---------------------------------------------
     def open_resources(self, index: int) -> None:
-        """Open the image or join the bus; a failure is a ConfigError naming the field."""
+        """Open the image, join the bus or open the console's host side; a failure is a
+        ConfigError naming the field."""
         cfg = self.cfg
         where = f"devices[{index}]"
         lock = LinkLock(self.daemon.lock_dir, link_key(cfg))
@@ -230,6 +263,10 @@ class DeviceSlot:
                 except ConfigError as e:
                     raise ConfigError(f"{where}.bus: {str(e).removeprefix('--bus ')}") from None
                 self.group.users += 1
+            elif cfg.console is not None:
+                self.console = open_console(cfg.console, where)
+                log.info("console host side", device=self.name, sink=cfg.console.sink,
+                         path=self.console.port.describe())
         except BaseException:
             self.release_lock()
             raise
@@ -239,7 +276,28 @@ class DeviceSlot:
             self.lock.release()
             self.lock = None
 
+    def abandon_resources(self) -> None:
+        """Undo :meth:`open_resources` when a startup fails: nothing was served, nothing to
+        flush (an image is closed, not flushed)."""
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+        if self.group is not None:
+            group, self.group = self.group, None
+            self.daemon.release_can_group(group)
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+        self.release_lock()
+
     async def close_resources(self) -> None:
+        if self.console is not None:
+            console, self.console = self.console, None
+            console.flush_output()
+            unread = console.model.output_len
+            console.close()
+            if unread:
+                log.warning("console output never read", device=self.name, bytes=unread)
         if self.image is not None:
             image, self.image = self.image, None
             try:
@@ -390,6 +448,9 @@ class DeviceSlot:
         if cfg.blk is not None:
             assert self.image is not None
             return BlkService(self.image, serial=cfg.blk.serial, rw_size=dev.rw.size)
+        if cfg.console is not None:
+            assert self.console is not None
+            return self.console
         assert self.group is not None
         self.group.start()
         return self.group.backend.add_link(cfg.name)
@@ -399,10 +460,17 @@ class DeviceSlot:
         cfg = self.cfg
         service = self._service(dev)
         try:
-            runner = LinkRunner(dev, service, mode=cfg.mode, spin_us=cfg.spin_us,
-                                queue_size=cfg.queue_size, workers=2 if cfg.blk else 1)
+            if cfg.console is not None:
+                from .devices.console_service import ConsoleRunner
+
+                runner: LinkRunner = ConsoleRunner(  # binds the service to this life's runner
+                    dev, cast("ConsoleService", service), mode=cfg.mode, spin_us=cfg.spin_us,
+                    queue_size=cfg.queue_size, workers=1)
+            else:
+                runner = LinkRunner(dev, service, mode=cfg.mode, spin_us=cfg.spin_us,
+                                    queue_size=cfg.queue_size, workers=2 if cfg.blk else 1)
         except BaseException:
-            await self._release_service(service)
+            await self._release_service(service, None)
             raise
         if cfg.can is not None:
             cast("CanLinkService", service).bind(runner)
@@ -429,7 +497,7 @@ class DeviceSlot:
                 log.error("device runner failed", device=self.name, link=dev.name,
                           error=repr(e))
             self.runner = None
-            await self._release_service(service)
+            await self._release_service(service, runner)
         if not self._stopping:
             log.warning("link lost, waiting for it to come back", device=self.name,
                         link=dev.name)
@@ -442,8 +510,12 @@ class DeviceSlot:
                and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
 
-    async def _release_service(self, service: Service) -> None:
-        if self.cfg.blk is not None:
+    async def _release_service(self, service: Service, runner: LinkRunner | None) -> None:
+        """The end of one life of the link: the slot's resource stays open for the next."""
+        if self.cfg.console is not None:
+            if runner is not None:  # unbound, not closed: the host side waits for the cell
+                cast("ConsoleService", service).unbind(runner)
+        elif self.cfg.blk is not None:
             if self.image is not None and not self.image.read_only:
                 try:
                     await asyncio.to_thread(self.image.flush)
@@ -504,11 +576,7 @@ class ServeDaemon:
             except ConfigError as e:
                 if strict:
                     for s in opened:
-                        if s.image is not None:
-                            s.image.close()
-                        if s.group is not None:
-                            self.release_can_group(s.group)
-                        s.release_lock()
+                        s.abandon_resources()
                     raise
                 log.error("device not started", device=cfg.name, error=str(e))
                 continue

@@ -296,6 +296,107 @@ async def _recv_id(drv, can_id: int):  # noqa: ANN001, ANN202
             return rx.frame
 
 
+CONSOLE_HUB = ("--rw-size", "0x40000")
+CONSOLE_PROTOCOLS = "0xC003,0x8003"
+
+
+def test_serve_console_beside_blk_across_reconnects(procs, tmp_path, image_factory):
+    """A console (``socket`` sink) and a disk from one config: a session through the socket
+    while the disk serves reads; the cell's driver leaves and comes back, then its link goes
+    and comes back (a new runner). The socket's client stays connected throughout, and what it
+    typed while no cell was there reaches the next one."""
+    disk, con = str(tmp_path / "disk.sock"), str(tmp_path / "con.sock")
+    csock = str(tmp_path / "console.sock")
+    cfg = write_config(tmp_path / "c.toml", [
+        {"name": "disk", "type": "blk", "link": f"sim:{disk}", "image": image_factory(4 * MiB)},
+        {"name": "con", "type": "console", "link": f"sim:{con}", "socket": csock,
+         "cols": 100, "rows": 30, "queue_size": 64}], retry_interval=0.2)
+    procs.hub(disk)
+    procs.hub(con, *CONSOLE_HUB, protocols=CONSOLE_PROTOCOLS)
+    serve = procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
+    assert oct(os.stat(csock).st_mode & 0o777) == "0o600"
+    run(_console_session(procs, serve, disk, con, csock), timeout=150)
+    assert serve.stop() == 0
+    log = serve.log()
+    assert "Traceback" not in log, log
+    assert log.count("link up device=con") == 2 and log.count("link up device=disk") == 1, log
+    assert not os.path.exists(csock)  # closed on shutdown, not before
+
+
+async def _console_cell(sock: str):  # noqa: ANN202 - frontend.console is imported lazily
+    from frontend.console import ConsoleDriver
+
+    drv = ConsoleDriver(SimIvshmem(sock, 1), timeout=10.0)
+    await drv.start(timeout=10.0)
+    return drv
+
+
+async def _cell_reads(drv, want: bytes) -> bytes:  # noqa: ANN001
+    got = b""
+    while want not in got:
+        got += await asyncio.wait_for(drv.read(), 10)
+    return got
+
+
+async def _console_session(procs, serve: Child, disk: str, con: str, csock: str) -> None:
+    b = await blk_client(disk)
+    payload = os.urandom(64 << 10)
+    await b.write(0, payload)
+
+    async def blk_op(i: int) -> None:
+        assert await b.read(0, len(payload)) == payload
+
+    keep = Keepalive("blk disk", blk_op)
+    keep.start()
+    reader, writer = await asyncio.open_unix_connection(csock)
+    cell = await _console_cell(con)
+    try:
+        await keep.progressed()
+        assert cell.size == (100, 30)
+        writer.write(b"uname\r")  # typed in the root cell ...
+        await writer.drain()
+        assert await _cell_reads(cell, b"uname\r") == b"uname\r"  # ... reaches the cell
+        await cell.write(b"Linux cell\r\n")  # its answer comes back
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 10) == b"Linux cell\r\n"
+        await keep.progressed()
+
+        # the cell's driver leaves (the link stays): typing goes on, it waits for the cell
+        await leave(cell)
+        writer.write(b"while away\r")
+        await writer.drain()
+        cell = await _console_cell(con)
+        assert await _cell_reads(cell, b"while away\r") == b"while away\r"
+        await cell.write(b"back\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 10) == b"back\r\n"
+        await keep.progressed()
+
+        # the cell is destroyed and re-created: a new runner, the same host side and client
+        await leave(cell)
+        hub = next(ch for ch in procs.children if ch.name == "hub-con")
+        hub.stop()
+        await await_count(serve, "link lost, waiting for it to come back device=con", 1)
+        writer.write(b"after loss\r")
+        await writer.drain()
+        procs.start("hub-con-again", "hub", "--socket", con, "--protocols", CONSOLE_PROTOCOLS,
+                    *CONSOLE_HUB, wait="hub listening")
+        await await_count(serve, "link up device=con", 2)
+        cell = await _console_cell(con)
+        assert cell.size == (100, 30)
+        assert await _cell_reads(cell, b"after loss\r") == b"after loss\r"
+        blob = os.urandom(128 << 10)  # bulk output through the new runner, whole and in order
+        await cell.write(blob + b"\r\n")
+        got = await asyncio.wait_for(reader.readexactly(len(blob) + 2), 20)
+        assert got == blob + b"\r\n"
+        await keep.progressed()
+    finally:
+        await keep.stop()
+        writer.close()
+        await leave(cell)
+        await leave(b)
+    assert keep.errors == [], keep.errors
+    assert b.bring_ups == 1  # the disk never noticed
+
+
 def test_shutdown_completes_requests_and_flushes(procs, tmp_path, image_factory):
     """SIGTERM while a frontend writes: exit 0, and what was acknowledged is in the image."""
     sock = str(tmp_path / "s.sock")
