@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ivshmem_virtio._native import data_path
 from ivshmem_virtio.procs import Child
 
 
@@ -263,6 +264,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "numpy": np.__version__,
+        "blk_data_path": data_path(),  # compiled, or pure Python (IVSHMEM_VIRTIO_PURE, no build)
     }
     try:
         import uvloop

@@ -85,8 +85,22 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG = "/etc/ivshmem-virtio/config.toml"
 
 
+def _version() -> str:
+    """``ivshmem-virtio X.Y.Z (blk data path: compiled | pure Python (why))``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._native import data_path
+
+    try:
+        ver = version("ivshmem-virtio")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ver = "unknown"
+    return f"%(prog)s {ver} (blk data path: {data_path()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ivshmem-virtio", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=_version())
     p.add_argument("--log-json", action="store_true", help="JSON log lines instead of console")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                    help="least severe log line shown (default: info for the daemons, warning "
