@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -109,3 +110,94 @@ def test_rw_section_too_small(procs, tmp_path, image_factory):
     sock = str(tmp_path / "h.sock")
     procs.hub(sock, "--rw-size", "0x1000")
     check_exit2(["blk", "--link", f"sim:{sock}", "--image", image_factory()], "two pages")
+
+
+# -- serve: a console device's options ------------------------------------------------------------
+
+def serve_config(tmp_path, image: str, console: dict, extra: list[dict] | None = None) -> str:
+    """A blk device (whose image must stay untouched) and the console under test (devices[1])."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v)  # a JSON string or integer is TOML too
+
+    def entry(d: dict) -> str:
+        return "\n[[devices]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in d.items())
+
+    devices = [{"type": "blk", "link": f"sim:{tmp_path}/d.sock", "image": image},
+               {"type": "console", "link": f"sim:{tmp_path}/c.sock", **console}, *(extra or [])]
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("".join(entry(d) for d in devices))
+    return str(cfg)
+
+
+CONSOLE_BAD = [
+    ({}, "devices[1].type: a console needs one host side"),
+    ({"pty": True, "log_file": "LOG"}, "devices[1].log_file: a console has one host side"),
+    ({"pty": False}, "devices[1].pty: false names no host side"),
+    ({"pty": "yes"}, "devices[1].pty: expected true or false"),
+    ({"socket": ""}, "devices[1].socket: must not be empty"),
+    ({"socket": "/nonexistent/dir/c.sock"}, "directory /nonexistent/dir does not exist"),
+    ({"socket": "DIR/" + "s" * 120}, "too long for a UNIX socket"),
+    ({"socket": "FILE"}, "exists and is not a socket"),
+    ({"log_file": "DIR"}, "is a directory"),
+    ({"log_file": "/nonexistent/dir/cell.log"}, "devices[1].log_file: /nonexistent/dir/cel"),
+    ({"pty": True, "cols": 0}, "devices[1].cols: 0 is outside 1..65535"),
+    ({"pty": True, "rows": 70000}, "devices[1].rows: 70000 is outside 1..65535"),
+    ({"pty": True, "cols": "80"}, "devices[1].cols: expected an integer"),
+    ({"pty": True, "image": "x"}, "devices[1].image: unknown option"),
+    ({"pty": True, "link": "uio:protocol=0xC002"}, "devices[1].link: protocol 0xc002 is not"),
+    ({"socket": "SIMLINK"}, "d.sock is also devices[0].link"),  # devices[0]'s hub socket
+    ({"socket": "LIVE"}, "LIVE: in use by a running console"),  # checks out, opens not
+]
+
+
+@pytest.mark.parametrize(("console", "needle"), CONSOLE_BAD,
+                         ids=[f"{i}-{n.split(':')[-1].strip()[:24]}"
+                              for i, (_c, n) in enumerate(CONSOLE_BAD)])
+def test_serve_console_bad_options(tmp_path, image_factory, console, needle):
+    """One line naming the field, exit 2, before any image is opened; a file where the socket
+    should go is left alone."""
+    image = image_factory(data=b"untouched")
+    os.utime(image, (1_000_000_000, 1_000_000_000))
+    before = os.stat(image).st_mtime_ns
+    (tmp_path / "FILE").write_text("keep me")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "LIVE"))
+    live.listen()
+    names = {"LOG": "cell.log", "FILE": "FILE", "DIR": "", "LIVE": "LIVE", "SIMLINK": "d.sock"}
+    console = {k: (str(tmp_path / names[v.split("/")[0]]) + v[len(v.split("/")[0]):]
+                   if isinstance(v, str) and v.split("/")[0] in names else v)
+               for k, v in console.items()}
+    try:
+        check_exit2(["serve", "--config", serve_config(tmp_path, image, console),
+                     "--lock-dir", str(tmp_path / "locks")], needle)
+    finally:
+        live.close()
+    assert os.stat(image).st_mtime_ns == before
+    assert (tmp_path / "FILE").read_text() == "keep me"
+
+
+def test_serve_console_paths_shared(tmp_path, image_factory):
+    """Two consoles on one socket path, or a socket on a log file: refused by name."""
+    image = image_factory()
+    path = str(tmp_path / "con.sock")
+    other = {"type": "console", "link": f"sim:{tmp_path}/e.sock", "log_file": path}
+    check_exit2(["serve", "--config", serve_config(tmp_path, image, {"socket": path}, [other]),
+                 "--check"], f"devices[2].log_file: {path} is also devices[1].socket")
+
+
+def test_serve_check_covers_the_console(tmp_path, image_factory):
+    """``--check`` accepts a good console and opens nothing: no socket appears."""
+    path = tmp_path / "con.sock"
+    cfg = serve_config(tmp_path, image_factory(), {"socket": str(path), "cols": 120})
+    r = run_cli(["serve", "--config", cfg, "--check"], timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "OK, 2 device(s)" in r.stdout.decode() and "(console on sim:" in r.stdout.decode()
+    assert not path.exists()
+    # --file-only: paths of another machine are fine, the values still count
+    cfg = serve_config(tmp_path, image_factory(), {"socket": "/run/elsewhere/con.sock"})
+    r = run_cli(["serve", "--config", cfg, "--check", "--file-only"], timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    cfg = serve_config(tmp_path, image_factory(), {"pty": True, "rows": 0})
+    check_exit2(["serve", "--config", cfg, "--check", "--file-only"], "devices[1].rows")
