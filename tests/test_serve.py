@@ -719,6 +719,21 @@ def test_sample_config_passes_check_file_only():
         assert "devices[0].image: /var/lib/ivshmem-virtio/rootfs.img" in err, err
 
 
+def test_sample_console_example_is_valid():
+    """The commented console example of packaging/config.toml, uncommented, is a good device
+    (checked as --file-only does: its socket's directory belongs to the target)."""
+    import tomllib
+
+    text = (ROOT / "packaging" / "config.toml").read_text()
+    block = text[text.index('# [[devices]]\n# name = "console"'):]
+    example = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    data = tomllib.loads(text + "\n" + example + "\n")
+    config = parse_config(data, host=False)
+    con = config.device("console")
+    assert con is not None and con.console is not None
+    assert con.console.sink == "socket" and con.protocol == 0xC003
+
+
 def _system_unit_dir() -> Path | None:
     for d in ("/usr/lib/systemd/system", "/lib/systemd/system"):
         if (Path(d) / "multi-user.target").exists():
