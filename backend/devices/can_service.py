@@ -441,6 +441,11 @@ class CanBackend:
     def __init__(self, bridge: CanBusBridge | None, *,
                  features: int = DEFAULT_FEATURES) -> None:
         self.bridge = bridge
+        # The error-state extension (bit 22) rides with the bus-off report (bit 23): a switch that
+        # hears a driver's controller bus-off hears its warning/passive/overflow too. (The daemon's
+        # feature list, backend/can_daemon.py, names bit 23 only.)
+        if features & wire.F_IVV_BUSOFF_REPORT:
+            features |= wire.F_IVV_ERROR_STATE
         self.features = features
         self.switch = CanSwitch(has_bus=bridge is not None)
         self.links: dict[str, CanLinkService] = {}

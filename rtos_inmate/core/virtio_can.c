@@ -147,21 +147,20 @@ static void on_state(void *ctx, enum mcp2515_state s)
 
 /* ---- control ------------------------------------------------------------ */
 
-static int send_ctl(struct vcan *vc, uint16_t msg)
+/* A control request of len (<= CTL_RESULT) readable bytes; its msg_type first. */
+static int send_ctl_req(struct vcan *vc, const uint8_t *req, uint32_t len)
 {
-	uint8_t req[2];
 	int slot = slot_get(&vc->ctl);
 
 	if (slot < 0)
 		return -1;
 	uint32_t off = slot_off(&vc->ctl, (uint32_t)slot);
-	const struct vq_buf out = { off, 2u };
+	const struct vq_buf out = { off, len };
 	const struct vq_buf in = { off + CTL_RESULT, 1u };
 
-	put16(req, msg);
-	shm_write(&vc->vio.rw, off, req, sizeof(req));
+	shm_write(&vc->vio.rw, off, req, len);
 	shm_st8(&vc->vio.rw, off + CTL_RESULT, RESULT_UNSET);
-	vc->ctl.msg[slot] = msg;
+	vc->ctl.msg[slot] = get16(req);
 	if (vq_add(&vc->ctlq->vq, &out, 1, &in, 1, (uint32_t)slot) < 0) {
 		(void)slot_put(&vc->ctl, (uint32_t)slot);
 		return -1;
@@ -169,6 +168,81 @@ static int send_ctl(struct vcan *vc, uint16_t msg)
 	if (vq_kick_needed(&vc->ctlq->vq))
 		vio_kick(&vc->vio, vc->ctlq);
 	return 0;
+}
+
+static int send_ctl(struct vcan *vc, uint16_t msg)
+{
+	uint8_t req[2];
+
+	put16(req, msg);
+	return send_ctl_req(vc, req, sizeof(req));
+}
+
+/*
+ * The MCP2515's error state as Linux's enum can_state, or -1 when it is not
+ * on the bus (stopped, bus-off: those have their own flow).
+ */
+static int err_state_now(const struct vcan *vc)
+{
+	switch (vc->can_state) {
+	case MCP2515_ERROR_ACTIVE:
+		return IVV_CAN_STATE_ERROR_ACTIVE;
+	case MCP2515_ERROR_WARNING:
+		return IVV_CAN_STATE_ERROR_WARNING;
+	case MCP2515_ERROR_PASSIVE:
+		return IVV_CAN_STATE_ERROR_PASSIVE;
+	default:
+		return -1;
+	}
+}
+
+/*
+ * Report the error state and RX overflows the device has not heard of yet,
+ * with the CAN_ERR_CRTL bits Linux's mcp251x would put in data[1] for the same
+ * EFLG: TX before RX, passive before warning, RX_OVERFLOW on lost frames, and
+ * ACTIVE on the way back.  Polled (not from the state hook, which may run
+ * inside a transaction wait); a state that comes and goes between two polls
+ * is seen as its counters and overflows only, as a 10 ms EFLG poll sees it.
+ */
+static int report_errors(struct vcan *vc)
+{
+	int st = err_state_now(vc);
+	uint32_t ovr_now = vc->br->can.stats.rx_overflows;
+	uint32_t ovr = ovr_now - vc->ovr_sent;
+
+	if (!vc->err_ext || st < 0 || ((uint8_t)st == vc->err_state_sent && ovr == 0u))
+		return 0;
+	bool tx;
+	uint8_t tec, rec, crtl = 0;
+
+	mcp2515_error_info(&vc->br->can, &tx, &tec, &rec);
+	if (st == IVV_CAN_STATE_ERROR_PASSIVE)
+		crtl = tx ? IVV_CAN_ERR_CRTL_TX_PASSIVE : IVV_CAN_ERR_CRTL_RX_PASSIVE;
+	else if (st == IVV_CAN_STATE_ERROR_WARNING)
+		crtl = tx ? IVV_CAN_ERR_CRTL_TX_WARNING : IVV_CAN_ERR_CRTL_RX_WARNING;
+	else if (vc->err_state_sent != IVV_CAN_STATE_ERROR_ACTIVE)
+		crtl = IVV_CAN_ERR_CRTL_ACTIVE;
+	if (ovr != 0u)
+		crtl |= IVV_CAN_ERR_CRTL_RX_OVERFLOW;
+	uint8_t req[IVV_CAN_ERROR_REPORT_SIZE];
+
+	put16(req, IVV_CAN_IVV_ERROR_REPORT);
+	req[2] = (uint8_t)st;
+	req[3] = crtl;
+	req[4] = tec;
+	req[5] = rec;
+	put16(req + 6, ovr > 0xFFFFu ? 0xFFFFu : (uint16_t)ovr);
+	if (send_ctl_req(vc, req, sizeof(req)) < 0)
+		return 0; /* no slot now: the next poll tries again */
+	char detail[64];
+
+	util_snprintf(detail, sizeof(detail), "state=%u crtl=0x%02x tec=%u rec=%u ovr=%u",
+		      (unsigned int)st, (unsigned int)crtl, (unsigned int)tec, (unsigned int)rec,
+		      (unsigned int)ovr);
+	event(vc, "ERROR_REPORT", detail);
+	vc->err_state_sent = (uint8_t)st;
+	vc->ovr_sent = ovr_now;
+	return 1;
 }
 
 static int collect_ctl(struct vcan *vc)
@@ -193,6 +267,12 @@ static int collect_ctl(struct vcan *vc)
 			if (ok)
 				vc->stats.busoff_reports++;
 			event(vc, ok ? "BUSOFF_REPORTED" : "BUSOFF_REPORT_REFUSED", "");
+		} else if (msg == IVV_CAN_IVV_ERROR_REPORT) {
+			if (ok)
+				vc->stats.err_reports++;
+			else
+				vc->stats.err_report_fails++;
+			event(vc, ok ? "ERROR_REPORTED" : "ERROR_REPORT_REFUSED", "");
 		} else if (msg == IVV_CAN_SET_CTRL_MODE_START) {
 			event(vc, ok ? "STARTED" : "START_REFUSED", "");
 		}
@@ -375,9 +455,16 @@ static int collect_rx(struct vcan *vc)
 
 		if (ok) {
 			shm_read(&vc->vio.rw, slot_off(&vc->rx, cookie), b, used);
-			ok = parse_rx(vc, b, used, &m);
-			if (!ok)
-				vc->stats.rx_invalid++;
+			if (vc->err_ext && used >= IVV_CAN_FRAME_HEADER_SIZE &&
+			    get32(b + 8) == IVV_CAN_FLAGS_IVV_ERROR) {
+				/* another link's error report: nothing to put on our wire */
+				vc->stats.rx_errframes++;
+				ok = false;
+			} else {
+				ok = parse_rx(vc, b, used, &m);
+				if (!ok)
+					vc->stats.rx_invalid++;
+			}
 		} else {
 			vc->stats.rx_empty++;
 		}
@@ -458,7 +545,8 @@ static int bring_up(struct vcan *vc, const char **why)
 {
 	const uint64_t wanted = ((uint64_t)1u << IVV_CAN_F_CAN_CLASSIC) |
 				((uint64_t)1u << IVV_CAN_F_RTR_FRAMES) |
-				((uint64_t)1u << VCAN_F_IVV_BUSOFF_REPORT);
+				((uint64_t)1u << VCAN_F_IVV_BUSOFF_REPORT) |
+				((uint64_t)1u << IVV_CAN_F_IVV_ERROR_STATE);
 	uint32_t tx_pool, rx_pool, ctl_pool;
 	int rc;
 
@@ -476,6 +564,7 @@ static int bring_up(struct vcan *vc, const char **why)
 	}
 	vc->rtr = (vc->vio.features >> IVV_CAN_F_RTR_FRAMES) & 1u;
 	vc->busoff_ext = (vc->vio.features >> VCAN_F_IVV_BUSOFF_REPORT) & 1u;
+	vc->err_ext = (vc->vio.features >> IVV_CAN_F_IVV_ERROR_STATE) & 1u;
 	*why = "queues";
 	rc = vio_setup_queue(&vc->vio, IVV_CAN_TXQ, IVV_CAN_NUM_QUEUES, vc->cfg.txq_size, &vc->txq);
 	if (rc == VIO_OK)
@@ -520,6 +609,10 @@ static int bring_up(struct vcan *vc, const char **why)
 	vc->start_due = true; /* START on every attach, like `ip link set up` */
 	vc->start_at_ns = 0;
 	vc->report_busoff = vc->busoff_ext && vc->can_state == MCP2515_BUS_OFF;
+	/* a new device knows nothing: a state other than active is reported at once;
+	 * overflows from before the link are local history (counted, not reported) */
+	vc->err_state_sent = IVV_CAN_STATE_ERROR_ACTIVE;
+	vc->ovr_sent = vc->br->can.stats.rx_overflows;
 	return VIO_OK;
 }
 
@@ -545,10 +638,11 @@ static void attach(struct vcan *vc)
 	vc->state = VCAN_LIVE;
 	vc->live_since_ns = hal_now_ns();
 	vc->stats.attaches++;
-	util_snprintf(detail, sizeof(detail), "features=0x%llx txq=%u rxq=%u ctlq=%u busoff_ext=%u",
+	util_snprintf(detail, sizeof(detail),
+		      "features=0x%llx txq=%u rxq=%u ctlq=%u busoff_ext=%u err_ext=%u",
 		      (unsigned long long)vc->vio.features, (unsigned int)vc->txq->vq.size,
 		      (unsigned int)vc->rxq->vq.size, (unsigned int)vc->ctlq->vq.size,
-		      vc->busoff_ext ? 1u : 0u);
+		      vc->busoff_ext ? 1u : 0u, vc->err_ext ? 1u : 0u);
 	event(vc, "LINK_UP", detail);
 }
 
@@ -619,6 +713,8 @@ static int service(struct vcan *vc, uint64_t now)
 		vc->report_busoff = false;
 		n++;
 	}
+	if (!vc->start_due)
+		n += report_errors(vc);
 	n += drain_relay(vc);
 	return n;
 }

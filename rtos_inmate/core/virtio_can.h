@@ -9,6 +9,7 @@
  *   rxq (24-byte classic buffers, always posted)
  *        -> validated frame -> bridge_send(tag) -> MCP2515 -> the wire
  *   bridge state hook  BUS_OFF -> control request VCAN_CTRL_IVV_BUSOFF
+ *   error-warning/passive, RX overflow -> IVV_CAN_IVV_ERROR_REPORT (bit 22)
  *        (project extension, see README-virtio.md) so the backend turns the
  *        physical bus-off into virtio-can BUSOFF on the Linux side; the
  *        MCP2515 restarts after restart_ms and a START clears it again
@@ -77,6 +78,9 @@ struct vcan_stats {
 	uint32_t ctl_count;
 	uint32_t ctl_fails;
 	uint32_t busoff_reports;
+	uint32_t err_reports;      /* error-state reports answered OK (bit 22) */
+	uint32_t err_report_fails; /* ... refused or not answered OK */
+	uint32_t rx_errframes;     /* error frames from the device, ignored (bit 22) */
 	uint32_t can_restarts;
 	uint32_t attaches;
 	uint32_t detaches;      /* backend lost or attach failed */
@@ -104,6 +108,10 @@ struct vcan {
 	struct vcan_slots tx, rx, ctl;
 	bool rtr;          /* RTR_FRAMES negotiated */
 	bool busoff_ext;   /* VCAN_F_IVV_BUSOFF_REPORT negotiated */
+	bool err_ext;      /* IVV_CAN_F_IVV_ERROR_STATE negotiated */
+	/* error report: the state the device last accepted to hear, overflows reported */
+	uint8_t err_state_sent;   /* IVV_CAN_STATE_ERROR_* */
+	uint32_t ovr_sent;        /* mcp2515 rx_overflows covered by reports sent */
 	uint16_t dev_status; /* virtio-can config status last read */
 	/* bridge -> Linux */
 	struct can_msg relay[VCAN_RELAY_FIFO];

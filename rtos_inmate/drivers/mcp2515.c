@@ -667,6 +667,18 @@ static int service_errors(struct mcp2515 *d)
 		hal_log("mcp2515: bus-off (EFLG=0x%02x), controller stopped", eflg);
 		return enter_stopped(d, MCP2515_BUS_OFF);
 	}
+	/*
+	 * A state change is rare: the counters (one 2-byte READ, TEC then REC)
+	 * are worth their 4 SPI bytes here, for the error report to Linux.
+	 */
+	uint8_t cnt[2] = { 0, 0 };
+
+	rc = read_regs(d, MCP_TEC, cnt, 2);
+	if (rc != MCP2515_OK)
+		return rc;
+	d->eflg_state = eflg;
+	d->tec = cnt[0];
+	d->rec = cnt[1];
 	if (ns == MCP2515_ERROR_WARNING && d->state == MCP2515_ERROR_ACTIVE)
 		d->stats.error_warning++;
 	if (ns == MCP2515_ERROR_PASSIVE)
@@ -1045,6 +1057,17 @@ uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d)
 	if (tx_any_busy(d) && d->next_stuck_check_ns < t)
 		t = d->next_stuck_check_ns;
 	return t;
+}
+
+void mcp2515_error_info(const struct mcp2515 *d, bool *tx, uint8_t *tec, uint8_t *rec)
+{
+	const uint8_t e = d != NULL ? d->eflg_state : 0u;
+
+	*tx = d != NULL && d->state == MCP2515_ERROR_PASSIVE ? (e & MCP_EFLG_TXEP) != 0u
+	      : d != NULL && d->state == MCP2515_ERROR_WARNING ? (e & MCP_EFLG_TXWAR) != 0u
+							     : false;
+	*tec = d != NULL ? d->tec : 0u;
+	*rec = d != NULL ? d->rec : 0u;
 }
 
 enum mcp2515_state mcp2515_get_state(const struct mcp2515 *d)

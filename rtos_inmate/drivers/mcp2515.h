@@ -161,6 +161,8 @@ struct mcp2515 {
 	struct mcp2515_callbacks cb;
 	struct mcp2515_stats stats;
 	enum mcp2515_state state;
+	/* EFLG at the last state change, and TEC/REC read then (error report) */
+	uint8_t eflg_state, tec, rec;
 	bool initialised;
 	bool int_ok;     /* INT pin seen high with all flags clear at start */
 	bool status_due; /* RX budget ran out: READ STATUS on the next poll */
@@ -241,6 +243,14 @@ int mcp2515_poll(struct mcp2515 *d);
 uint64_t mcp2515_next_deadline_ns(const struct mcp2515 *d);
 
 enum mcp2515_state mcp2515_get_state(const struct mcp2515 *d);
+
+/*
+ * For an error report: whether the transmit side made the current warning or
+ * passive state (EFLG TXWAR/TXEP at the last state change; Linux's mcp251x
+ * checks TX before RX) and the TEC/REC counters read then.  Read only on a
+ * state change, so the fast-reply path never pays for them.
+ */
+void mcp2515_error_info(const struct mcp2515 *d, bool *tx, uint8_t *tec, uint8_t *rec);
 size_t mcp2515_tx_free(const struct mcp2515 *d);
 const char *mcp2515_strerror(int rc);
 const char *mcp2515_state_name(enum mcp2515_state s);

@@ -483,3 +483,64 @@ def test_mcp2515_bus_off_reaches_linux_as_virtio_can_busoff(
         asyncio.run(asyncio.wait_for(main(), 40))
         stats = c.inmate.stats()
         assert stats["busoff"] == "1" and stats["can_restarts"] == "1", stats
+
+
+# --- error state (project extension, bit 22) ---------------------------------------------------
+def _next_error_frame(bus: can.BusABC, crtl_bit: int, timeout: float = 10.0) -> can.Message:
+    """The next error frame whose CAN_ERR_CRTL byte has ``crtl_bit`` (data frames skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        msg = bus.recv(left)
+        if msg is not None and msg.is_error_frame and msg.data[1] & crtl_bit:
+            return msg
+    raise AssertionError(f"no error frame with CAN_ERR_CRTL bit {crtl_bit:#x}")
+
+
+def test_error_passive_and_rx_overflow_reach_a_python_can_bus_on_linux(
+        tmp_path: Path, inmate_binary: Path) -> None:
+    """mcp251x's controller-error frames over virtio-can (docs/protocol.md, bit 22).
+
+    The simulated chip goes error-passive (REC past 127) and overflows its receive buffers (the
+    wire mode: frames the inmate did not read in time are lost); the inmate reports each to the
+    backend, and a python-can bus on another link of the backend, standing for Linux, gets error
+    frames (CAN_ERR_CRTL: RX_PASSIVE with the counters, RX_OVERFLOW) and ``bus.state`` PASSIVE.
+    Fails if the inmate does not report error-passive or the overflow.
+    """
+    from frontend.can_bus import IvshmemCanBus
+
+    with cell(tmp_path, inmate_binary, nlinks=2) as c:
+        up = c.inmate.event("LINK_UP")
+        assert "err_ext=1" in up, "the backend must offer the error-state extension (bit 22)"
+        c.inmate.event("STARTED")
+        chip = c.wire.chip
+        chip.rx_mode = "wire"  # a frame the driver does not read in time is lost
+        bus = IvshmemCanBus(c.links[1], fd=False, timeout=10.0)
+        try:
+            assert bus.state == can.BusState.ACTIVE
+            chip.add_rx_errors(130)  # REC 130: EFLG RXEP, error-passive
+            msg = _next_error_frame(bus, wire.CAN_ERR_CRTL_RX_PASSIVE)
+            assert msg.arbitration_id & wire.CAN_ERR_CRTL
+            assert msg.arbitration_id & wire.CAN_ERR_CNT and msg.data[7] == 130  # REC
+            wait_until_sync(lambda: bus.state == can.BusState.PASSIVE, 5)
+            # three frames while the inmate cannot read: two buffers, the third is lost
+            with chip._lock:
+                for i in range(3):
+                    chip.receive(can.Message(arbitration_id=0x240 + i, data=bytes([i]),
+                                             is_extended_id=False))
+            _next_error_frame(bus, wire.CAN_ERR_CRTL_RX_OVERFLOW)
+            assert bus.state == can.BusState.PASSIVE
+        finally:
+            bus.shutdown()
+        stats = c.inmate.stats()
+        assert int(stats["err_reports"]) >= 2 and int(stats["overflows"]) >= 1, stats
+        assert stats["err_report_fails"] == "0", stats
+
+
+def wait_until_sync(predicate: object, timeout: float) -> None:
+    """Poll ``predicate`` (a callable) until true or fail after ``timeout`` seconds."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)

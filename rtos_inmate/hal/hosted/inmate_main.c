@@ -73,7 +73,8 @@ static void print_stats(void)
 	}
 	printf("STATS link=%s attaches=%u detaches=%u resets=%u ring_faults=%u relay=%u "
 	       "relay_fails=%u relay_dropped=%u rx=%u rx_invalid=%u rx_empty=%u rx_sent=%u "
-	       "rx_send_fails=%u ctl=%u ctl_fails=%u busoff_reports=%u can_restarts=%u "
+	       "rx_send_fails=%u ctl=%u ctl_fails=%u busoff_reports=%u err_reports=%u "
+	       "err_report_fails=%u rx_errframes=%u can_restarts=%u "
 	       "transactions=%u timeouts=%u can_state=%s can_rx=%u can_tx=%u urgent=%u "
 	       "overflows=%u busoff=%u matched=%u replied=%u fast_max=%u fast_timed=%u "
 	       "hub_joins=%u hub_leaves=%u\n",
@@ -84,6 +85,8 @@ static void print_stats(void)
 	       (unsigned int)v->rx_invalid, (unsigned int)v->rx_empty, (unsigned int)v->rx_sent,
 	       (unsigned int)v->rx_send_fails, (unsigned int)v->ctl_count,
 	       (unsigned int)v->ctl_fails, (unsigned int)v->busoff_reports,
+	       (unsigned int)v->err_reports, (unsigned int)v->err_report_fails,
+	       (unsigned int)v->rx_errframes,
 	       (unsigned int)v->can_restarts, (unsigned int)vc.vio.stats.transactions,
 	       (unsigned int)vc.vio.stats.timeouts, mcp2515_state_name(br.can.state),
 	       (unsigned int)c->rx_frames, (unsigned int)c->tx_frames, (unsigned int)c->tx_urgent,
