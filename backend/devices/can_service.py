@@ -377,9 +377,9 @@ class CanLinkService:
             result = self.model.handle_control(
                 _gather(mem, chain.readable, wire.ERROR_REPORT_SIZE))
             if self.model.error_reports:
-                reports, self.model.error_reports = self.model.error_reports, []
+                errs, self.model.error_reports = self.model.error_reports, []
                 self._answer(vq, chain.head, result_addr, result)
-                for report in reports:
+                for report in errs:
                     self.backend.controller_error(self, report)
                 continue
             if self.model.bus_off_reports != reports:
