@@ -27,14 +27,18 @@ Run as a process (the process owns both the socket and the CAN bus):
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import can
 
+from .canbits import frame_time_ns
 from .mcp2515_regs import (  # noqa: F401 - re-exported: the chip module keeps every name
     BFPCTRL,
     BIT_MODIFIABLE,
@@ -110,6 +114,37 @@ from .mcp2515_regs import (  # noqa: F401 - re-exported: the chip module keeps e
     pack_id,
     unpack_id,
 )
+from .simclock import SimClock
+
+#: bits an error frame and its delimiter hold the bus after a failed attempt (6 flag bits,
+#: up to 6 echoed by the other nodes, 8 delimiter bits, 3 intermission)
+ERROR_FRAME_BITS = 23
+#: recessive bits the chip waits for before a mode change takes effect (bus idle)
+MODE_CHANGE_BITS = 11
+
+
+def arbitration_key(msg: can.Message) -> tuple[int, int, int, int, int]:
+    """Order in which frames win arbitration (lowest first), bit by bit as on the wire.
+
+    Base id first; then a standard frame's RTR against an extended frame's SRR (recessive),
+    then IDE; an extended id's low 18 bits; finally its RTR. A standard data frame beats an
+    extended frame with the same base id, and a data frame beats a remote frame of its id.
+    """
+    rtr = int(bool(msg.is_remote_frame))
+    if msg.is_extended_id:
+        return (msg.arbitration_id >> 18, 1, 1, msg.arbitration_id & 0x3FFFF, rtr)
+    return (msg.arbitration_id, rtr, 0, 0, 0)
+
+
+@dataclass
+class _OnBus:
+    """The frame holding the bus: from another node (``txb`` None) or one of our buffers."""
+
+    msg: can.Message
+    start_ns: int
+    end_ns: int
+    txb: int | None
+    fails: bool = False
 
 
 class Mcp2515:
@@ -121,6 +156,14 @@ class Mcp2515:
     - ``"backpressure"``: a frame waits on the wire until both RX buffers are
       empty, then goes to RXB0.  Never lost, never reordered: for functional
       tests of a driver that is slower than a real bus (a hosted process).
+
+    ``sim_clock`` turns on bus time (:mod:`.simclock`): a frame holds the bus for its
+    stuffed bit length at the programmed bitrate (TXREQ stays set meanwhile, TXnIF at its
+    end), frames from other nodes (``receive``, ``schedule``) and the chip's own buffers
+    arbitrate by id at every bus idle, a frame reaches the RX buffers at its end of frame,
+    failed attempts take their bit time plus an error frame, and mode changes wait for the
+    bus and 11 recessive bits. Without it a transmission completes at RTS (functional tests
+    whose clock is the host's).
     """
 
     def __init__(
@@ -131,6 +174,7 @@ class Mcp2515:
         tx_sink: Callable[[can.Message], None] | None = None,
         mode_change_reads: int = 0,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        sim_clock: SimClock | None = None,
     ) -> None:
         if rx_mode not in ("wire", "backpressure"):
             raise ValueError(f"rx_mode must be 'wire' or 'backpressure', not {rx_mode!r}")
@@ -142,7 +186,24 @@ class Mcp2515:
         self.rx_mode = rx_mode
         self.tx_sink = tx_sink
         self.mode_change_reads = mode_change_reads
-        self._clock = clock_ns
+        self._clock = clock_ns if sim_clock is None else sim_clock.now_ns
+        self.sim_clock = sim_clock
+        # bus time (sim_clock only): the frame on the bus, when the bus went idle, frames of
+        # other nodes waiting for it (sorted by the time they are ready), when each TX
+        # buffer's TXREQ was set, and a mode change waiting for the bus
+        self._on_bus: _OnBus | None = None
+        self._bus_idle_ns = self._clock()
+        self._ext: list[tuple[int, int, can.Message]] = []
+        self._ext_seq = itertools.count()
+        self._tx_ready_ns = [0, 0, 0]
+        self._mode_due_ns: int | None = None
+        self.bus_frames = 0
+        self.bus_busy_ns = 0
+        self.arbitration_lost = 0
+        #: (time, SPI byte total, id) of every frame put into an RX buffer, and of every RTS
+        #: (time, SPI byte total, buffer mask): per-frame SPI budgets under load
+        self.rx_log: deque[tuple[int, int, int]] = deque(maxlen=100_000)
+        self.rts_log: deque[tuple[int, int, int]] = deque(maxlen=100_000)
         self._lock = threading.RLock()
         self._int_cond = threading.Condition(self._lock)
         self.stats = SpiStats()
@@ -288,7 +349,15 @@ class Mcp2515:
         self._int_level_low = low
 
     def wait_int(self, timeout_s: float) -> bool:
-        """Block until INT is asserted or timeout_s passes; returns the level."""
+        """Block until INT is asserted or timeout_s passes; returns the level.
+
+        With a ``sim_clock`` the timeout is simulated time: the clock jumps to the next
+        scheduled bus event while one comes before the deadline; with nothing scheduled it
+        waits for the host (a frame from a python-can bus, a test's call) and advances by
+        the host time that passed.
+        """
+        if self.sim_clock is not None:
+            return self._wait_int_sim(self.sim_clock, int(max(0.0, timeout_s) * 1e9))
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._int_cond:
             while True:
@@ -300,6 +369,32 @@ class Mcp2515:
                     return False
                 # wake at least every 5 ms for time-based events (bus-off recovery)
                 self._int_cond.wait(min(left, 0.005))
+
+    def _wait_int_sim(self, clock: SimClock, timeout_ns: int) -> bool:
+        deadline = clock.now_ns() + timeout_ns
+        with self._int_cond:
+            while True:
+                self._tick()
+                if self.regs[CANINTE] & self.regs[CANINTF] or self._int_forced_low:
+                    return True
+                now = clock.now_ns()
+                if now >= deadline:
+                    return False
+                nxt = self._next_event_ns()
+                if nxt is not None and nxt <= deadline:
+                    clock.advance_to(nxt)
+                    continue
+                t0 = time.monotonic_ns()
+                self._int_cond.wait(min(deadline - now, 5_000_000) / 1e9)
+                clock.advance_to(min(deadline, now + time.monotonic_ns() - t0))
+
+    def spend(self, ns: int) -> None:
+        """Simulated time the driver spends outside SPI (a delay, a GPIO read)."""
+        if self.sim_clock is not None:
+            with self._lock:
+                self.sim_clock.advance(ns)
+                self._tick()
+                self._update_int()
 
     def note_int_observed(self) -> None:
         """The driver read INT as asserted (called by the SPI socket server)."""
@@ -314,6 +409,9 @@ class Mcp2515:
             raise ValueError(f"SPI transfer of {n} bytes (1..{MAX_TRANSFER})")
         data = bytes(mosi)
         with self._lock:
+            if self.sim_clock is not None:
+                # the window's effects land at CS rise, after its bytes' wire time
+                self.sim_clock.advance(self.sim_clock.spi_ns(n))
             self._tick()
             t = self._now()
             before = self.stats.total_bytes
@@ -429,7 +527,7 @@ class Mcp2515:
     def _read_reg(self, addr: int) -> int:
         addr = _canon(addr)
         if addr == CANSTAT:
-            if self._pending_mode is not None:
+            if self._pending_mode is not None and self.sim_clock is None:
                 self._pending_reads -= 1
                 if self._pending_reads <= 0:
                     mode = self._pending_mode
@@ -513,8 +611,14 @@ class Mcp2515:
             req = MODE_CONFIG  # 101..111: invalid, treated as configuration
         if req == self._mode:
             self._pending_mode = None
+            self._mode_due_ns = None
             return
-        if self.mode_change_reads > 0:
+        if self.sim_clock is not None:
+            # the chip waits for the frame on the bus to end, then for bus idle
+            busy_until = self._on_bus.end_ns if self._on_bus is not None else self._now()
+            self._pending_mode = req
+            self._mode_due_ns = busy_until + MODE_CHANGE_BITS * self._bit_ns()
+        elif self.mode_change_reads > 0:
             self._pending_mode = req
             self._pending_reads = self.mode_change_reads
         else:
@@ -541,6 +645,7 @@ class Mcp2515:
             val |= TXB_ABTF  # clearing TXREQ of a pending buffer aborts it
         self.regs[base] = val
         if val & TXB_TXREQ and not old & TXB_TXREQ:
+            self._tx_ready_ns[i] = self._now()
             self._try_transmit()
 
     def _rts(self, mask: int) -> None:
@@ -548,8 +653,11 @@ class Mcp2515:
             if mask & (1 << i):
                 ctrl = self.regs[TXB_BASE[i]]
                 self.regs[TXB_BASE[i]] = (ctrl | TXB_TXREQ) & ~(TXB_ABTF | TXB_MLOA | TXB_TXERR)
+                if not ctrl & TXB_TXREQ:
+                    self._tx_ready_ns[i] = self._now()
         if mask:
             self.stats.rts(self._now())
+            self.rts_log.append((self._now(), self.stats.total_bytes, mask))
         self._try_transmit()
 
     def _abort_all(self) -> None:
@@ -582,6 +690,9 @@ class Mcp2515:
         )
 
     def _try_transmit(self) -> None:
+        if self.sim_clock is not None:
+            self._advance_bus(self._now())
+            return
         if self._mode not in (MODE_NORMAL, MODE_LOOPBACK) or self._bus_off:
             return
         for _ in range(3):
@@ -640,9 +751,10 @@ class Mcp2515:
             self._tec += 8
         self._update_error_flags()
 
-    def _complete_tx(self, i: int) -> None:
+    def _complete_tx(self, i: int, msg: can.Message | None = None) -> None:
         base = TXB_BASE[i]
-        msg = self._frame_from_txb(i)
+        if msg is None:
+            msg = self._frame_from_txb(i)
         self.regs[base] &= ~(TXB_TXREQ | TXB_TXERR | TXB_MLOA) & 0xFF
         self.regs[CANINTF] |= INT_TX[i]
         self.tx_count += 1
@@ -656,6 +768,149 @@ class Mcp2515:
                 self.tx_sink(msg)
             except can.CanError:
                 self.tx_sink_errors += 1
+
+    # ------------------------------------------------------------ bus time (sim_clock)
+    def _bit_ns(self) -> int:
+        return 1_000_000_000 // self._bitrate()
+
+    def _frame_ns(self, msg: can.Message) -> int:
+        return frame_time_ns(self._bitrate(), msg.arbitration_id,
+                             b"" if msg.is_remote_frame else bytes(msg.data or b""),
+                             extended=bool(msg.is_extended_id), rtr=bool(msg.is_remote_frame),
+                             dlc=int(msg.dlc))
+
+    def schedule(self, frames: Iterable[tuple[int, can.Message]]) -> None:
+        """Frames other nodes queue for the bus at given simulated times (a bus load).
+
+        Each still has to find the bus idle and win arbitration, so a schedule denser than
+        the bus can carry queues up behind it, as the other nodes' controllers would.
+        """
+        if self.sim_clock is None:
+            raise RuntimeError("schedule() needs a sim_clock")
+        with self._lock:
+            for t_ns, msg in frames:
+                self._queue_ext(t_ns, msg)
+            self._int_cond.notify_all()
+
+    def _queue_ext(self, t_ns: int, msg: can.Message) -> None:
+        bisect.insort(self._ext, (t_ns, next(self._ext_seq), msg))
+
+    def _chip_contender(self) -> int | None:
+        """The TX buffer the chip would put up for arbitration now, if any."""
+        if (self._mode not in (MODE_NORMAL, MODE_LOOPBACK) or self._bus_off
+                or self.regs[CANCTRL] & CANCTRL_ABAT):
+            return None
+        pend = [i for i in self._pending_tx() if not self._stalled(i)]
+        return pend[0] if pend else None
+
+    def _next_start_ns(self) -> int | None:
+        """When the bus would start its next frame (both sides' ready times, bus idle)."""
+        ready = [self._ext[0][0]] if self._ext else []
+        i = self._chip_contender()
+        if i is not None:
+            ready.append(self._tx_ready_ns[i])
+        return max(self._bus_idle_ns, min(ready)) if ready else None
+
+    def _next_event_ns(self) -> int | None:
+        """The next moment something happens on its own (for a waiting driver)."""
+        times = []
+        if self._on_bus is not None:
+            times.append(self._on_bus.end_ns)
+        else:
+            start = self._next_start_ns()
+            if start is not None:
+                times.append(start)
+        if self._mode_due_ns is not None:
+            times.append(self._mode_due_ns)
+        if self._bus_off and self._mode == MODE_NORMAL and not self._bus_fault:
+            times.append(self._bus_off_ns + BUS_OFF_RECOVERY_BITS * self._bit_ns())
+        return min(times) if times else None
+
+    _in_bus = False
+
+    def _advance_bus(self, now: int) -> None:
+        """Run the bus up to ``now``: end frames, apply due mode changes, arbitrate."""
+        if self._in_bus:
+            return
+        self._in_bus = True
+        try:
+            while True:
+                ob = self._on_bus
+                if ob is not None:
+                    if ob.end_ns > now:
+                        return
+                    self._finish_frame(ob)
+                    continue
+                start = self._next_start_ns()
+                due = self._mode_due_ns
+                if due is not None and due <= now and (start is None or due <= start):
+                    self._mode_due_ns = None
+                    mode, self._pending_mode = self._pending_mode, None
+                    self._bus_idle_ns = max(self._bus_idle_ns, due)
+                    if mode is not None:
+                        self._enter_mode(mode)
+                    continue
+                if start is None or start > now:
+                    return
+                self._start_frame(start)
+        finally:
+            self._in_bus = False
+
+    def _start_frame(self, start: int) -> None:
+        best: int | None = None
+        for k, (ready, _seq, msg) in enumerate(self._ext):
+            if ready > start:
+                break
+            if best is None or arbitration_key(msg) < arbitration_key(self._ext[best][2]):
+                best = k
+        i = self._chip_contender()
+        if i is not None and self._tx_ready_ns[i] > start:
+            i = None
+        ours = None if i is None else self._frame_from_txb(i)
+        if ours is not None and (best is None
+                                 or arbitration_key(ours) <= arbitration_key(self._ext[best][2])):
+            assert i is not None
+            fails = self._mode == MODE_NORMAL and (
+                self._bus_fault or self._tx_fail_remaining > 0 or self._no_ack)
+            dur = self._frame_ns(ours)
+            self._on_bus = _OnBus(ours, start, start + dur, i, fails)
+        else:
+            assert best is not None
+            if i is not None:
+                self.regs[TXB_BASE[i]] |= TXB_MLOA
+                self.arbitration_lost += 1
+            _, _, msg = self._ext.pop(best)
+            dur = self._frame_ns(msg)
+            self._on_bus = _OnBus(msg, start, start + dur, None)
+        self.bus_frames += 1
+        self.bus_busy_ns += dur
+
+    def _finish_frame(self, ob: _OnBus) -> None:
+        self._on_bus = None
+        self._bus_idle_ns = ob.end_ns
+        if ob.txb is None:
+            if self._mode in (MODE_NORMAL, MODE_LISTEN):
+                self._backlog.append(ob.msg)
+                self._backlog_pump()
+            else:
+                self.rx_dropped_mode += 1
+            return
+        base = TXB_BASE[ob.txb]
+        if ob.fails:
+            # an error frame follows; the buffer stays pending and is retried (unless aborted)
+            self._bus_idle_ns += ERROR_FRAME_BITS * self._bit_ns()
+            self.regs[base] |= TXB_TXERR
+            if self._bus_fault or self._tx_fail_remaining > 0:
+                self._tx_fail_remaining = max(0, self._tx_fail_remaining - 1)
+                self._tec += 8
+            elif self._tec < 128:
+                self._tec += 8  # no ACK: error-passive stops the climb (see _fail_no_ack)
+            self._update_error_flags()
+            return
+        if not self.regs[base] & TXB_TXREQ:
+            # aborted while on the wire: it made it out after all, ABTF says not aborted
+            self.regs[base] &= ~TXB_ABTF & 0xFF
+        self._complete_tx(ob.txb, ob.msg)
 
     # ------------------------------------------------------------ errors
     def _update_error_flags(self, signal: bool = True) -> None:
@@ -682,7 +937,9 @@ class Mcp2515:
             self.regs[CANINTF] |= INT_ERR
 
     def _tick(self) -> None:
-        """Time-driven events: bus-off recovery in normal mode."""
+        """Time-driven events: the bus (sim_clock), a mode change, bus-off recovery."""
+        if self.sim_clock is not None:
+            self._advance_bus(self._now())
         if self._bus_off and self._mode == MODE_NORMAL and not self._bus_fault:
             need_ns = BUS_OFF_RECOVERY_BITS * 1_000_000_000 // self._bitrate()
             if self._now() - self._bus_off_ns >= need_ns:
@@ -750,10 +1007,19 @@ class Mcp2515:
 
     # ------------------------------------------------------------ RX
     def receive(self, msg: can.Message) -> None:
-        """A frame on the bus (from another node)."""
+        """A frame on the bus (from another node).
+
+        With a ``sim_clock`` the frame is queued now and still has to win the bus.
+        """
         with self._lock:
             if msg.is_error_frame or msg.is_fd:
                 self.rx_ignored += 1
+                return
+            if self.sim_clock is not None:
+                self._queue_ext(self._now(), msg)
+                self._tick()
+                self._update_int()
+                self._int_cond.notify_all()
                 return
             self._backlog.append(msg)
             self._backlog_pump()
@@ -844,6 +1110,7 @@ class Mcp2515:
         r[base] = ctrl
         r[CANINTF] |= INT_RX0 if buf == 0 else INT_RX1
         self.rx_count += 1
+        self.rx_log.append((self._now(), self.stats.total_bytes, msg.arbitration_id))
 
     # ------------------------------------------------------------ bus
     def attach_bus(self, bus: can.BusABC) -> None:
