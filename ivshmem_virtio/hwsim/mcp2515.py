@@ -193,10 +193,11 @@ class Mcp2515:
         # buffer's TXREQ was set, and a mode change waiting for the bus
         self._on_bus: _OnBus | None = None
         self._bus_idle_ns = self._clock()
-        self._ext: list[tuple[int, int, can.Message]] = []
+        self._ext: list[tuple[int, int, can.Message, str]] = []
         self._ext_seq = itertools.count()
         self._tx_ready_ns = [0, 0, 0]
         self._mode_due_ns: int | None = None
+        self._arrivals = 0
         self.bus_frames = 0
         self.bus_busy_ns = 0
         self.arbitration_lost = 0
@@ -337,6 +338,10 @@ class Mcp2515:
     def _now(self) -> int:
         return self._clock()
 
+    def now_ns(self) -> int:
+        """The chip's time: the sim_clock's, else the host's monotonic clock."""
+        return self._clock()
+
     def _violation(self, text: str) -> None:
         self.violations.append(text)
 
@@ -385,7 +390,13 @@ class Mcp2515:
                     clock.advance_to(nxt)
                     continue
                 t0 = time.monotonic_ns()
+                arrivals = self._arrivals
                 self._int_cond.wait(min(deadline - now, 5_000_000) / 1e9)
+                if self._arrivals != arrivals:
+                    # woken by a frame (or a test's call) stamped with the time it came:
+                    # the host's wake-up delay is not bus time, or back-to-back frames
+                    # would all end at once and overflow
+                    continue
                 clock.advance_to(min(deadline, now + time.monotonic_ns() - t0))
 
     def spend(self, ns: int) -> None:
@@ -779,21 +790,24 @@ class Mcp2515:
                              extended=bool(msg.is_extended_id), rtr=bool(msg.is_remote_frame),
                              dlc=int(msg.dlc))
 
-    def schedule(self, frames: Iterable[tuple[int, can.Message]]) -> None:
-        """Frames other nodes queue for the bus at given simulated times (a bus load).
+    def schedule(self, frames: Iterable[tuple[int, can.Message]], node: str = "load") -> None:
+        """Frames another node queues for the bus at given simulated times (a bus load).
 
         Each still has to find the bus idle and win arbitration, so a schedule denser than
-        the bus can carry queues up behind it, as the other nodes' controllers would.
+        the bus can carry queues up behind it, as the other node's controller would. One
+        node sends its frames in order (its head frame is its only contender); frames from
+        ``receive`` are node ``"bus"``.
         """
         if self.sim_clock is None:
             raise RuntimeError("schedule() needs a sim_clock")
         with self._lock:
             for t_ns, msg in frames:
-                self._queue_ext(t_ns, msg)
+                self._queue_ext(t_ns, msg, node)
             self._int_cond.notify_all()
 
-    def _queue_ext(self, t_ns: int, msg: can.Message) -> None:
-        bisect.insort(self._ext, (t_ns, next(self._ext_seq), msg))
+    def _queue_ext(self, t_ns: int, msg: can.Message, node: str = "bus") -> None:
+        self._arrivals += 1
+        bisect.insort(self._ext, (t_ns, next(self._ext_seq), msg, node))
 
     def _chip_contender(self) -> int | None:
         """The TX buffer the chip would put up for arbitration now, if any."""
@@ -858,9 +872,13 @@ class Mcp2515:
 
     def _start_frame(self, start: int) -> None:
         best: int | None = None
-        for k, (ready, _seq, msg) in enumerate(self._ext):
+        heads: set[str] = set()
+        for k, (ready, _seq, msg, node) in enumerate(self._ext):
             if ready > start:
                 break
+            if node in heads:
+                continue  # behind that node's earlier frame
+            heads.add(node)
             if best is None or arbitration_key(msg) < arbitration_key(self._ext[best][2]):
                 best = k
         i = self._chip_contender()
@@ -879,7 +897,7 @@ class Mcp2515:
             if i is not None:
                 self.regs[TXB_BASE[i]] |= TXB_MLOA
                 self.arbitration_lost += 1
-            _, _, msg = self._ext.pop(best)
+            msg = self._ext.pop(best)[2]
             dur = self._frame_ns(msg)
             self._on_bus = _OnBus(msg, start, start + dur, None)
         self.bus_frames += 1
@@ -1164,11 +1182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--osc", type=int, default=16_000_000, help="crystal frequency in Hz")
     ap.add_argument("--rx-mode", choices=("wire", "backpressure"), default="wire")
     ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0 = never)")
+    ap.add_argument("--sim-time", action="store_true",
+                    help="bus time on a simulated clock (hwsim.simclock) instead of host time")
     args = ap.parse_args(argv)
     interface, channel = args.bus
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    chip = Mcp2515(osc_hz=args.osc, rx_mode=args.rx_mode)
+    chip = Mcp2515(osc_hz=args.osc, rx_mode=args.rx_mode,
+                   sim_clock=SimClock() if args.sim_time else None)
     with can.Bus(interface=interface, channel=channel) as bus:
         chip.attach_bus(bus)
         server = SpiSocketServer(chip, args.socket)

@@ -13,7 +13,14 @@ XFER   1..64 MOSI bytes (one CS window)     as many MISO bytes
 INT    (none)                               u8 INT level (0 = low = asserted)
 WAIT   u32 timeout_us (<= 1 s)              u8 INT level, as soon as INT is low
                                             or the timeout has passed
+UART   1..64 bytes of console output        none
+TIME   (none)                               u64 the chip's time in ns (LE)
+DELAY  u32 us (<= 1 s)                      none, once that time has passed
 ====== ==================================== ===================================
+
+Version 2 added TIME and DELAY: the hosted HAL's ``hal_now_ns``/``hal_delay_us`` use the
+chip's clock, so with a :class:`~ivshmem_virtio.hwsim.simclock.SimClock` the driver's timers
+run on the same simulated time as the bus (host time otherwise).
 
 HELLO comes first, then one request at a time.  Anything unexpected closes the
 connection (the server then waits for the next client).  One client at a time.
@@ -25,6 +32,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -32,7 +40,7 @@ import structlog
 from ivshmem_virtio.hwsim.mcp2515 import Mcp2515
 
 SPIP_MAGIC = 0x5350434D
-SPIP_VERSION = 1
+SPIP_VERSION = 2
 SPIP_HDR_LEN = 4
 SPIP_MAX_XFER = 64
 SPIP_MAX_WAIT_US = 1_000_000
@@ -41,6 +49,8 @@ SPIP_OP_XFER = 0x02
 SPIP_OP_INT = 0x03
 SPIP_OP_WAIT = 0x04
 SPIP_OP_UART = 0x05
+SPIP_OP_TIME = 0x06
+SPIP_OP_DELAY = 0x07
 SPIP_REPLY = 0x80
 
 _HDR = struct.Struct("<BBH")
@@ -177,6 +187,7 @@ class SpiSocketServer:
             elif op == SPIP_OP_INT:
                 if payload:
                     raise ProtocolError("INT with payload")
+                self._spend(1)
                 self._reply(conn, op, bytes([self._level()]))
             elif op == SPIP_OP_WAIT:
                 if len(payload) != 4:
@@ -190,6 +201,23 @@ class SpiSocketServer:
                 if not 1 <= len(payload) <= SPIP_MAX_XFER:
                     raise ProtocolError(f"UART of {len(payload)} bytes")
                 self.chip.uart_write(payload)
+                self._spend(len(payload))
+                self._reply(conn, op, b"")
+            elif op == SPIP_OP_TIME:
+                if payload:
+                    raise ProtocolError("TIME with payload")
+                self._spend(1)
+                self._reply(conn, op, struct.pack("<Q", self.chip.now_ns()))
+            elif op == SPIP_OP_DELAY:
+                if len(payload) != 4:
+                    raise ProtocolError("DELAY needs a u32 time in us")
+                (us,) = struct.unpack("<I", payload)
+                if us > SPIP_MAX_WAIT_US:
+                    raise ProtocolError(f"DELAY of {us} us > 1 s")
+                if self.chip.sim_clock is not None:
+                    self.chip.spend(us * 1000)
+                else:
+                    time.sleep(us / 1e6)
                 self._reply(conn, op, b"")
             else:
                 raise ProtocolError(f"unknown op 0x{op:02x}")
@@ -202,6 +230,11 @@ class SpiSocketServer:
             if self.chip.wait_int(step):
                 return
             left -= step
+
+    def _spend(self, units: int) -> None:
+        """The core's simulated time for a request that is not SPI (one unit per MMIO access)."""
+        if self.chip.sim_clock is not None:
+            self.chip.spend(units * self.chip.sim_clock.cpu_ns)
 
     def _level(self) -> int:
         if self.chip.int_asserted:

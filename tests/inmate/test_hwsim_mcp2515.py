@@ -13,7 +13,7 @@ import pytest
 
 from ivshmem_virtio.hwsim import mcp2515 as m
 from ivshmem_virtio.hwsim.mcp2515 import Mcp2515, pack_id, unpack_id
-from ivshmem_virtio.hwsim.spisock import SPIP_MAGIC, SpiSocketServer
+from ivshmem_virtio.hwsim.spisock import SPIP_MAGIC, SPIP_VERSION, SpiSocketServer
 
 
 class Spi:
@@ -493,8 +493,8 @@ def test_socket_protocol(tmp_path) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(path))
-            s.sendall(_msg(0x01, struct.pack("<IH", SPIP_MAGIC, 1)))
-            assert _recv_reply(s) == (0x81, b"\x01\x00")
+            s.sendall(_msg(0x01, struct.pack("<IH", SPIP_MAGIC, SPIP_VERSION)))
+            assert _recv_reply(s) == (0x81, struct.pack("<H", SPIP_VERSION))
             s.sendall(_msg(0x02, bytes([0x03, 0x0E, 0x00])))
             assert _recv_reply(s) == (0x82, b"\xff\xff\x00")  # CANSTAT: normal mode
             s.sendall(_msg(0x03))

@@ -26,6 +26,7 @@ import pytest
 from ivshmem_virtio.hwsim import mcp2515 as m
 from ivshmem_virtio.hwsim import spisock
 from ivshmem_virtio.hwsim.mcp2515 import Mcp2515
+from ivshmem_virtio.hwsim.simclock import SimClock
 from ivshmem_virtio.hwsim.spisock import SpiSocketServer
 
 from .lines import Lines
@@ -130,10 +131,21 @@ class Rig:
 
 @contextmanager
 def rig(
-    tmp_path: Path, build: Path, *, osc: int = 16_000_000, rx_mode: str = "backpressure"
+    tmp_path: Path,
+    build: Path,
+    *,
+    osc: int = 16_000_000,
+    rx_mode: str = "backpressure",
+    bus_time: bool = False,
 ) -> Iterator[Rig]:
+    """``bus_time``: the lossy wire mode on simulated bus time (``SimClock``): frames take
+    their bit time, the driver's SPI its bytes at 7.14 MHz, and what it does not read in
+    time is lost, whatever the host's speed."""
     channel = f"inmate-{uuid.uuid4().hex}"
-    chip = Mcp2515(osc_hz=osc, rx_mode=rx_mode)
+    if bus_time:
+        chip = Mcp2515(osc_hz=osc, rx_mode="wire", sim_clock=SimClock())
+    else:
+        chip = Mcp2515(osc_hz=osc, rx_mode=rx_mode)
     sock = tmp_path / f"mcp-{uuid.uuid4().hex[:8]}.sock"
     with (
         can.Bus(interface="virtual", channel=channel) as chip_bus,
@@ -156,6 +168,10 @@ def running(r: Rig, *args: str, **kw: int) -> Iterator[Inmate]:
     finally:
         rc = inm.close()
         assert rc == 0, f"hosted_can exited {rc}; stderr={inm.stderr[-20:]}"
+
+
+#: the tests that also run in the lossy wire mode on simulated bus time
+BUS_TIME = pytest.mark.parametrize("bus_time", [False, True], ids=["host-time", "bus-time"])
 
 
 def std(arb_id: int, data: bytes = b"") -> can.Message:
@@ -242,7 +258,8 @@ def test_bad_rules_rejected(tmp_path: Path, hosted_build: Path) -> None:
 # ---------------------------------------------------------------- TX / RX
 
 
-def test_send_fifo_order_std_ext_rtr(tmp_path: Path, hosted_build: Path) -> None:
+@BUS_TIME
+def test_send_fifo_order_std_ext_rtr(tmp_path: Path, hosted_build: Path, bus_time: bool) -> None:
     frames = [
         ("123", "s", 2, "0102"),
         ("18DAF110", "x", 8, "0011223344556677"),
@@ -250,7 +267,7 @@ def test_send_fifo_order_std_ext_rtr(tmp_path: Path, hosted_build: Path) -> None
         ("1", "xr", 0, "-"),
         ("000", "s", 0, "-"),
     ] * 3  # 15 frames queued in one go: fits the 16-entry FIFO
-    with rig(tmp_path, hosted_build) as r, running(r) as inm:
+    with rig(tmp_path, hosted_build, bus_time=bus_time) as r, running(r) as inm:
         assert "STATE ERROR_ACTIVE" in inm.history
         for tag, (arb, fl, n, data) in enumerate(frames):
             inm.cmd(f"send {arb} {fl} {n} {data} {tag}")
@@ -275,8 +292,9 @@ def test_send_fifo_order_std_ext_rtr(tmp_path: Path, hosted_build: Path) -> None
         assert r.chip.violations == []
 
 
-def test_receive_and_relay(tmp_path: Path, hosted_build: Path) -> None:
-    with rig(tmp_path, hosted_build) as r, running(r) as inm:
+@BUS_TIME
+def test_receive_and_relay(tmp_path: Path, hosted_build: Path, bus_time: bool) -> None:
+    with rig(tmp_path, hosted_build, bus_time=bus_time) as r, running(r) as inm:
         assert "STATE ERROR_ACTIVE" in inm.history
         r.peer.send(std(0x100, b"\x01\x02\x03"))
         r.peer.send(can.Message(arbitration_id=0x1ABCDEF0, is_extended_id=True, data=bytes(8)))
@@ -305,9 +323,10 @@ def test_receive_and_relay(tmp_path: Path, hosted_build: Path) -> None:
 RULES = "7DF:02010D->7E8:03410D$cAAAAAAAA;7E0:0322??->7E8:$0.62.$2.00"
 
 
-def test_fast_reply_and_spi_budget(tmp_path: Path, hosted_build: Path) -> None:
+@BUS_TIME
+def test_fast_reply_and_spi_budget(tmp_path: Path, hosted_build: Path, bus_time: bool) -> None:
     windows = []
-    with rig(tmp_path, hosted_build) as r, running(r, "--rules", RULES) as inm:
+    with rig(tmp_path, hosted_build, bus_time=bus_time) as r, running(r, "--rules", RULES) as inm:
         assert "STATE ERROR_ACTIVE" in inm.history
         for i in range(12):
             # the simulated reply is on the wire at once; a real one takes
@@ -580,7 +599,10 @@ def _wait_until(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped
     return bool(cond())
 
 
-def test_log_never_written_from_the_rx_path(tmp_path: Path, hosted_build: Path) -> None:
+@BUS_TIME
+def test_log_never_written_from_the_rx_path(
+    tmp_path: Path, hosted_build: Path, bus_time: bool
+) -> None:
     """Log lines, even those formatted in the RX callback, reach the UART only when idle.
 
     --log-relay makes the relay callback log every frame and --stats-ms logs a statistics
@@ -588,7 +610,7 @@ def test_log_never_written_from_the_rx_path(tmp_path: Path, hosted_build: Path) 
     READ RX BUFFER and the status read that finds nothing more (the RX handling).
     """
     with (
-        rig(tmp_path, hosted_build) as r,
+        rig(tmp_path, hosted_build, bus_time=bus_time) as r,
         running(r, "--rules", RULES, "--log-relay", "--stats-ms", "2") as inm,
     ):
         for i in range(30):
@@ -607,9 +629,12 @@ def test_log_never_written_from_the_rx_path(tmp_path: Path, hosted_build: Path) 
     assert stats["rule0"] == "10/10" and stats["log_dropped"] == "0"
 
 
-def test_spurious_int_reads_no_stale_frame(tmp_path: Path, hosted_build: Path) -> None:
+@BUS_TIME
+def test_spurious_int_reads_no_stale_frame(
+    tmp_path: Path, hosted_build: Path, bus_time: bool
+) -> None:
     """INT held low with no flag behind it: no second reply, no second relay."""
-    with rig(tmp_path, hosted_build) as r, running(r, "--rules", RULES) as inm:
+    with rig(tmp_path, hosted_build, bus_time=bus_time) as r, running(r, "--rules", RULES) as inm:
         r.peer.send(std(0x7DF, b"\x02\x01\x0d\x55\x55\x55\x55\x55"))
         assert bytes(r.recv().data)[:4] == b"\x03\x41\x0d\x00"
         r.peer.send(std(0x300, b"\x01"))
@@ -631,7 +656,7 @@ def test_fast_reply_not_queued_behind_a_stuck_frame(tmp_path: Path, hosted_build
     """A FIFO frame that keeps losing arbitration: the reply leaves from TXB1 meanwhile,
     and the TX timeout aborts the stuck frame and reports it (tx_done ok=0)."""
     with (
-        rig(tmp_path, hosted_build) as r,
+        rig(tmp_path, hosted_build, bus_time=False) as r,
         running(r, "--rules", RULES, "--tx-timeout-us", "300000") as inm,
     ):
         r.chip.set_stalled_ids({0x123})
@@ -652,12 +677,13 @@ def test_fast_reply_not_queued_behind_a_stuck_frame(tmp_path: Path, hosted_build
     assert stats["tx_timeouts"] == "1" and stats["urgent"] == "1"
 
 
+@BUS_TIME
 def test_lone_node_error_passive_reported_and_frame_aborted(
-    tmp_path: Path, hosted_build: Path
+    tmp_path: Path, hosted_build: Path, bus_time: bool
 ) -> None:
     """No ACK: error-passive is reported, never bus-off; the TX timeout ends the frame."""
     with (
-        rig(tmp_path, hosted_build) as r,
+        rig(tmp_path, hosted_build, bus_time=bus_time) as r,
         running(r, "--err-poll-us", "1000", "--tx-timeout-us", "200000") as inm,
     ):
         r.chip.set_no_ack(True)

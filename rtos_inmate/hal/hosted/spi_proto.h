@@ -20,6 +20,11 @@
  *                                          the pin is low or the time is up
  *   UART  0x05  1..64 bytes of console     none (the simulator records them
  *               output (the log drain)     and when they were written)
+ *   TIME  0x06  none                       u64 the chip's time in ns, LE
+ *   DELAY 0x07  u32 us (<= 1 s)            none, once that time has passed
+ *
+ * TIME and DELAY (version 2) put hal_now_ns/hal_delay_us on the simulator's
+ * clock: with simulated bus time the driver's timers and the bus agree.
  *
  * The client sends HELLO first and then one request at a time, waiting for
  * its reply.  Anything unexpected (bad op, nonzero byte 1, wrong length,
@@ -29,7 +34,7 @@
 #define RTOS_INMATE_SPI_PROTO_H
 
 #define SPIP_MAGIC 0x5350434Du /* "MCPS" little endian */
-#define SPIP_VERSION 1u
+#define SPIP_VERSION 2u
 #define SPIP_HDR_LEN 4u
 #define SPIP_MAX_XFER 64u
 #define SPIP_MAX_WAIT_US 1000000u
@@ -39,6 +44,8 @@
 #define SPIP_OP_INT 0x03u
 #define SPIP_OP_WAIT 0x04u
 #define SPIP_OP_UART 0x05u
+#define SPIP_OP_TIME 0x06u
+#define SPIP_OP_DELAY 0x07u
 #define SPIP_REPLY 0x80u
 
 #endif /* RTOS_INMATE_SPI_PROTO_H */
