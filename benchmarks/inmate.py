@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,3 +129,133 @@ def run_inmate(ctx: Context) -> None:
     if violations:
         ctx.notes.append(f"inmate: the MCP2515 simulator saw {len(violations)} protocol "
                          f"violations, first: {violations[0]}")
+    run_inmate_load(ctx, exe)
+
+
+SPI_HZ = 7_142_857  # 500 MHz core / CDIV 70: the deployed SCLK (docs/deploy.md)
+LOADS = (50, 90)
+REQUEST_PERIOD_NS = 5_000_000  # one fast-reply request every 5 ms of bus time
+
+
+def budget_us(nbytes: float, spi_hz: int = SPI_HZ) -> float:
+    """Wire time of ``nbytes`` SPI bytes at ``spi_hz``, 9 clocks per byte (BCM2711 SPI0)."""
+    return nbytes * 9 * 1e6 / spi_hz
+
+
+def load_schedule(start_ns: int, seconds: float, load_pct: int, seed: int
+                  ) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
+    """Other nodes' classic 8-byte frames at ``load_pct`` % of 500 kbit/s, and the requests.
+
+    Each load frame is followed by idle time so that its bit time (stuffing included) is
+    ``load_pct`` % of the slot, the slot jittered +-20 % so nothing locks to the driver's
+    polls; the requests (node "tester") come every REQUEST_PERIOD_NS on top of it.
+    """
+    import can
+
+    from ivshmem_virtio.hwsim.canbits import frame_time_ns
+
+    rng = np.random.default_rng(seed)
+    end = start_ns + int(seconds * 1e9)
+    load: list[tuple[int, Any]] = []
+    t = start_ns
+    while t < end:
+        arb = int(rng.integers(0x100, 0x700))
+        data = bytes(rng.integers(0, 256, 8, dtype=np.uint8))
+        load.append((t, can.Message(arbitration_id=arb, is_extended_id=False, data=data)))
+        slot = frame_time_ns(500_000, arb, data) * 100 / load_pct
+        t += int(slot * rng.uniform(0.8, 1.2))
+    req = can.Message(arbitration_id=0x7DF, is_extended_id=False,
+                      data=b"\x02\x01\x0d\x55\x55\x55\x55\x55")
+    first = start_ns + REQUEST_PERIOD_NS // 2
+    requests: list[tuple[int, Any]] = [(t, req) for t in range(first, end, REQUEST_PERIOD_NS)]
+    return load, requests
+
+
+def run_inmate_load(ctx: Context, exe: Path) -> None:
+    """Fast replies under 50 % and 90 % bus load, wire mode on simulated bus time.
+
+    The simulator keeps bus time (``SimClock``: frames take their bit time at 500 kbit/s, the
+    driver's SPI its bytes at 7.14 MHz), so the hosted inmate meets the load a Pi would,
+    whatever the host's speed; the stats line is logged every 50 ms of bus time.
+    """
+    import can
+
+    from ivshmem_virtio.hwsim.mcp2515 import Mcp2515
+    from ivshmem_virtio.hwsim.simclock import SimClock
+    from ivshmem_virtio.hwsim.spisock import SpiSocketServer
+
+    seconds = ctx.pick(0.3, 1.5)
+    for load_pct in LOADS:
+        clock = SimClock(spi_hz=SPI_HZ)
+        replies: list[can.Message] = []
+        chip = Mcp2515(osc_hz=16_000_000, rx_mode="wire", sim_clock=clock,
+                       tx_sink=replies.append)
+        sock = ctx.workdir / f"mcp-load{load_pct}.sock"
+        ctx.progress.update(f"inmate: {load_pct} % bus load, {seconds} s of bus time")
+        with SpiSocketServer(chip, sock), ctx.children_scope():
+            inmate = ctx.child(f"inmate-load{load_pct}",
+                               [str(exe), "--socket", str(sock), "--osc", "16000000",
+                                "--bitrate", "500000", "--max-ms", "600000", "--stats-ms", "50",
+                                "--rules", RULE], stdin_pipe=True)
+            inmate.wait_for("READY", timeout=15)
+            start = clock.now_ns() + 1_000_000
+            load, requests = load_schedule(start, seconds, load_pct, seed=load_pct)
+            chip.schedule(load, node="load")
+            chip.schedule(requests, node="tester")
+            end = start + int(seconds * 1e9) + 20_000_000
+            deadline = time.monotonic() + 300
+            while clock.now_ns() < end:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"inmate load {load_pct} %: bus time stuck at "
+                                       f"{(clock.now_ns() - start) / 1e6:.1f} ms")
+                time.sleep(0.05)
+            assert isinstance(inmate, PipedChild)
+            inmate.send("stats")
+            inmate.wait_for("STATS", timeout=10)
+            line = next(ln for ln in inmate.log().splitlines() if ln.startswith("STATS"))
+            driver_stats = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+        # per request: SPI bytes from the frame landing in an RX buffer (INT for it) to the
+        # RTS of TXB1 that sends its answer
+        rts = [(b, t) for t, b, mask in chip.rts_log if mask & 0x02]
+        per_req = []
+        k = 0
+        for _t_rx, b_rx, arb in chip.rx_log:
+            if arb != 0x7DF:
+                continue
+            while k < len(rts) and rts[k][0] < b_rx:
+                k += 1
+            if k < len(rts):
+                per_req.append(rts[k][0] - b_rx)
+                k += 1
+        answered = sum(1 for msg in replies if msg.arbitration_id == 0x7E8)
+        seen = [w.bytes_from_observed for w in chip.stats.fast_reply_windows()
+                if w.bytes_from_observed is not None]
+        arr = np.array(per_req, dtype=np.float64)
+        spi = ({"n": int(arr.size), "p50": float(np.percentile(arr, 50)),
+                "max": float(arr.max())} if arr.size else {"n": 0})
+        bus_pct = 100.0 * chip.bus_busy_ns / max(1, clock.now_ns() - start)
+        ctx.add(Measurement(
+            f"inmate.fast-reply.load{load_pct}", "inmate",
+            f"inmate fast reply at {load_pct} % bus load (wire mode, bus time, stats logging on)",
+            params={"bitrate": 500_000, "load_pct": load_pct, "bus_seconds": seconds,
+                    "requests": len(requests), "load_frames": len(load), "spi_hz": SPI_HZ,
+                    "stats_ms": 50, "rule": RULE, "build": "hosted"},
+            extra={"lost_frames": chip.rx_overflows,
+                   "dropped_replies": len(requests) - answered,
+                   "spi_bytes_int_to_rts": spi,
+                   "spi_bytes_int_seen_to_rts_max": max(seen) if seen else None,
+                   "fast_reply_budget_us": round(budget_us(spi.get("max", 0)), 1),
+                   "bus_busy_pct": round(bus_pct, 1),
+                   "arbitration_lost": chip.arbitration_lost,
+                   "uart_bytes_in_rx": chip.uart_bytes_in_rx,
+                   "uart_bytes": len(chip.uart),
+                   "simulator_violations": list(chip.violations),
+                   "driver_stats": {k2: driver_stats.get(k2) for k2 in
+                                    ("rx", "relayed", "rule0", "rx_overflow", "urgent",
+                                     "fast_max", "log_dropped")}}))
+        ctx.notes.append(
+            f"inmate load {load_pct} %: fast-reply SPI bytes INT -> RTS p50 {spi.get('p50')} max "
+            f"{spi.get('max')} = {budget_us(spi.get('max', 0)):.1f} us at "
+            f"{SPI_HZ / 1e6:.2f} MHz SCLK (9 clocks/byte; 26 B = {budget_us(26):.1f} us); "
+            f"lost {chip.rx_overflows}, dropped replies {len(requests) - answered}, "
+            f"bus {bus_pct:.0f} % busy")

@@ -225,4 +225,27 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         f"p50 {spi.get('p50')} bytes from the driver seeing INT; from the pin falling p50 "
         f"{raw.get('p50')}, max {raw.get('max')}; {spi.get('max', 0) * 0.8:.1f} us of SPI at "
         f"10 MHz (issue 4)", ["inmate"]))
+    out += _inmate_load(ctx)
+    return out
+
+
+def _inmate_load(ctx: Context) -> list[dict[str, Any]]:
+    """Issue 17: fast replies at 50 % and 90 % bus load, wire mode on bus time, stats on."""
+    out = []
+    for load in (50, 90):
+        m = ctx.get(f"inmate.fast-reply.load{load}")
+        x = m.extra if m else {}
+        spi = x.get("spi_bytes_int_to_rts", {})
+        where = f"{load} % load, 500 kbit/s, wire mode"
+        out.append(_target(f"inmate lost frames at {where}", x.get("lost_frames"), "<=", 0.0,
+                           "frames", "" if m is None else f"RX overflows over "
+                           f"{m.params['bus_seconds']} s of bus time", ["inmate"], m))
+        out.append(_target(f"inmate dropped fast replies at {where}", x.get("dropped_replies"),
+                           "<=", 0.0, "replies", "" if m is None else
+                           f"of {m.params['requests']} requests", ["inmate"], m))
+        out.append(_target(f"inmate fast reply SPI bytes INT -> RTS (max) at {where}",
+                           spi.get("max"), "<=", 30.0, "bytes", "" if m is None else
+                           f"p50 {spi.get('p50')}; {x.get('fast_reply_budget_us')} us at "
+                           f"{m.params['spi_hz'] / 1e6:.2f} MHz SCLK, 9 clocks/byte",
+                           ["inmate"], m))
     return out
