@@ -52,7 +52,7 @@ def _argv0(ctx: Context, program: str, lang: str) -> list[str] | None:
     """How to run the round-trip program ``program`` in ``lang`` ("py": benchmarks/PROGRAM.py,
     "c": PROGRAM.c compiled into the work dir; None without a compiler)."""
     if lang == "py":
-        return [sys.executable, "-m", f"benchmarks.{program}"]
+        return [sys.executable, "-m", f"ivshmem_virtio.benchmarks.{program}"]
     exe = compile_c(ctx, program)
     return None if exe is None else [str(exe)]
 

@@ -50,7 +50,7 @@ def start_backend(ctx: Context, name: str, image: Path, *, mode: str | None = No
 
 
 async def connect(link: str, mode: str) -> Any:  # noqa: ANN401 - frontend.blk.BlkClient
-    from frontend.cli import connect_blk
+    from ivshmem_virtio.frontend.cli import connect_blk
 
     return await connect_blk(link, 15.0, mode)
 

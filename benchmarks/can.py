@@ -4,8 +4,8 @@ One ``ivshmem-virtio can`` backend process serves two links on a python-can ``vi
 CAN switch joins them). One way: the bench process's CanDriver on link 0 keeps a window of
 classic 8-byte frames in flight; each send completes once the device put the frame on the bus
 (LATE_TX_ACK), so the rate is frontend -> backend -> bus. Round trip: an echo peer on link 1 (a
-child process, ``python -m benchmarks.can --link L``) answers every frame with ID + 1, and the
-bench process times send -> echo received, one frame at a time.
+child process, ``python -m ivshmem_virtio.benchmarks.can --link L``) answers every frame with
+ID + 1, and the bench process times send -> echo received, one frame at a time.
 
 python-can's ``bus.send`` through ``can.Bus(interface="ivshmem")`` on link 0, with LATE_TX_ACK
 negotiated off (returns once the request is on the ring) and on (returns once the backend put
@@ -38,8 +38,8 @@ PACE_US = 200  # python-can sends: one frame per 200 us (a 1 Mbit/s bus: ~110 us
 def missing() -> str | None:
     """Why the CAN stack cannot be benchmarked here, or None."""
     try:
-        import backend.can_daemon  # noqa: F401
-        import frontend.can  # noqa: F401
+        import ivshmem_virtio.backend.can_daemon  # noqa: F401
+        import ivshmem_virtio.frontend.can  # noqa: F401
         from ivshmem_virtio.spec import can as wire
 
         wire.CanFrame.data_frame(0x123, b"\0" * 8)
@@ -49,7 +49,7 @@ def missing() -> str | None:
 
 
 async def open_driver(link: str, **kw: Any) -> Any:  # noqa: ANN401 - frontend.can.CanDriver
-    from frontend.can import CanDriver
+    from ivshmem_virtio.frontend.can import CanDriver
     from ivshmem_virtio.link import open_link
     from ivshmem_virtio.spec import can as wire
 
@@ -234,8 +234,8 @@ def run_can(ctx: Context) -> None:
             params={"frames": sends, "pace_us": PACE_US, "backend_mode": "adaptive",
                     "clock": "one process, send start to recv return"},
             latency_us=summarize_ns(samples), samples_ns=samples))
-        echo = ctx.child("can-echo", [sys.executable, "-m", "benchmarks.can", "--link",
-                                      f"sim:{socks[1]}"])
+        echo = ctx.child("can-echo", [sys.executable, "-m", "ivshmem_virtio.benchmarks.can",
+                                      "--link", f"sim:{socks[1]}"])
         echo.wait_for("echo ready", timeout=20)
         ctx.progress.update(f"can: {rounds} echo round trips")
         samples = run_loop(_echo_rtt(f"sim:{socks[0]}", rounds, max(50, rounds // 20)),
@@ -269,7 +269,8 @@ async def _echo_main(link: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.can", description="CAN echo peer")
+    p = argparse.ArgumentParser(prog="python -m ivshmem_virtio.benchmarks.can",
+                                description="CAN echo peer")
     p.add_argument("--link", required=True)
     args = p.parse_args(argv)
     import uvloop

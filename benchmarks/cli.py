@@ -32,7 +32,7 @@ class Suite:
 
 
 def _suites() -> dict[str, Suite]:
-    from . import baselines, blk, can, cfront, doorbell, fairness, inmate
+    from . import baselines, blk, can, cfront, console, doorbell, fairness, inmate
 
     table = [
         Suite("pingpong", baselines.run_pingpong,
@@ -55,7 +55,7 @@ def _suites() -> dict[str, Suite]:
         Suite("rss", blk.run_rss, "backend RSS serving 4 devices, flat over many requests"),
         Suite("can", can.run_can, "virtio-can frames/s one way and round trip", ("pingpong",)),
         Suite("inmate", inmate.run_inmate, "the RTOS inmate's fast reply (SPI bytes, time)"),
-        Suite("console", __import__("benchmarks.console").console.run_console,
+        Suite("console", console.run_console,
               "virtio-console output MB/s and keystroke echo vs a bare pty, same run"),
     ]
     return {s.name: s for s in table}

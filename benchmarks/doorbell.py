@@ -3,8 +3,8 @@
 The bench process joins a sim hub as ID 0 and rings vector 1 of an echo peer (ID 1, a child
 process) that rings back. Two variants: ``raw`` waits with ``poll(2)`` on the eventfd and reads
 it, the floor of the sim link; ``irqwaiter`` waits through :class:`IrqWaiter` in block mode under
-uvloop on both sides, the wake-up path the runners use. ``python -m benchmarks.doorbell
---socket S --variant V`` is the echo peer.
+uvloop on both sides, the wake-up path the runners use.
+``python -m ivshmem_virtio.benchmarks.doorbell --socket S --variant V`` is the echo peer.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def run_doorbell(ctx: Context) -> None:
             try:
                 dev.set_int_control(True)
                 echo = ctx.child(f"doorbell-echo-{variant}",
-                                 [sys.executable, "-m", "benchmarks.doorbell", "--socket", sock,
+                                 [sys.executable, "-m", "ivshmem_virtio.benchmarks.doorbell",
+                                  "--socket", sock,
                                   "--variant", variant])
                 echo.wait_for("echo ready")
                 ctx.progress.update(f"doorbell: {variant}, {rounds} round trips")
@@ -133,7 +134,7 @@ def run_doorbell(ctx: Context) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.doorbell")
+    p = argparse.ArgumentParser(prog="python -m ivshmem_virtio.benchmarks.doorbell")
     p.add_argument("--socket", required=True)
     p.add_argument("--variant", choices=VARIANTS, default="raw")
     args = p.parse_args(argv)

@@ -25,7 +25,7 @@ HOG = [sys.executable, "-c", "while True: pass"]
 
 
 async def _reads(link: str, seconds: float) -> np.ndarray:
-    from frontend.blk import BlkClient
+    from ivshmem_virtio.frontend.blk import BlkClient
     from ivshmem_virtio.ivshmem.sim import SimIvshmem
 
     dev = SimIvshmem(link.removeprefix("sim:"), 1)
@@ -76,7 +76,7 @@ def run_fairness(ctx: Context) -> None:
                     ctx.child("fair-hog", HOG)
                 elif load != "none":
                     flood = ctx.child(f"fair-{load}", [
-                        sys.executable, "-m", "benchmarks.flood", socks["a"], load,
+                        sys.executable, "-m", "ivshmem_virtio.benchmarks.flood", socks["a"], load,
                         str(seconds + 5)])
                     flood.wait_for("flooding", timeout=20)
                 samples = run_loop(_reads(f"sim:{socks['b']}", seconds), timeout=60 + seconds)

@@ -1,4 +1,5 @@
-"""A hostile frontend process: ``python -m benchmarks.flood SOCKET avail|doorbell SECONDS``.
+"""A hostile frontend process:
+``python -m ivshmem_virtio.benchmarks.flood SOCKET avail|doorbell SECONDS``.
 
 It brings the virtio-blk device up like any driver, then misbehaves until SECONDS pass:
 ``avail`` keeps the avail index a ring's worth ahead of the used index with one valid 512 B read
@@ -14,7 +15,7 @@ import asyncio
 import sys
 import time
 
-from frontend.blk import BlkClient
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.spec import blk as B
 

@@ -1,6 +1,7 @@
 """The least a virtio-blk request can cost in Python: a bare split ring between two processes.
 
-``python -m benchmarks.minring spin|eventfd IMAGE ROUNDS WARMUP OUTFILE``: the parent is a driver,
+``python -m ivshmem_virtio.benchmarks.minring spin|eventfd IMAGE ROUNDS WARMUP OUTFILE``: the
+parent is a driver,
 a forked child a device, sharing one anonymous mapping laid out as a real split ring
 (``vring_layout``) plus a header, data and status buffer. Each round trip is what a 512 B
 virtio-blk read must do at the least: the driver writes the request header, three descriptors,

@@ -1,6 +1,7 @@
 """Two-process ping-pong in Python: the floor a Python frontend and backend can reach.
 
-``python -m benchmarks.pingpong eventfd|spin ROUNDS WARMUP OUTFILE`` mirrors pingpong.c: the parent
+``python -m ivshmem_virtio.benchmarks.pingpong eventfd|spin ROUNDS WARMUP OUTFILE`` mirrors
+pingpong.c: the parent
 pings, a forked child answers, over one blocking eventfd per direction or a busy-polled sequence
 number in shared memory. Round trips go to OUTFILE as native uint64 nanoseconds.
 """

@@ -1,6 +1,7 @@
 """Profile the blk hot paths: py-spy on the backend process, pyinstrument on the frontend.
 
-``python -m benchmarks.profile blk-latency|blk-rand|blk-seq [--mode M] [--seconds S] [--out DIR]``
+``python -m ivshmem_virtio.benchmarks.profile blk-latency|blk-rand|blk-seq [--mode M]
+[--seconds S] [--out DIR]``
 runs one workload (512 B reads at QD1, 4 KiB random reads at QD32 or 128 KiB sequential reads
 at QD8) against a backend process,
 samples the backend with ``py-spy record --nonblocking`` and the frontend (this process) with
@@ -129,7 +130,8 @@ async def _workload(link: str, mode: str, which: str, seconds: float, size: int)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ivshmem_virtio.benchmarks.profile",
+                                description=__doc__)
     p.add_argument("workload", choices=("blk-latency", "blk-rand", "blk-seq"))
     p.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block")
     p.add_argument("--seconds", type=float, default=5.0)

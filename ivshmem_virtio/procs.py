@@ -31,7 +31,7 @@ def _die_with_parent() -> None:
 
 def cli(*args: str) -> list[str]:
     """argv for ``ivshmem-virtio ARGS`` run by this interpreter (works without installing)."""
-    return [sys.executable, "-m", "ivshmem_virtio.cli", *args]
+    return [sys.executable, "-m", "ivshmem_virtio.app.cli", *args]
 
 
 class Child:

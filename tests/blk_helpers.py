@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from backend.devices.blk_service import BlkService
-from backend.resources.image import BlockImage
-from backend.runner import LinkRunner
-from frontend.blk import BlkClient
+from ivshmem_virtio.backend.devices.blk_service import BlkService
+from ivshmem_virtio.backend.resources.image import BlockImage
+from ivshmem_virtio.backend.runner import LinkRunner
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 

@@ -35,10 +35,10 @@ import can
 from can import BusABC, CanOperationError
 from can.interfaces.virtual import VirtualBus
 
-from backend.devices.can_service import CanBackend
-from backend.resources.canbus import CanBusBridge
-from backend.runner import LinkRunner
-from frontend.can import CanDriver
+from ivshmem_virtio.backend.devices.can_service import CanBackend
+from ivshmem_virtio.backend.resources.canbus import CanBusBridge
+from ivshmem_virtio.backend.runner import LinkRunner
+from ivshmem_virtio.frontend.can import CanDriver
 from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child, cli

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ("ivshmem_virtio", "backend", "frontend", "tests", "pyproject.toml")
+COPY = ("ivshmem_virtio", "backend", "frontend", "benchmarks", "tests", "pyproject.toml")
 LIMIT = 45.0  # seconds per mutant (the tests kill in a few; a hang is a survivor)
 TEST_TIMEOUT = 20  # pytest-timeout per test inside a mutant run
 
@@ -120,7 +120,8 @@ def copy_tree(dst: Path) -> None:
     for name in COPY:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=ignore)
+            # links kept as links: ivshmem_virtio/backend must stay the mutated backend/
+            shutil.copytree(src, dst / name, ignore=ignore, symlinks=True)
         else:
             shutil.copy2(src, dst / name)
 

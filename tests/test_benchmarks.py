@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import baselines, report, targets
-from benchmarks.cli import _suites, select
-from benchmarks.core import Context, Measurement, Progress, summarize_ns
+from ivshmem_virtio.benchmarks import baselines, report, targets
+from ivshmem_virtio.benchmarks.cli import _suites, select
+from ivshmem_virtio.benchmarks.core import Context, Measurement, Progress, summarize_ns
 from ivshmem_virtio.procs import run_cli
 
 LAT_KEYS = {"n", "min", "mean", "p50", "p90", "p99", "p999", "max"}
@@ -122,7 +122,7 @@ def test_pingpong_programs_run(tmp_path):
     exe = baselines.compile_pingpong(ctx)
     if exe is None:
         pytest.fail("no C compiler (Debian package gcc)")
-    for argv in ([str(exe)], [sys.executable, "-m", "benchmarks.pingpong"]):
+    for argv in ([str(exe)], [sys.executable, "-m", "ivshmem_virtio.benchmarks.pingpong"]):
         for mode in ("eventfd", "spin"):
             out = tmp_path / "lat.u64"
             ctx.run("pp", [*argv, mode, "50", "5", str(out)], timeout=60)
@@ -140,7 +140,7 @@ def test_minring_reads_the_image(tmp_path):
     exe = baselines.compile_c(ctx, "minring")
     if exe is None:
         pytest.fail("no C compiler (Debian package gcc)")
-    for argv in ([sys.executable, "-m", "benchmarks.minring"], [str(exe)]):
+    for argv in ([sys.executable, "-m", "ivshmem_virtio.benchmarks.minring"], [str(exe)]):
         for mode in ("spin", "eventfd"):
             out = tmp_path / "lat.u64"
             ctx.run("minring", [*argv, mode, str(image), "200", "10", str(out)], timeout=60)
@@ -166,7 +166,7 @@ def test_plots_or_a_reason(tmp_path):
 
 def test_run_bench_without_results_still_reports(tmp_path, capsys, monkeypatch):
     """A suite that raises is reported in ``errors`` and the run goes on (exit status 1)."""
-    from benchmarks import cli
+    from ivshmem_virtio.benchmarks import cli
 
     def boom(ctx: Context) -> None:
         raise RuntimeError("broken on purpose")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import bind as B
+from ivshmem_virtio.backend import bind as B
 from ivshmem_virtio.procs import run_cli
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.devices.blk import BlkModel, BlkRequest
-from backend.resources.image import BlockImage
+from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
+from ivshmem_virtio.backend.resources.image import BlockImage
 from ivshmem_virtio.errors import ConfigError
 from ivshmem_virtio.procs import run_cli
 from ivshmem_virtio.shm import Region

@@ -12,8 +12,8 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.devices.blk import BlkModel, BlkRequest
-from backend.resources.image import BlockImage
+from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
+from ivshmem_virtio.backend.resources.image import BlockImage
 from ivshmem_virtio.errors import DeviceError
 from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B

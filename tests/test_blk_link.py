@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from frontend.blk import BlkClient
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import run_cli
 

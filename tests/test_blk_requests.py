@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from frontend.blk import INLINE_YIELD_EVERY, BlkIOError
+from ivshmem_virtio.frontend.blk import INLINE_YIELD_EVERY, BlkIOError
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import ring as R
 from ivshmem_virtio.spec import virtio as V
@@ -160,7 +160,7 @@ def test_read_only(stack, tmp_path, image_factory):
 
 
 def test_unknown_type_is_unsupp(stack, tmp_path, image_factory):
-    from frontend.blk import _Req
+    from ivshmem_virtio.frontend.blk import _Req
 
     image = image_factory(1 * MiB)
 
@@ -205,7 +205,7 @@ def test_reset_and_rebring_up_with_smaller_queue(stack, tmp_path, image_factory)
 @pytest.mark.parametrize("rw", [0x2000, 0xF000, 0xDF000, 0x100000, 0x4000000])
 def test_request_limits_fit_the_bounce_pool(rw):
     """Linux bounces whole requests through the R/W section: one must never exceed a quarter."""
-    from backend.devices.blk_service import request_limits
+    from ivshmem_virtio.backend.devices.blk_service import request_limits
 
     size_max, seg_max = request_limits(rw)
     assert size_max == 4096 and 1 <= seg_max <= 126

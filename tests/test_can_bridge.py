@@ -19,7 +19,12 @@ import can
 import pytest
 from can.interfaces.virtual import VirtualBus
 
-from backend.resources.canbus import CanBusBridge, TxTicket, direct_sender, to_message
+from ivshmem_virtio.backend.resources.canbus import (
+    CanBusBridge,
+    TxTicket,
+    direct_sender,
+    to_message,
+)
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec.can import CanFrame
 

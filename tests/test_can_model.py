@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backend.devices.can import (
+from ivshmem_virtio.backend.devices.can import (
     BUS,
     BusOffEffects,
     CanLinkModel,
@@ -614,7 +614,7 @@ def test_bus_off_report_extension_needs_its_feature():
     """Project extension 0x02F0: only a driver that negotiated bit 23 may report a bus-off."""
     import struct
 
-    from backend.devices.can import CanLinkModel
+    from ivshmem_virtio.backend.devices.can import CanLinkModel
     from ivshmem_virtio.spec import can as w
 
     req = struct.pack("<H", w.VIRTIO_CAN_IVV_BUSOFF_REPORT)

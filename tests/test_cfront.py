@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import cfront
-from benchmarks.core import Context, Progress
+from ivshmem_virtio.benchmarks import cfront
+from ivshmem_virtio.benchmarks.core import Context, Progress
 
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc/gcc) on PATH")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_virtio.cli import _size
+from ivshmem_virtio.app.cli import _size
 from ivshmem_virtio.procs import cli
 
 TIMEOUT = 30.0

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.devices.console import TX_CHAIN_MAX, ConsoleModel
-from backend.devices.console_service import ConsoleRunner, ConsoleService
-from frontend.console import ConsoleDriver
+from ivshmem_virtio.backend.devices.console import TX_CHAIN_MAX, ConsoleModel
+from ivshmem_virtio.backend.devices.console_service import ConsoleRunner, ConsoleService
+from ivshmem_virtio.frontend.console import ConsoleDriver
 from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.spec import console as wire

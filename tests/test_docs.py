@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_virtio.cli import build_parser
+from ivshmem_virtio.app.cli import build_parser
 from ivshmem_virtio.procs import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ import threading
 
 import pytest
 
-from backend.devices.blk_service import BlkService
-from backend.resources.image import BlockImage
-from frontend.blk import BlkClient
+from ivshmem_virtio.backend.devices.blk_service import BlkService
+from ivshmem_virtio.backend.resources.image import BlockImage
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 

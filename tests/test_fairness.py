@@ -1,11 +1,11 @@
 """A hostile cell cannot starve another device of the same daemon (issue 13, fairness).
 
-A device's turn is bounded (``backend.runner.WEIGHT`` requests per queue, ``TURN_S`` of service
-time) and the runner yields to the event loop between turns, where the other devices' doorbells
-are served. Checked two ways: the turn bound itself, deterministically, against a ring kept full
-by a flooding driver; and end to end, two disks of one ``ivshmem-virtio serve``, a peer flooding
-disk ``a`` (avail index a ring ahead, or a doorbell storm) while every read of disk ``b``
-completes with the right bytes and the flood is served too.
+A device's turn is bounded (``ivshmem_virtio.backend.runner.WEIGHT`` requests per queue,
+``TURN_S`` of service time) and the runner yields to the event loop between turns, where the
+other devices' doorbells are served. Checked two ways: the turn bound itself, deterministically,
+against a ring kept full by a flooding driver; and end to end, two disks of one
+``ivshmem-virtio serve``, a peer flooding disk ``a`` (avail index a ring ahead, or a doorbell
+storm) while every read of disk ``b`` completes with the right bytes and the flood is served too.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from backend.runner import WEIGHT
-from benchmarks.flood import chain_in_every_slot
-from frontend.blk import BlkClient
+from ivshmem_virtio.backend.runner import WEIGHT
+from ivshmem_virtio.benchmarks.flood import chain_in_every_slot
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 
@@ -64,8 +64,8 @@ def test_flooded_device_does_not_starve_its_neighbour(procs, tmp_path, image_fac
     for n in "ab":
         procs.hub(socks[n])
     procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
-    flood = Child("flood", [sys.executable, "-m", "benchmarks.flood", socks["a"], how, "4"],
-                  tmp_path)
+    flood = Child("flood", [sys.executable, "-m", "ivshmem_virtio.benchmarks.flood", socks["a"],
+                            how, "4"], tmp_path)
     procs.children.append(flood)
     flood.wait_for("flooding", timeout=20)
     with open(images["b"], "rb") as f:

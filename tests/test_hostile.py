@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from frontend.blk import BlkClient
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import ivshmem as H

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from backend.devices.blk_service import BlkService
-from backend.resources.image import BlockImage
-from backend.runner import LinkRunner
-from frontend.blk import BlkClient, BlkIOError
+from ivshmem_virtio.backend.devices.blk_service import BlkService
+from ivshmem_virtio.backend.resources.image import BlockImage
+from ivshmem_virtio.backend.runner import LinkRunner
+from ivshmem_virtio.frontend.blk import BlkClient, BlkIOError
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 from ivshmem_virtio.virtqueue.device import DeviceQueue

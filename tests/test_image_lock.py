@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from backend.resources.image import BlockImage
+from ivshmem_virtio.backend.resources.image import BlockImage
 from ivshmem_virtio.errors import ConfigError
 from ivshmem_virtio.procs import cli, run_cli
 

@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.devices.blk_service import BlkService
-from backend.resources.image import BlockImage
 from ivshmem_virtio import _native
+from ivshmem_virtio.backend.devices.blk_service import BlkService
+from ivshmem_virtio.backend.resources.image import BlockImage
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B

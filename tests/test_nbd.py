@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from frontend import nbd
-from frontend.nbd import MAX_PAYLOAD, NbdServer, serve_nbd
+from ivshmem_virtio.frontend import nbd
+from ivshmem_virtio.frontend.nbd import MAX_PAYLOAD, NbdServer, serve_nbd
 from ivshmem_virtio.procs import cli
 
 MiB = 1024 * 1024

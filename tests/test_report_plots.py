@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import report
-from benchmarks.core import Measurement
+from ivshmem_virtio.benchmarks import report
+from ivshmem_virtio.benchmarks.core import Measurement
 
 plt = pytest.importorskip("matplotlib.pyplot", reason="./scripts/setup --bench installs it")
 

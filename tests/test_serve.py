@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import ConfigError, parse_config
-from backend.serve import DeviceSlot, ServeDaemon, sd_notify
-from frontend.blk import BlkClient
+from ivshmem_virtio.backend.config import ConfigError, parse_config
+from ivshmem_virtio.backend.serve import DeviceSlot, ServeDaemon, sd_notify
 from ivshmem_virtio.errors import LinkError
+from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child, cli, run_cli
 from ivshmem_virtio.spec.can import CanFrame
@@ -96,7 +96,7 @@ async def blk_client(sock: str) -> BlkClient:
 
 
 async def can_driver(sock: str):  # noqa: ANN201 - frontend.can is imported lazily
-    from frontend.can import CanDriver
+    from ivshmem_virtio.frontend.can import CanDriver
 
     drv = CanDriver(SimIvshmem(sock, 1), timeout=10.0)
     await drv.start(timeout=10.0)
@@ -324,7 +324,7 @@ def test_serve_console_beside_blk_across_reconnects(procs, tmp_path, image_facto
 
 
 async def _console_cell(sock: str):  # noqa: ANN202 - frontend.console is imported lazily
-    from frontend.console import ConsoleDriver
+    from ivshmem_virtio.frontend.console import ConsoleDriver
 
     drv = ConsoleDriver(SimIvshmem(sock, 1), timeout=10.0)
     await drv.start(timeout=10.0)
@@ -635,7 +635,7 @@ def test_uio_links_resolve_through_sysfs(tmp_path):
         Fn("0000:01:0f.0", 0xFFC024),
     ])
     def resolve(link: str, dtype: str = "blk") -> str:
-        from backend.config import DeviceConfig, parse_link_spec
+        from ivshmem_virtio.backend.config import DeviceConfig, parse_link_spec
 
         cfg = DeviceConfig("x", dtype, parse_link_spec(link, dtype, "link"), 256, "block", 0)
         daemon = ServeDaemon("c.toml", parse_config({}), sysfs=str(root))
@@ -665,7 +665,7 @@ def test_two_auto_links_of_one_type_are_ambiguous(tmp_path, image_factory):
 
 def test_udev_events_reach_the_right_slots(tmp_path):
     """``add`` retries every waiting uio device at once; ``remove`` stops the one it names."""
-    from backend.config import DeviceConfig, parse_link_spec
+    from ivshmem_virtio.backend.config import DeviceConfig, parse_link_spec
 
     def slot(name: str, link: str) -> DeviceSlot:
         cfg = DeviceConfig(name, "blk", parse_link_spec(link, "blk", "link"), 256, "block", 0)
@@ -785,8 +785,8 @@ def test_serve_refuses_a_cpu_without_barriers(tmp_path, monkeypatch):
     """A weakly ordered CPU without libatomic: one clear error before any link is touched."""
     import argparse
 
-    from backend.serve import run_serve
     from ivshmem_virtio import shm
+    from ivshmem_virtio.backend.serve import run_serve
 
     image = tmp_path / "d.img"
     with open(image, "wb") as f:

@@ -70,8 +70,8 @@ def test_blocking_c_frontend_beside_a_cpu_hog(procs, tmp_path, image_factory, ho
     turn notifications back on (or skips the interrupt) leaves it asleep until its timeout."""
     import subprocess
 
-    from benchmarks import cfront
-    from benchmarks.core import Context, Progress
+    from ivshmem_virtio.benchmarks import cfront
+    from ivshmem_virtio.benchmarks.core import Context, Progress
 
     if cfront.sources() is None:
         pytest.skip("no inmate sources")

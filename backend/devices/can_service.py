@@ -1,5 +1,5 @@
 """virtio-can devices on several links sharing one CAN controller: the glue between the runner,
-the pure model (:mod:`backend.devices.can`) and the bus bridge.
+the pure model (:mod:`ivshmem_virtio.backend.devices.can`) and the bus bridge.
 
 One :class:`CanBackend` owns the switch and the bus; each link gets a :class:`CanLinkService`
 (the runner's ``Service``). Everything runs on the one event loop of the daemon:

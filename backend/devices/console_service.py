@@ -1,5 +1,6 @@
 """virtio-console served to a host side (pty, socket, log, stdio): glue between the runner, the
-pure model (:mod:`backend.devices.console`) and a :class:`~backend.resources.console_host.HostPort`.
+pure model (:mod:`ivshmem_virtio.backend.devices.console`) and a
+:class:`~ivshmem_virtio.backend.resources.console_host.HostPort`.
 
 Flow control, both ways, without ever blocking the daemon:
 

@@ -18,10 +18,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.devices.blk import BlkModel, BlkRequest
-from backend.devices.can_service import CanBackend
-from backend.runner import PEER_FAULTS
-from frontend import nbd
+from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
+from ivshmem_virtio.backend.devices.can_service import CanBackend
+from ivshmem_virtio.backend.runner import PEER_FAULTS
+from ivshmem_virtio.frontend import nbd
 from ivshmem_virtio.ivshmem import hub as hub_mod
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.shm import Region

@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 
-from backend.devices.blk import BlkModel, BlkRequest
-from backend.runner import PEER_FAULTS
+from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
+from ivshmem_virtio.backend.runner import PEER_FAULTS
 from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.virtqueue.device import DeviceQueue

@@ -506,7 +506,7 @@ def test_error_passive_and_rx_overflow_reach_a_python_can_bus_on_linux(
     frames (CAN_ERR_CRTL: RX_PASSIVE with the counters, RX_OVERFLOW) and ``bus.state`` PASSIVE.
     Fails if the inmate does not report error-passive or the overflow.
     """
-    from frontend.can_bus import IvshmemCanBus
+    from ivshmem_virtio.frontend.can_bus import IvshmemCanBus
 
     with cell(tmp_path, inmate_binary, nlinks=2) as c:
         up = c.inmate.event("LINK_UP")

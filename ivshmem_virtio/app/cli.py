@@ -14,9 +14,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from .errors import ConfigError, IvshmemVirtioError
-from .link import SPIN_CAP_US
-from .log import setup_logging
+from ..errors import ConfigError, IvshmemVirtioError
+from ..link import SPIN_CAP_US
+from ..log import setup_logging
 
 
 def _int(text: str) -> int:
@@ -89,7 +89,7 @@ def _version() -> str:
     """``ivshmem-virtio X.Y.Z (blk data path: compiled | pure Python (why))``."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from ._native import data_path
+    from .._native import data_path
 
     try:
         ver = version("ivshmem-virtio")
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(json=args.log_json, level=level)
     try:
         if args.command == "hub":
-            from .ivshmem.hub import Access, Geometry, group_id, run_hub, user_id
+            from ..ivshmem.hub import Access, Geometry, group_id, run_hub, user_id
 
             geo = Geometry(args.max_peers, args.vectors, args.state_table_size, args.rw_size,
                            args.output_size, args.protocols)
@@ -290,35 +290,35 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda stop: run_hub(args.socket, geo, stop, access,
                                              args.qemu_peers or ()))
         if args.command == "blk":
-            from backend.daemon import run_blk
+            from ivshmem_virtio.backend.daemon import run_blk
 
             return _run(lambda stop: run_blk(args, stop))
         if args.command == "can":
-            from backend.can_daemon import run_can
+            from ivshmem_virtio.backend.can_daemon import run_can
 
             return _run(lambda stop: run_can(args, stop))
         if args.command == "console":
-            from backend.console_daemon import run_console
+            from ivshmem_virtio.backend.console_daemon import run_console
 
             return _run(lambda stop: run_console(args, stop))
         if args.command == "console-client":
-            from frontend.console import run_console_client
+            from ivshmem_virtio.frontend.console import run_console_client
 
             return _run(lambda stop: run_console_client(args, stop))
         if args.command == "blk-client":
-            from frontend.cli import run_blk_client
+            from ivshmem_virtio.frontend.cli import run_blk_client
 
             return _run(lambda stop: run_blk_client(args, stop))
         if args.command == "nbd":
-            from frontend.cli import run_nbd
+            from ivshmem_virtio.frontend.cli import run_nbd
 
             return _run(lambda stop: run_nbd(args, stop))
         if args.command == "serve":
-            from backend.serve import run_serve
+            from ivshmem_virtio.backend.serve import run_serve
 
             return _run(lambda stop: run_serve(args, stop))
         if args.command == "bind":
-            from backend.bind import run_bind
+            from ivshmem_virtio.backend.bind import run_bind
 
             return run_bind(args)
         if args.command == "demo":
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo()
         if args.command == "bench":
-            from benchmarks.cli import run_bench
+            from ivshmem_virtio.benchmarks.cli import run_bench
 
             return run_bench(args)
     except ConfigError as e:

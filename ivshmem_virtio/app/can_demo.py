@@ -3,11 +3,10 @@
 Two sim links, one ``ivshmem-virtio can`` backend serving both on one software CAN switch, and
 two python-can programs on the ``ivshmem`` interface: an echo node that answers every frame
 with ``id + 1`` and the same payload, and a pinger that sends classic, extended, CAN FD and RTR
-frames, checks every answer and times the round trips. Importing this module registers the step
-in :data:`ivshmem_virtio.demo.EXTRA_STEPS`; ``python -m ivshmem_virtio.can_demo echo|ping``
-runs one of the two frontends.
+frames, checks every answer and times the round trips. ``ivshmem-virtio demo`` runs it after the
+blk part; ``python -m ivshmem_virtio.app.can_demo echo|ping`` runs one of the two frontends.
 
-Like the CLI, this module reaches up into ``frontend`` only lazily, inside the child programs.
+Like the CLI, this module reaches into the frontend only lazily, inside the child programs.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .demo import EXTRA_STEPS
-from .procs import Child, cli
+from ..procs import Child, cli
 
 if TYPE_CHECKING:
     import can
@@ -35,7 +33,7 @@ PROTOCOLS = "0xC024,0x8024"  # virtio-can backend / frontend (device ID 36)
 
 # --- the two frontends (child processes) ---------------------------------------------------------
 def _open(link: str) -> can.BusABC:
-    from frontend.can_bus import IvshmemCanBus
+    from ivshmem_virtio.frontend.can_bus import IvshmemCanBus
 
     return IvshmemCanBus(channel=link, fd=True)
 
@@ -112,7 +110,7 @@ def ping(link: str, count: int) -> int:
 def can_round_trip(work: str, count: int = 200) -> dict[str, Any]:
     """Start hubs, backend and echo; run the pinger; stop everything by pid."""
     children: list[Child] = []
-    here = [sys.executable, "-m", "ivshmem_virtio.can_demo"]
+    here = [sys.executable, "-m", "ivshmem_virtio.app.can_demo"]
     result: dict[str, Any] = {"ok": False}
     try:
         socks = [os.path.join(work, f"can{i}.sock") for i in range(2)]
@@ -156,12 +154,9 @@ def can_round_trip(work: str, count: int = 200) -> dict[str, Any]:
     return result
 
 
-if not any(title == TITLE for title, _ in EXTRA_STEPS):
-    EXTRA_STEPS.append((TITLE, can_round_trip))
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ivshmem_virtio.can_demo")
+    p = argparse.ArgumentParser(prog="python -m ivshmem_virtio.app.can_demo")
     sub = p.add_subparsers(dest="role", required=True)
     e = sub.add_parser("echo", help="answer every frame with id + 1")
     e.add_argument("--link", required=True)
@@ -169,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--link", required=True)
     q.add_argument("--count", type=int, default=200)
     args = p.parse_args(argv)
-    from .log import setup_logging
+    from ..log import setup_logging
 
     setup_logging(level="warning")
     if args.role == "echo":

@@ -13,13 +13,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
-from .procs import Child, cli
+from ..procs import Child, cli
 
 # Extra demo steps (the CAN round trip registers itself here): (title, fn(workdir) -> report)
-EXTRA_STEPS: list[tuple[str, Callable[[str], dict[str, Any]]]] = []
 
 
 def _blk_demo(work: str, children: list[Child]) -> dict[str, Any]:
@@ -75,12 +73,11 @@ def run_demo() -> int:
         print(f"  write {blk['write_MBps']} MB/s, read {blk['read_MBps']} MB/s; "
               f"512 B read latency p50 {blk['read512_p50_us']} us, "
               f"p99 {blk['read512_p99_us']} us")
-        from . import can_demo  # noqa: F401 - registers the CAN round trip step
+        from .can_demo import TITLE, can_round_trip
 
-        for title, step in EXTRA_STEPS:
-            rep = step(work)
-            ok &= bool(rep.get("ok"))
-            print(f"  {title}: {rep.get('summary', rep)}")
+        rep = can_round_trip(work)
+        ok &= bool(rep.get("ok"))
+        print(f"  {TITLE}: {rep.get('summary', rep)}")
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the demo reports, then fails
         print(f"demo failed: {e}")
         ok = False
