@@ -229,6 +229,14 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
     return out
 
 
+def _zero_goal(name: str, value: float | None, unit: str, detail: str, needs: list[str],
+               m: Measurement | None) -> dict[str, Any]:
+    """A count whose goal is 0: _target's ``off_by`` (a ratio to the goal) has no meaning."""
+    t = _target(name, value, None, None, unit, detail, needs, m)
+    t.update(goal=0.0, op="<=", met=None if value is None else value <= 0)
+    return t
+
+
 def _inmate_load(ctx: Context) -> list[dict[str, Any]]:
     """Issue 17: fast replies at 50 % and 90 % bus load, wire mode on bus time, stats on."""
     out = []
@@ -237,11 +245,11 @@ def _inmate_load(ctx: Context) -> list[dict[str, Any]]:
         x = m.extra if m else {}
         spi = x.get("spi_bytes_int_to_rts", {})
         where = f"{load} % load, 500 kbit/s, wire mode"
-        out.append(_target(f"inmate lost frames at {where}", x.get("lost_frames"), "<=", 0.0,
+        out.append(_zero_goal(f"inmate lost frames at {where}", x.get("lost_frames"),
                            "frames", "" if m is None else f"RX overflows over "
                            f"{m.params['bus_seconds']} s of bus time", ["inmate"], m))
-        out.append(_target(f"inmate dropped fast replies at {where}", x.get("dropped_replies"),
-                           "<=", 0.0, "replies", "" if m is None else
+        out.append(_zero_goal(f"inmate dropped fast replies at {where}",
+                           x.get("dropped_replies"), "replies", "" if m is None else
                            f"of {m.params['requests']} requests", ["inmate"], m))
         out.append(_target(f"inmate fast reply SPI bytes INT -> RTS (max) at {where}",
                            spi.get("max"), "<=", 30.0, "bytes", "" if m is None else
