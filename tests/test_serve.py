@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from ivshmem_virtio.backend.config import ConfigError, parse_config
-from ivshmem_virtio.backend.serve import DeviceSlot, ServeDaemon, sd_notify
+from ivshmem_virtio.backend.device_slot import DeviceSlot
+from ivshmem_virtio.backend.serve import ServeDaemon, sd_notify
+from ivshmem_virtio.backend.serve_links import resolve_uio
 from ivshmem_virtio.errors import LinkError
 from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
@@ -638,8 +640,7 @@ def test_uio_links_resolve_through_sysfs(tmp_path):
         from ivshmem_virtio.backend.config import DeviceConfig, parse_link_spec
 
         cfg = DeviceConfig("x", dtype, parse_link_spec(link, dtype, "link"), 256, "block", 0)
-        daemon = ServeDaemon("c.toml", parse_config({}), sysfs=str(root))
-        return DeviceSlot(cfg, daemon)._resolve_uio()
+        return resolve_uio(cfg.link, str(root))
 
     assert resolve("uio:pci=0000:01:0c.0") == "/dev/uio0"
     assert resolve("uio:pci=01:0E.0") == "/dev/uio3"  # domain optional, case-insensitive
