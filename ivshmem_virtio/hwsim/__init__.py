@@ -2,8 +2,8 @@
 (SPI-instruction level, :mod:`.mcp2515`) and the UNIX-socket server that lends
 its SPI bus and INT pin to the hosted build of the C inmate (:mod:`.spisock`).
 
-Nothing is imported eagerly, so ``python -m ivshmem_virtio.hwsim.mcp2515``
-runs without a double-import warning.
+Nothing is imported eagerly, so ``python -m ivshmem_virtio.hwsim`` (the simulator as a
+process, ``__main__.py``) runs without a double-import warning.
 """
 
 from __future__ import annotations

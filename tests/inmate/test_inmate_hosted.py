@@ -449,14 +449,14 @@ def test_rx_overflow_counted(tmp_path: Path, hosted_build: Path) -> None:
 
 
 def test_simulator_process_and_loopback(tmp_path: Path, hosted_build: Path) -> None:
-    """``python -m ivshmem_virtio.hwsim.mcp2515`` owns socket and bus; loopback mode
+    """``python -m ivshmem_virtio.hwsim`` owns socket and bus; loopback mode
     brings the inmate's own frame back through RX to the relay."""
     sock = tmp_path / "sim.sock"
     sim = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "ivshmem_virtio.hwsim.mcp2515",
+            "ivshmem_virtio.hwsim",
             "--socket",
             str(sock),
             "--bus",
