@@ -17,7 +17,7 @@ from ivshmem_virtio.link import parse_link
 from ivshmem_virtio.spec import can as wire
 
 from .daemon import check_runner_options, open_backend_link, serve
-from .devices.can_service import CanBackend
+from .devices.can_backend import CanBackend
 from .resources.canbus import CanBusBridge, open_bus, parse_bus_spec
 from .runner import LinkRunner
 

@@ -34,7 +34,8 @@ from .runner import LinkRunner, Service
 from .serve_links import LinkLock, check_link, link_key, resolve_uio
 
 if TYPE_CHECKING:
-    from .devices.can_service import CanBackend, CanLinkService
+    from .devices.can_backend import CanBackend
+    from .devices.can_service import CanLinkService
     from .devices.console_service import ConsoleService
     from .serve import ServeDaemon
 
@@ -53,7 +54,7 @@ class CanGroup:
 
     def __init__(self, bus: str, fd: bool, late_tx_ack: bool) -> None:
         from .can_daemon import can_features
-        from .devices.can_service import CanBackend
+        from .devices.can_backend import CanBackend
         from .resources.canbus import CanBusBridge, open_bus
 
         self.key = (bus, fd, late_tx_ack)

@@ -35,7 +35,7 @@ import can
 from can import BusABC, CanOperationError
 from can.interfaces.virtual import VirtualBus
 
-from ivshmem_virtio.backend.devices.can_service import CanBackend
+from ivshmem_virtio.backend.devices.can_backend import CanBackend
 from ivshmem_virtio.backend.resources.canbus import CanBusBridge
 from ivshmem_virtio.backend.runner import LinkRunner
 from ivshmem_virtio.frontend.can import CanDriver

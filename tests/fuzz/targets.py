@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
-from ivshmem_virtio.backend.devices.can_service import CanBackend
+from ivshmem_virtio.backend.devices.can_backend import CanBackend
 from ivshmem_virtio.backend.runner import PEER_FAULTS
 from ivshmem_virtio.frontend import nbd
 from ivshmem_virtio.ivshmem import hub as hub_mod
