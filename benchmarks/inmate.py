@@ -101,7 +101,8 @@ def run_inmate(ctx: Context) -> None:
     seen = [w for w in windows if w.observed_ns is not None]
     spi_obs = np.array([w.bytes_from_observed for w in seen], dtype=np.float64)
     spi_raw = np.array([w.bytes_from_assert for w in windows], dtype=np.float64)
-    decide = np.array([w.rts_ns - w.observed_ns for w in seen], dtype=np.uint64)
+    decide = np.array([w.rts_ns - w.observed_ns for w in seen
+                       if w.rts_ns is not None and w.observed_ns is not None], dtype=np.uint64)
     via = {v: sum(1 for w in seen if w.observed_via == v) for v in ("int", "status")}
 
     def stats(a: np.ndarray) -> dict[str, float]:

@@ -20,7 +20,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 import numpy as np
 
@@ -105,6 +105,10 @@ class Region:
     """A bounds-checked window ``[0, size)`` onto a buffer (mmap, bytearray, ...)."""
 
     __slots__ = ("name", "size", "base", "_mv", "_h", "_i", "_q")
+    _mv: memoryview[int]
+    _h: memoryview[int] | None  # the region as aligned u16/u32/u64 (little-endian hosts)
+    _i: memoryview[int] | None
+    _q: memoryview[int] | None
 
     def __init__(self, buf: Buffer, offset: int = 0, size: int | None = None,
                  name: str = "region") -> None:
@@ -153,19 +157,22 @@ class Region:
         self.check(off, 2)
         if not off & 1 and self._h is not None:
             return self._h[off >> 1]
-        return _U16.unpack_from(self._mv, off)[0]
+        v: int = _U16.unpack_from(self._mv, off)[0]
+        return v
 
     def u32(self, off: int) -> int:
         self.check(off, 4)
         if not off & 3 and self._i is not None:
             return self._i[off >> 2]
-        return _U32.unpack_from(self._mv, off)[0]
+        v: int = _U32.unpack_from(self._mv, off)[0]
+        return v
 
     def u64(self, off: int) -> int:
         self.check(off, 8)
         if not off & 7 and self._q is not None and off + 8 <= len(self._q) * 8:
             return self._q[off >> 3]
-        return _U64.unpack_from(self._mv, off)[0]
+        v: int = _U64.unpack_from(self._mv, off)[0]
+        return v
 
     def set_u8(self, off: int, value: int) -> None:
         if not 0 <= off < self.size:
@@ -193,7 +200,7 @@ class Region:
         else:
             _U64.pack_into(self._mv, off, value & 0xFFFFFFFFFFFFFFFF)
 
-    def unpack(self, st: struct.Struct, off: int) -> tuple:
+    def unpack(self, st: struct.Struct, off: int) -> tuple[Any, ...]:
         """Unpack a precompiled struct at ``off`` (one bounds check for the whole record)."""
         if not 0 <= off <= self.size - st.size:
             self.check(off, st.size)
@@ -251,7 +258,8 @@ class Region:
         """Like :meth:`u16_array`, for aligned u32 (a header word polled on the hot path)."""
         return self._scalars(off, count, "I", 4)
 
-    def _scalars(self, off: int, count: int, code: str, size: int) -> memoryview:
+    def _scalars(self, off: int, count: int, code: Literal["H", "I", "Q"],
+                 size: int) -> memoryview[int]:
         self.check(off, size * count)
         if off % size or not _LE:
             raise MemoryAccessError(f"{self.name}: u{8 * size} array at {off:#x} needs an "

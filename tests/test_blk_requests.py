@@ -212,8 +212,15 @@ def test_request_limits_fit_the_bounce_pool(rw):
     assert size_max * seg_max <= max(4096, rw // 4)
 
 
-def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image_factory):
-    """A bug in a device model (any exception) costs that device a reset, never the daemon."""
+def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image_factory,
+                                                                  monkeypatch):
+    """A bug in a device model (any exception) costs that device a reset, never the daemon.
+    (The pure path: the fault is planted in the Python model, which the compiled one skips.)"""
+    from ivshmem_virtio import _native
+
+    monkeypatch.setenv(_native.PURE_ENV, "1")
+    _native.reset_for_tests()
+    monkeypatch.setattr(_native, "_chosen", None)  # forgotten again when the test ends
     image = image_factory(1 * MiB)
 
     async def body():

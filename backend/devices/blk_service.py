@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ivshmem_virtio._native import native
 from ivshmem_virtio.spec import blk as B
-from ivshmem_virtio.virtqueue.device import DeviceQueue
+from ivshmem_virtio.virtqueue.device import Accel, DeviceQueue
 
 from ..resources.image import BlockImage
 from .blk import BlkModel
+
+
+class _BlkAccel(Accel, Protocol):
+    """The compiled queue (``_fastpath.BlkQueue``) as the blk service drives it."""
+
+    def serve(self, last_avail: int, next_used: int, limit: int,
+              /) -> tuple[int, int, int, int, int, int, int, int, int]: ...
+
 
 if TYPE_CHECKING:
     from ..runner import LinkRunner
@@ -64,11 +73,7 @@ class BlkService:
         stops at the first chain that is anything else; that one chain goes through the Python
         path (the reference: walk, ``BlkModel.handle``), then the compiled path goes on.
         """
-        accel = vq.accel
-        if "handle" in self.model.__dict__:
-            # a model whose handle was replaced on the instance (a test injecting a fault) is
-            # served by that handle: the compiled path would bypass it
-            return self._serve_python(index, vq, runner.batch, runner)
+        accel = cast("_BlkAccel | None", vq.accel)
         if accel is None:
             nat = native()
             if nat is None:
@@ -115,8 +120,7 @@ class BlkService:
             if isinstance(done, int):
                 push(chain.head, done)
             else:
-                runner.defer(index, chain.head,
-                             lambda r=done: model.execute(mem, r, image))
+                runner.defer(index, chain.head, functools.partial(model.execute, mem, done, image))
         return len(chains)
 
     def close(self) -> None:
