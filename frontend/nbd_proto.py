@@ -1,8 +1,10 @@
 """NBD wire format (NetworkBlockDevice/nbd doc/proto.md): constants, layouts, message parsing.
 
-Nothing here does I/O or keeps state, so the server (:mod:`frontend.nbd`) and the tests and
-fuzzers build and take apart the same bytes. Parsers return None on input whose lengths do not
-add up; the server answers that with NBD_REP_ERR_INVALID.
+Nothing here does I/O or keeps state, so the server (:mod:`frontend.nbd`, its connections in
+:mod:`frontend.nbd_session` and :mod:`frontend.nbd_handshake`) and the tests and fuzzers build
+and take apart the same bytes, and both phases raise the same :class:`NbdProtocolError`.
+Parsers return None on input whose lengths do not add up; the server answers that with
+NBD_REP_ERR_INVALID.
 """
 
 from __future__ import annotations
@@ -230,3 +232,7 @@ def block_status_chunk(handle: int, context_id: int,
     payload = struct.pack(">I", context_id) + b"".join(
         struct.pack(">II", length, flags) for length, flags in extents)
     return chunk_header(handle, REPLY_TYPE_BLOCK_STATUS, len(payload)) + payload
+
+
+class NbdProtocolError(Exception):
+    """The client broke the NBD protocol; the server drops that connection (hard disconnect)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ivshmem_virtio.backend.devices.blk import BlkModel, BlkRequest
 from ivshmem_virtio.backend.devices.can_backend import CanBackend
 from ivshmem_virtio.backend.runner import PEER_FAULTS
-from ivshmem_virtio.frontend import nbd
+from ivshmem_virtio.frontend import nbd, nbd_session
 from ivshmem_virtio.ivshmem import hub as hub_mod
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.shm import Region
@@ -617,7 +617,7 @@ def _hub_case(rng: random.Random, mutations: int) -> bytes:
     return bytes([occupied]) + bytes(msg)
 
 
-# -- 7. the NBD server's protocol (frontend/nbd.py) -----------------------------------------------
+# -- 7. the NBD server's protocol (frontend/nbd_session.py) ---------------------------------------
 
 NBD_SIZE = 64 * 1024
 
@@ -788,7 +788,7 @@ class _NbdHarness:
             reader.feed_data(data)
             reader.feed_eof()
             writer = _Writer()
-            await nbd._Connection(server, 1, reader, writer).run()  # type: ignore[arg-type]
+            await nbd_session._Connection(server, 1, reader, writer).run()  # type: ignore[arg-type]
             assert writer.closed
             return target
 
