@@ -219,14 +219,16 @@ def run_inmate_load(ctx: Context, exe: Path) -> None:
         # RTS of TXB1 that sends its answer
         rts = [(b, t) for t, b, mask in chip.rts_log if mask & 0x02]
         per_req = []
+        per_req_ns = []  # the same span in simulated bus time
         k = 0
-        for _t_rx, b_rx, arb in chip.rx_log:
+        for t_rx, b_rx, arb in chip.rx_log:
             if arb != 0x7DF:
                 continue
             while k < len(rts) and rts[k][0] < b_rx:
                 k += 1
             if k < len(rts):
                 per_req.append(rts[k][0] - b_rx)
+                per_req_ns.append(max(0, rts[k][1] - t_rx))
                 k += 1
         answered = sum(1 for msg in replies if msg.arbitration_id == 0x7E8)
         seen = [w.bytes_from_observed for w in chip.stats.fast_reply_windows()
@@ -241,6 +243,7 @@ def run_inmate_load(ctx: Context, exe: Path) -> None:
             params={"bitrate": 500_000, "load_pct": load_pct, "bus_seconds": seconds,
                     "requests": len(requests), "load_frames": len(load), "spi_hz": SPI_HZ,
                     "stats_ms": 50, "rule": RULE, "build": "hosted"},
+            latency_us=summarize_ns(np.array(per_req_ns, dtype=np.uint64)),  # request -> RTS
             extra={"lost_frames": chip.rx_overflows,
                    "dropped_replies": len(requests) - answered,
                    "spi_bytes_int_to_rts": spi,

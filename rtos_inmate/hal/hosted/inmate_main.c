@@ -308,10 +308,12 @@ int main(int argc, char **argv)
 		work += vcan_poll(&vc);
 		if (stdin_open)
 			run = read_commands(&stdin_open);
-		/* log lines (hal_log fills a RAM ring) only when the CAN side is idle */
+		/* log lines (hal_log fills a RAM ring) only when the CAN side is idle; one
+		 * simulator round trip per drain, so a line at a time (the Pi's UART FIFO
+		 * takes 8 bytes, but its drain costs no round trip) */
 		if (logring_pending() > 0 &&
 		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&br)))
-			work += (int)(hal_hosted_log_drain(8u) > 0);
+			work += (int)(hal_hosted_log_drain(64u) > 0);
 		if (work > 0) {
 			idle_ns = 0;
 			continue;
