@@ -19,6 +19,8 @@ import threading
 import time
 import tty
 
+import numpy as np
+
 from ivshmem_virtio.procs import cli
 from ivshmem_virtio.spec import console as wire
 
@@ -172,11 +174,12 @@ def run_console(ctx: Context) -> None:
         ctx.add(Measurement("console.pty-echo", "console",
                             "one byte through a raw pty to an echoing process and back "
                             "(baseline)", params={"rounds": rounds},
-                            latency_us=base_sum, samples_ns=base))  # type: ignore[arg-type]
+                            latency_us=base_sum, samples_ns=np.asarray(base, dtype=np.uint64)))
         link_sum = summarize_ns(link)
         ctx.add(Measurement("console.echo", "console",
                             "keystroke echo: socket -> receiveq -> cell -> transmitq -> socket",
                             params={"rounds": rounds, "backend_mode": "adaptive",
                                     "processes": 3},
-                            latency_us=link_sum, samples_ns=link,  # type: ignore[arg-type]
+                            latency_us=link_sum,
+                            samples_ns=np.asarray(link, dtype=np.uint64),
                             extra={"p50_vs_pty": round(link_sum["p50"] / base_sum["p50"], 2)}))
