@@ -64,9 +64,10 @@ class PollWindow:
     requests grows a window that covers the frontend's turnaround (one wake-up saved per round
     trip); one whose peer goes quiet stops polling. The one signal from outside is the waiter's
     own CPU: a poll during which this thread got much less CPU time than wall time was
-    preempted (another task wanted this CPU: the machine is oversubscribed where we run), so
-    the window drops to 0 and stays there for a back-off that doubles while it keeps happening
-    (``HOLD_MIN``..``HOLD_MAX``) and resets after a poll that kept its CPU.
+    preempted (another task wanted this CPU). Once halves the window (a kworker passing by);
+    twice in a row means the machine is oversubscribed where we run, so the window drops to 0
+    and stays there for a back-off that doubles while it keeps happening
+    (``HOLD_MIN``..``HOLD_MAX``); a poll that kept its CPU resets both.
     """
 
     HOLD_MIN = 0.01
@@ -74,7 +75,7 @@ class PollWindow:
     PREEMPTED = 0.5  # CPU time under this share of a failed poll's wall time: preempted
     MEASURED = 20e-6  # polls shorter than this are not judged (the clocks cost ~0.5 us)
 
-    __slots__ = ("cap", "start", "window", "hold_until", "hold", "grows", "shrinks",
+    __slots__ = ("cap", "start", "window", "hold_until", "hold", "strikes", "grows", "shrinks",
                  "preemptions", "caught")
 
     def __init__(self, cap_us: float = SPIN_CAP_US, start_us: float = 10.0) -> None:
@@ -83,6 +84,7 @@ class PollWindow:
         self.window = 0.0
         self.hold_until = 0.0
         self.hold = self.HOLD_MIN
+        self.strikes = 0  # preempted polls in a row
         self.grows = self.shrinks = self.preemptions = self.caught = 0
 
     def record(self, idle: float, caught: bool, now: float) -> None:
@@ -105,12 +107,19 @@ class PollWindow:
         if polled < self.MEASURED:
             return
         if cpu < self.PREEMPTED * polled:
+            self.preemptions += 1
+            self.strikes += 1
+            if self.strikes < 2:  # once can be a passing kworker: halve, keep polling
+                self.window /= 2
+                if self.window < self.start:
+                    self.window = 0.0
+                return
             self.window = 0.0
             self.hold_until = now + self.hold
             self.hold = min(self.HOLD_MAX, self.hold * 2)
-            self.preemptions += 1
         else:
             self.hold = self.HOLD_MIN
+            self.strikes = 0
 
 
 class IrqWaiter:

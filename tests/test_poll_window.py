@@ -48,21 +48,33 @@ def test_long_idle_halves_then_stops_polling():
     assert seen == [50, 25, 12.5, 0, 0]
 
 
-def test_preempted_poll_drops_the_window_and_holds_it_with_a_growing_back_off():
+def test_one_preempted_poll_halves_the_window():
     w = PollWindow(cap_us=100, start_us=10)
     for _ in range(4):
         w.record(50 * US, False, 1.0)
     w.judge(polled=80 * US, cpu=10 * US, now=1.0)  # 1/8 of the wall time on a CPU
-    assert w.window == 0 and w.preemptions == 1
+    assert us(w) == 40 and w.preemptions == 1 and w.hold_until == 0
+    w.judge(polled=30 * US, cpu=29 * US, now=1.0)  # a clean poll: the strike is forgotten
+    w.judge(polled=80 * US, cpu=10 * US, now=1.0)
+    assert us(w) == 20 and w.hold_until == 0
+
+
+def test_preempted_twice_in_a_row_drops_the_window_and_holds_it_with_a_growing_back_off():
+    w = PollWindow(cap_us=100, start_us=10)
+    for _ in range(4):
+        w.record(50 * US, False, 1.0)
+    w.judge(polled=80 * US, cpu=10 * US, now=1.0)
+    w.judge(polled=40 * US, cpu=5 * US, now=1.0)
+    assert w.window == 0 and w.preemptions == 2
     w.record(50 * US, False, 1.0 + PollWindow.HOLD_MIN / 2)
     assert w.window == 0  # held
     w.record(50 * US, False, 1.0 + PollWindow.HOLD_MIN)
     assert us(w) == 10  # grows again
-    w.judge(polled=30 * US, cpu=1 * US, now=2.0)
-    # the second one holds twice as long
+    w.judge(polled=30 * US, cpu=1 * US, now=2.0)  # still oversubscribed: held again, longer
+    # the second hold is twice as long
     assert round(w.hold_until - 2.0, 9) == 2 * PollWindow.HOLD_MIN
     w.judge(polled=30 * US, cpu=29 * US, now=3.0)  # a poll that kept its CPU: hold resets
-    assert w.hold == PollWindow.HOLD_MIN
+    assert w.hold == PollWindow.HOLD_MIN and w.strikes == 0
 
 
 def test_short_polls_are_not_judged():
