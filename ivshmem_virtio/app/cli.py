@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -272,6 +273,18 @@ def _run(coro_fn: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         return asyncio.run(_serve_until_signal(coro_fn))
 
 
+# the commands that run until stopped: "module:function(args, stop)"
+DAEMONS = {
+    "blk": "ivshmem_virtio.backend.daemon:run_blk",
+    "can": "ivshmem_virtio.backend.can_daemon:run_can",
+    "console": "ivshmem_virtio.backend.console_daemon:run_console",
+    "console-client": "ivshmem_virtio.frontend.console:run_console_client",
+    "blk-client": "ivshmem_virtio.frontend.cli:run_blk_client",
+    "nbd": "ivshmem_virtio.frontend.cli:run_nbd",
+    "serve": "ivshmem_virtio.backend.serve:run_serve",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a client is a quiet tool; daemons log their life at info
@@ -289,34 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                             allow_uids=frozenset(user_id(u) for u in args.allow_uid or ()))
             return _run(lambda stop: run_hub(args.socket, geo, stop, access,
                                              args.qemu_peers or ()))
-        if args.command == "blk":
-            from ivshmem_virtio.backend.daemon import run_blk
-
-            return _run(lambda stop: run_blk(args, stop))
-        if args.command == "can":
-            from ivshmem_virtio.backend.can_daemon import run_can
-
-            return _run(lambda stop: run_can(args, stop))
-        if args.command == "console":
-            from ivshmem_virtio.backend.console_daemon import run_console
-
-            return _run(lambda stop: run_console(args, stop))
-        if args.command == "console-client":
-            from ivshmem_virtio.frontend.console import run_console_client
-
-            return _run(lambda stop: run_console_client(args, stop))
-        if args.command == "blk-client":
-            from ivshmem_virtio.frontend.cli import run_blk_client
-
-            return _run(lambda stop: run_blk_client(args, stop))
-        if args.command == "nbd":
-            from ivshmem_virtio.frontend.cli import run_nbd
-
-            return _run(lambda stop: run_nbd(args, stop))
-        if args.command == "serve":
-            from ivshmem_virtio.backend.serve import run_serve
-
-            return _run(lambda stop: run_serve(args, stop))
+        if args.command in DAEMONS:  # imported only when asked for: a fast --help
+            module, _, name = DAEMONS[args.command].partition(":")
+            daemon = getattr(importlib.import_module(module), name)
+            return _run(lambda stop: daemon(args, stop))
         if args.command == "bind":
             from ivshmem_virtio.backend.bind import run_bind
 
