@@ -20,6 +20,12 @@ controller went bus-off meanwhile) is counted in ``tx_errors``, logged, and rais
 the next call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
 up to ``spin_us`` and takes the answer itself, then sleeps until the loop thread hands it over.
 
+Several buses of one process may open the same channel (a logger beside the application, a
+``Notifier`` and a sender): they share the link's driver and thread, each gets its own copy of
+every received frame, and a frame one of them sends reaches the others, as SocketCAN's local
+loopback does. Another process joins the same CAN traffic through a link of its own: the
+backend's switch joins every ``--link`` it serves.
+
 What a frame keeps: virtio-can carries the identifier, the extended / RTR / FD flags and the data,
 but no bit-rate-switch (BRS) or error-state-indicator flag. An FD frame sent with
 ``bitrate_switch=True`` therefore arrives with ``bitrate_switch=False`` (whether the data phase
@@ -59,6 +65,114 @@ from ivshmem_virtio.spec.can import (
 from .can import CanDriver, Received, ReceivedError
 
 
+class _SharedLink:
+    """One link's driver, event loop and thread, shared by every bus of this process that opens
+    the link's channel (as several sockets share one SocketCAN interface: a logger beside the
+    application, a Notifier and a sender). Received frames go to each bus; a frame one bus
+    sends reaches the others too, as the interface's local loopback does."""
+
+    _lock = threading.Lock()
+    _links: dict[str, _SharedLink] = {}  # channel -> its link, while a bus has it open
+
+    def __init__(self, channel: str, options: tuple[Any, ...]) -> None:
+        self.channel = channel
+        self.options = options
+        self.buses: list[IvshmemCanBus] = []
+        # uvloop, as everywhere else here: its wake-ups made a LATE_TX_ACK send() 92 -> 72 us
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name=f"ivshmem-can {channel}")
+        self.thread.start()
+        self.driver: CanDriver | None = None
+
+    @classmethod
+    def attach(cls, bus: IvshmemCanBus, options: tuple[Any, ...]) -> _SharedLink:
+        """The link of ``bus.channel``, opened now or by an earlier bus with the same options."""
+        with cls._lock:
+            link = cls._links.get(bus.channel)
+            if link is not None:
+                if link.options != options:
+                    raise CanInitializationError(
+                        f"ivshmem {bus.channel}: already open in this process with other "
+                        "options (fd, late_tx_ack, timeout, mode): open it with the same ones")
+                link.buses.append(bus)
+                return link
+            link = cls(bus.channel, options)
+            fd, late_tx_ack, timeout, mode = options
+            try:
+                link.call(link._open(fd, late_tx_ack, timeout, mode), timeout + 5.0)
+            except BaseException as e:
+                link.stop_loop()
+                if isinstance(e, CanInitializationError):
+                    raise
+                raise CanInitializationError(f"ivshmem {bus.channel}: {e}") from e
+            link.buses.append(bus)
+            cls._links[bus.channel] = link
+            return link
+
+    def detach(self, bus: IvshmemCanBus) -> None:
+        """``bus`` leaves; the last one closes the device and stops the thread."""
+        with self._lock:
+            if bus in self.buses:
+                self.buses.remove(bus)
+            if self.buses:
+                return
+            if self._links.get(self.channel) is self:
+                del self._links[self.channel]
+        driver = self.driver
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                self.call(self._close(driver), 5.0)
+        self.stop_loop()
+
+    async def _open(self, fd: bool | None, late_tx_ack: bool, timeout: float,
+                    mode: str) -> None:
+        dev = open_link(self.channel, backend=False,
+                        protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=timeout)
+        driver = CanDriver(dev, fd=True if fd is None else fd, late_tx_ack=late_tx_ack,
+                           on_frame=self._on_frame, errors=True, on_error=self._on_error,
+                           mode=mode, timeout=timeout)
+        try:
+            await driver.start(timeout)
+        except BaseException:
+            await driver.close()
+            dev.close()
+            raise
+        self.driver = driver
+
+    async def _close(self, driver: CanDriver) -> None:
+        try:
+            await driver.close()
+        finally:
+            driver.dev.close()
+
+    def call(self, coro: Any, timeout: float | None) -> Any:  # noqa: ANN401 - its result
+        """Run ``coro`` on the driver's loop and wait for its result from this thread."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise
+
+    def stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    def _on_frame(self, r: Received) -> None:
+        """Driver thread: every bus gets its own message object."""
+        for bus in list(self.buses):
+            bus._enqueue(frame_to_message(r.frame, timestamp=r.timestamp, channel=self.channel))
+
+    def _on_error(self, r: ReceivedError) -> None:
+        """Driver thread: an error frame (extension), queued as python-can's socketcan does."""
+        for bus in list(self.buses):
+            bus._enqueue(error_frame_to_message(r.frame, timestamp=r.timestamp,
+                                                channel=self.channel))
+
+
 class IvshmemCanBus(BusABC):
     """A virtio-can controller over an ivshmem link, as a python-can bus.
 
@@ -95,57 +209,20 @@ class IvshmemCanBus(BusABC):
         self._timeout = timeout
         self._rxq: collections.deque[can.Message] = collections.deque()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # uvloop, as everywhere else here: its wake-ups made a LATE_TX_ACK send() 92 -> 72 us
-        self._loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name=f"ivshmem-can {self.channel}")
-        self._thread.start()
-        self._driver: CanDriver | None = None
         try:
-            self._call(self._open(fd, late_tx_ack), timeout + 5.0)
-        except BaseException as e:
-            self._stop_loop()
+            self._link = _SharedLink.attach(self, (fd, late_tx_ack, timeout, mode))
+        except BaseException:
             os.close(self._efd)
-            if isinstance(e, CanInitializationError):
-                raise
-            raise CanInitializationError(f"ivshmem {self.channel}: {e}") from e
+            raise
+        self._driver: CanDriver | None = self._link.driver
         assert self._driver is not None
         self._can_protocol = CanProtocol.CAN_FD if self._driver.fd else CanProtocol.CAN_20
         self.channel_info = f"virtio-can over ivshmem {self.channel}"
         super().__init__(channel=channel, can_filters=can_filters, **kwargs)
 
-    # -- the driver's thread ----------------------------------------------------------------------
-    async def _open(self, fd: bool | None, late_tx_ack: bool) -> None:
-        dev = open_link(self.channel, backend=False,
-                        protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=self._timeout)
-        driver = CanDriver(dev, fd=True if fd is None else fd, late_tx_ack=late_tx_ack,
-                           on_frame=self._on_frame, errors=True, on_error=self._on_error,
-                           mode=self._mode, timeout=self._timeout)
-        try:
-            await driver.start(self._timeout)
-        except BaseException:
-            await driver.close()
-            dev.close()
-            raise
-        self._driver = driver
-
-    def _call(self, coro: Any, timeout: float | None) -> Any:
-        """Run ``coro`` on the driver's loop and wait for its result from this thread."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise
-
-    def _on_frame(self, r: Received) -> None:
-        """Driver thread: queue the frame, then make the eventfd readable."""
-        self._enqueue(frame_to_message(r.frame, timestamp=r.timestamp, channel=self.channel))
-
-    def _on_error(self, r: ReceivedError) -> None:
-        """Driver thread: an error frame (extension) is queued as python-can's socketcan does."""
-        self._enqueue(error_frame_to_message(r.frame, timestamp=r.timestamp,
-                                             channel=self.channel))
+    # -- the driver's thread (shared with the other buses of this channel) --------------------
+    def _call(self, coro: Any, timeout: float | None) -> Any:  # noqa: ANN401 - its result
+        return self._link.call(coro, timeout)
 
     def _enqueue(self, msg: can.Message) -> None:
         self._rxq.append(msg)
@@ -217,8 +294,12 @@ class IvshmemCanBus(BusABC):
             raise CanOperationError(f"ivshmem {self.channel}: {e}") from None
         if result != wire.VIRTIO_CAN_RESULT_OK:
             raise CanOperationError(f"the device answered NOT_OK ({self._why(driver)})")
+        now = time.time()
+        for bus in list(self._link.buses):  # this process's other buses on the channel see it
+            if bus is not self:
+                bus._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel))
         if self.receive_own_messages:
-            self._enqueue(frame_to_message(frame, timestamp=time.time(), channel=self.channel,
+            self._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel,
                                            is_rx=False))
 
     @property
@@ -265,24 +346,8 @@ class IvshmemCanBus(BusABC):
         if self._is_shutdown:
             return
         super().shutdown()
-        driver = self._driver
-        if driver is not None:
-            with contextlib.suppress(Exception):
-                self._call(self._close(driver), 5.0)
-        self._stop_loop()
+        self._link.detach(self)
         os.close(self._efd)
-
-    async def _close(self, driver: CanDriver) -> None:
-        try:
-            await driver.close()
-        finally:
-            driver.dev.close()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._loop.close()
 
     @staticmethod
     def _detect_available_configs() -> list[can.typechecking.AutoDetectedConfig]:
