@@ -688,12 +688,15 @@ def test_lone_node_error_passive_reported_and_frame_aborted(
     """No ACK: error-passive is reported, never bus-off; the TX timeout ends the frame."""
     with (
         rig(tmp_path, hosted_build, bus_time=bus_time) as r,
-        running(r, "--err-poll-us", "1000", "--tx-timeout-us", "200000") as inm,
+        # 20 ms: well past error-passive (16 failed attempts, ~5 ms of bus time) and short in
+        # simulated time, where every step is a round trip to the simulator (a loaded CI
+        # machine took over 5 s of host time for a 200 ms timeout)
+        running(r, "--err-poll-us", "1000", "--tx-timeout-us", "20000") as inm,
     ):
         r.chip.set_no_ack(True)
         inm.cmd("send 123 s 1 AA 5")
-        inm.expect("STATE ERROR_PASSIVE")
-        assert inm.expect("TXDONE") == "TXDONE tag=5 ok=0"
+        inm.expect("STATE ERROR_PASSIVE", timeout=20.0)
+        assert inm.expect("TXDONE", timeout=20.0) == "TXDONE tag=5 ok=0"
         r.chip.set_no_ack(False)
         inm.cmd("send 124 s 1 BB 6")
         assert inm.expect("TXDONE") == "TXDONE tag=6 ok=1"
