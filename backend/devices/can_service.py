@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -317,25 +318,17 @@ class CanLinkService:
 
     def deliver(self, frame: CanFrame) -> None:
         """Write one admitted frame into the next RX buffer (call :meth:`flush_rx` after)."""
-        chain = self._next_rx_buffer()
-        if chain is None:
-            self.metrics.rx_dropped_no_buffer += 1
-            self.model.metrics.rx_dropped += 1
-            return
-        vq = self._rx_vq
-        assert vq is not None
-        data = self.model.rx_encode(frame, chain.writable_len)
-        if data is None:  # too small for this frame (§8.2): handed back empty, frame dropped
-            vq.push(chain.head, 0)
-        else:
-            _scatter(vq.mem, chain.writable, data)
-            vq.push(chain.head, len(data))  # exactly 16 + length bytes (§8.1)
-        self._rx_dirty = True
+        self._fill_rx(lambda room: self.model.rx_encode(frame, room))
 
     def deliver_error(self, frame: wire.CanErrorFrame) -> None:
         """Write an error frame into the next RX buffer (extension; call :meth:`flush_rx`)."""
         if not self.model.error_state_ext or not self.model.started:
             return
+        self._fill_rx(lambda room: self.model.rx_encode_error(frame, room))
+
+    def _fill_rx(self, encode: Callable[[int], bytes | None]) -> None:
+        """The next RX buffer gets ``encode(its room)``: None when it is too small for the frame
+        (§8.2: handed back empty, the frame dropped); no buffer at all drops the frame too."""
         chain = self._next_rx_buffer()
         if chain is None:
             self.metrics.rx_dropped_no_buffer += 1
@@ -343,12 +336,12 @@ class CanLinkService:
             return
         vq = self._rx_vq
         assert vq is not None
-        data = self.model.rx_encode_error(frame, chain.writable_len)
+        data = encode(chain.writable_len)
         if data is None:
             vq.push(chain.head, 0)
         else:
             _scatter(vq.mem, chain.writable, data)
-            vq.push(chain.head, len(data))
+            vq.push(chain.head, len(data))  # exactly 16 + length bytes (§8.1)
         self._rx_dirty = True
 
     def flush_rx(self) -> None:
