@@ -185,18 +185,19 @@ class VirtioDriver:
         clock = time.perf_counter
         vq = self.vqs[index]
         policy = self.inline_window
+        learn = self.mode == "adaptive"  # poll mode's window is fixed: nothing to judge
         t0 = clock()
-        cpu0 = time.thread_time()
+        cpu0 = time.thread_time() if learn else 0.0  # (a syscall: only where it is used)
         deadline = t0 + policy.window
         while not vq.has_used():
             now = clock()
             if now > deadline:
-                if self.mode == "adaptive":
+                if learn:
                     policy.judge(now - t0, time.thread_time() - cpu0, now)
                     self._lone_t0 = t0  # its completion time teaches the window
                 break
         else:
-            if self.mode == "adaptive":
+            if learn:
                 now = clock()
                 policy.record(now - t0, True, now)
         if not vq.has_used() or self._backend_trouble() is not None:
