@@ -25,6 +25,10 @@ class TransportError(IvshmemVirtioError):
     """The virtio-over-ivshmem control protocol failed (peer gone, bad header, timeout)."""
 
 
+class VhostUserError(TransportError):
+    """A vhost-user peer sent a malformed or out-of-place message: the connection is dropped."""
+
+
 class PeerGone(TransportError):
     """The peer left READY while we were waiting on it."""
 
