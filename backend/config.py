@@ -44,7 +44,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,8 @@ class ServeConfig:
     log_json: bool = False
     retry_interval: float = 2.0
     devices: tuple[DeviceConfig, ...] = ()
+    #: what this host lacks but the daemon waits for (images not there yet): ``--check`` says it
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def device(self, name: str) -> DeviceConfig | None:
         return next((d for d in self.devices if d.name == name), None)
@@ -233,10 +235,18 @@ def parse_link_spec(text: str, dtype: str, field: str) -> LinkSpec:
     raise ConfigError(f"{field}: {text!r}: {usage}")
 
 
-def check_image(path: str, read_only: bool, field: str) -> None:
-    """Can ``path`` serve as a disk? Looks only: nothing is opened here."""
+def check_image(path: str, read_only: bool, field: str) -> bool:
+    """Can ``path`` serve as a disk? Looks only: nothing is opened here.
+
+    False when nothing is there yet: not an error, the device waits for its image the way it
+    waits for its link (a disk created later, a block device that appears with its USB stick),
+    so that one missing disk never keeps the daemon from serving the other cells. Anything
+    that is there and cannot serve (a directory, too short, no access) is an error.
+    """
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        return False
     except OSError as e:
         raise ConfigError(f"{field}: {path}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode):
@@ -248,6 +258,7 @@ def check_image(path: str, read_only: bool, field: str) -> None:
     if not os.access(path, need):
         what = "readable" if read_only else "readable and writable"
         raise ConfigError(f"{field}: {path}: not {what} by this user")
+    return True
 
 
 def check_bus(spec: str, field: str) -> None:
@@ -342,8 +353,10 @@ def _console(raw: dict[str, Any], where: str, host: bool) -> ConsoleOptions:
 
 # -- the whole file -----------------------------------------------------------------------------
 
-def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -> DeviceConfig:
+def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True,
+            notes: list[str] | None = None) -> DeviceConfig:
     where = f"devices[{index}]."
+    notes = [] if notes is None else notes
     if not isinstance(raw, dict):
         raise ConfigError(f"devices[{index}]: expected a table ([[devices]]), got {raw!r}")
     dtype = _str(raw, "type", where)
@@ -364,8 +377,8 @@ def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True) -
         serial = _str(raw, "serial", where, "")
         if len(serial.encode()) > B.ID_BYTES:
             raise ConfigError(f"{where}serial: {serial!r} is longer than {B.ID_BYTES} bytes")
-        if host:
-            check_image(image, read_only, f"{where}image")
+        if host and not check_image(image, read_only, f"{where}image"):
+            notes.append(f"{where}image: {image}: not there yet; the device waits for it")
         return DeviceConfig(**common, blk=BlkOptions(image, read_only, serial))
     if dtype == "console":
         return DeviceConfig(**common, console=_console(raw, where, host))
@@ -407,7 +420,7 @@ def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
         if d.name in seen_names:  # after the links: a default name is the link text
             raise ConfigError(f"{where}name: {d.name!r} is also devices[{seen_names[d.name]}]")
         seen_names[d.name] = i
-        if d.blk is not None and not host:
+        if d.blk is not None and (not host or not os.path.exists(d.blk.image)):
             ident = (-2, hash(os.path.normpath(d.blk.image)))  # the file's own view: by path
             if ident in seen_images:
                 raise ConfigError(f"{where}image: {d.blk.image} is also served by "
@@ -437,10 +450,11 @@ def parse_config(data: dict[str, Any], host: bool = True) -> ServeConfig:
     raw_devices = data.get("devices", [])
     if not isinstance(raw_devices, list):
         raise ConfigError("devices: expected a list of [[devices]] tables")
-    devices = [_device(raw, i, defaults, host) for i, raw in enumerate(raw_devices)]
+    notes: list[str] = []
+    devices = [_device(raw, i, defaults, host, notes) for i, raw in enumerate(raw_devices)]
     _cross_checks(devices, host)
     return ServeConfig(log_level=level, log_json=log_json, retry_interval=retry,
-                       devices=tuple(devices))
+                       devices=tuple(devices), notes=tuple(notes))
 
 
 def load_config(path: str | Path, host: bool = True) -> ServeConfig:

@@ -137,11 +137,8 @@ class DeviceSlot:
         self.lock = lock
         try:
             if cfg.blk is not None:
-                try:
-                    self.image = BlockImage(cfg.blk.image, read_only=cfg.blk.read_only)
-                except ConfigError as e:
-                    raise ConfigError(f"{where}.image: {str(e).removeprefix('--image ')}") \
-                        from None
+                if os.path.exists(cfg.blk.image):  # else the device waits for it (_supervise)
+                    self.image = self._open_image(where)
             elif cfg.can is not None:
                 try:
                     self.group = self.daemon.can_group(cfg.can.bus, cfg.can.fd,
@@ -156,6 +153,14 @@ class DeviceSlot:
         except BaseException:
             self.release_lock()
             raise
+
+    def _open_image(self, where: str) -> BlockImage:
+        blk = self.cfg.blk
+        assert blk is not None
+        try:
+            return BlockImage(blk.image, read_only=blk.read_only)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.image: {str(e).removeprefix('--image ')}") from None
 
     def release_lock(self) -> None:
         if self.lock is not None:
@@ -229,6 +234,18 @@ class DeviceSlot:
     async def _supervise(self) -> None:
         last_error = ""
         while not self._stopping:
+            if self.cfg.blk is not None and self.image is None:
+                try:  # the image was not there at start: it may be now
+                    self.image = self._open_image(self.name)
+                except ConfigError as e:
+                    if str(e) != last_error:
+                        log.warning("image unavailable, retrying", device=self.name,
+                                    error=str(e), every=self.daemon.config.retry_interval)
+                        last_error = str(e)
+                    self._set_state("waiting")
+                    self.attempted.set()
+                    await self._pause(self.daemon.config.retry_interval)
+                    continue
             try:
                 dev = await self._open_link()
             except (IvshmemVirtioError, OSError, ValueError) as e:

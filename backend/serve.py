@@ -258,6 +258,8 @@ async def run_serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         print(f"{args.config}: OK, {len(config.devices)} device(s): "
               + ", ".join(f"{d.name} ({d.type} on {d.link})" for d in config.devices)
               + ("; images not checked (--file-only)" if file_only else ""))
+        for note in config.notes:
+            print(f"note: {note}")
         return 0
     setup_logging(json=config.log_json, level=config.log_level)
     if not shm.BARRIERS_EXACT:  # no way to order the ring accesses on this CPU
