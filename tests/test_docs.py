@@ -87,3 +87,67 @@ def test_top_level_help_as_printed():
     out = r.stdout.decode()
     assert r.returncode == 0 and "usage: ivshmem-virtio" in out
     assert "``" not in out and not OUTSIDE.search(out)
+
+
+# -- the commands the docs show exist as shown ------------------------------------------------
+
+CMD = re.compile(r"\s*(?:sudo\s+)?(?:\.venv/bin/)?ivshmem-virtio\s+(.*)")
+USER_DOCS = [*DOCS, *sorted((ROOT / "rtos_inmate").glob("*.md"))]
+
+
+def _doc_commands(text: str) -> tuple[list[str], list[str]]:
+    """(command lines of code blocks, inline `ivshmem-virtio ...` spans of the prose)."""
+    blocks: list[str] = []
+    spans: list[str] = []
+    in_block = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        elif in_block:
+            if m := CMD.match(line):
+                blocks.append(m.group(1))
+        else:
+            spans += [m.group(1) for s in re.findall(r"`([^`]+)`", line) if (m := CMD.match(s))]
+    return blocks, spans
+
+
+def _argv(cmd: str) -> list[str]:
+    """A documented command line as argv: comments and `&` cut, `[--opt X]` taken, of
+    `a|b|c` the first, `...` dropped."""
+    import shlex
+
+    cmd = re.split(r"\s+#\s", cmd)[0].strip().removesuffix("&").strip()
+    cmd = re.sub(r"\[([^\]]*)\]", r"\1", cmd).replace(" ...", "")
+    return [t.split("|")[0] if "|" in t and ":" not in t else t for t in shlex.split(cmd)]
+
+
+def _subparser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    parsers = dict(PARSERS)
+    name = "ivshmem-virtio"
+    rest = list(argv)
+    while rest and f"{name} {rest[0]}" in parsers:
+        name = f"{name} {rest.pop(0)}"
+    return parsers[name], rest
+
+
+@pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_commands_parse(path, capsys):
+    """Every `ivshmem-virtio ...` line of a code block parses with today's CLI; every inline
+    mention names a real command and real options of it (prose may leave values out)."""
+    blocks, spans = _doc_commands(path.read_text())
+    for cmd in blocks:
+        try:
+            build_parser().parse_args(_argv(cmd))
+        except SystemExit as e:
+            pytest.fail(f"{path.name}: `ivshmem-virtio {cmd}` does not parse: "
+                        f"{capsys.readouterr().err.strip() or e}")
+    for cmd in spans:
+        argv = _argv(cmd)
+        if argv and argv[0].isupper():  # `ivshmem-virtio COMMAND --help`
+            continue
+        parser, rest = _subparser(argv)
+        known = {s for a in parser._actions for s in a.option_strings}
+        for tok in rest:
+            if tok.startswith("--"):
+                assert tok.split("=")[0] in known, \
+                    f"{path.name}: `ivshmem-virtio {cmd}`: {tok} is not an option of it"
