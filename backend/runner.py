@@ -1,8 +1,12 @@
 """The asyncio side of the backend: wait for doorbells, drive the transport, drain queues.
 
-One :class:`LinkRunner` serves one device on one link. Device services are synchronous (they pop
-chains, run fast I/O inline and push used entries); slow operations (fsync, hole punching) go to
-a worker thread and complete through :meth:`LinkRunner.defer`, so a FLUSH never delays the
+:class:`QueueRunner` is what a device service sees of its runner (the batch size, deferred work,
+passive queues, config changes) and how queues are served in turns; it takes its transport as a
+parameter (:class:`QueueTransport`). One :class:`LinkRunner` serves one device on one ivshmem
+link; ``backend/vhost_user.py`` serves one over a vhost-user socket with the same base. Device
+services are synchronous (they pop chains, run fast I/O inline and push used entries); slow
+operations (fsync, hole punching) go to a worker thread and complete through
+:meth:`QueueRunner.defer`, so a FLUSH never delays the
 clearing of a write transaction (virtio-ivshmem.md §8.7). A service or peer fault marks only
 this device NEEDS_RESET; other runners in the daemon keep going.
 """
@@ -41,8 +45,8 @@ class Service(Protocol):
     def features(self) -> int: ...
     def config(self) -> bytes: ...
     def on_reset(self) -> None: ...
-    def on_activate(self, features: int, runner: LinkRunner) -> None: ...
-    def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int: ...
+    def on_activate(self, features: int, runner: QueueRunner) -> None: ...
+    def serve(self, index: int, vq: DeviceQueue, runner: QueueRunner) -> int: ...
     def close(self) -> None: ...
     # optional: ``passive_queues``, queues whose buffers the service takes when it needs one
     # (virtio-can RX): new buffers there are not work and ask for no kick
@@ -52,21 +56,31 @@ def passive_queues(service: Service) -> frozenset[int]:
     return frozenset(getattr(service, "passive_queues", ()))
 
 
-class LinkRunner:
-    """Serve one device over one ivshmem link until :meth:`stop`."""
+class QueueTransport(Protocol):
+    """What the queue-serving half of a runner (and a service) needs of its transport."""
 
-    def __init__(self, dev: IvshmemDevice, service: Service, *, mode: str = "adaptive",
-                 spin_us: float = SPIN_CAP_US, burst_us: float = 5.0, queue_size: int = 256,
-                 batch: int | None = None, workers: int = 2) -> None:
-        self.dev = dev
+    vqs: list[DeviceQueue | None]
+
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def negotiated(self) -> int: ...
+    def transaction_pending(self) -> bool: ...
+    def mark_needs_reset(self, reason: str) -> None: ...
+    def notify_queue(self, index: int) -> None: ...
+    def update_config(self, config: bytes) -> None: ...
+
+
+class QueueRunner:
+    """The queue-serving half of a runner, whatever the transport: turns over the queues,
+    deferred work, passive queues. Subclasses set ``transport`` and wait for notifications."""
+
+    transport: QueueTransport
+
+    def __init__(self, service: Service, *, name: str, batch: int | None = None,
+                 workers: int = 2) -> None:
+        self.name = name  # the link or socket, for logs
         self.service = service
-        self.transport = DeviceTransport(dev, device_features=service.features,
-                                         config=service.config(),
-                                         num_queues=service.num_queues,
-                                         queue_max_size=queue_size)
-        self.mode = mode
-        self.spin_us = spin_us
-        self.burst_us = burst_us  # checks between loop passes while spinning (IrqWaiter)
         self.batch = min(batch or SUB_BATCH, WEIGHT)  # chains a service pops at a time
         self.served = 0  # requests the last turn served
         self._rr = 0  # the queue the next turn starts with
@@ -74,70 +88,15 @@ class LinkRunner:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                            thread_name_prefix="blk-io")
         self._pending: set[asyncio.Future] = set()
-        self._stopping = False
-        self._waiter: IrqWaiter | None = None
         self._passive = passive_queues(service)
-        self.metrics = self.transport.metrics
 
-    # -- life cycle -----------------------------------------------------------------------------
-    async def run(self) -> None:
-        t = self.transport
-        t.start()
-        self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
-                                             burst_us=self.burst_us)
-        waiter.handler = self._on_interrupt
-        log.info("serving", link=self.dev.name, device_id=self.service.device_id,
-                 mode=self.mode)
-        try:
-            while not self._stopping:
-                self._control()
-                if t.serving and self._serve_queues():
-                    await asyncio.sleep(0)  # turn used up: the loop's other work goes first
-                    continue
-                await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
-        finally:
-            await self._drain_pending()
-            waiter.close()
-            t.stop()
-            self._pool.shutdown(wait=True)
-
-    def stop(self) -> None:
-        self._stopping = True
-        if self._waiter is not None:
-            self._waiter.kick()
+    def _control(self) -> None:
+        """Serve the transport's control path (between batches when it has a transaction)."""
 
     async def _drain_pending(self) -> None:
         """Shutdown completes in-flight slow requests and publishes them before we leave."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-
-    # -- control path ---------------------------------------------------------------------------
-    def _control(self) -> None:
-        t = self.transport
-        if t.idle():
-            return  # the common case on a wake-up: nothing for the control path
-        for _ in range(64):  # a transaction per step; the driver waits for each
-            res = t.step()
-            if res.reset:
-                self.generation += 1
-                self.service.on_reset()
-            if res.activated:
-                self.service.on_activate(t.negotiated, self)
-            if not res.transactions:
-                break
-
-    def _has_work(self) -> bool:
-        """Checked over and over while spinning: kept to a few loads."""
-        t = self.transport
-        if t.transaction_pending():
-            return True
-        if not t.serving:
-            return False
-        passive = self._passive
-        for i, vq in enumerate(t.vqs):  # (a bad avail index counts as work: serve reports it)
-            if vq is not None and vq.has_new() and i not in passive:
-                return True
-        return False
 
     # -- queues ---------------------------------------------------------------------------------
     def _serve_queues(self) -> bool:
@@ -183,34 +142,11 @@ class LinkRunner:
                 self.generation += 1
                 return False
             except Exception as e:  # noqa: BLE001 - a bug of ours must not take the daemon down
-                log.exception("device fault", link=self.dev.name, queue=index)
+                log.exception("device fault", link=self.name, queue=index)
                 t.mark_needs_reset(f"queue {index}: internal error {e!r}")
                 self.generation += 1
                 return False
         return more
-
-    def _on_interrupt(self) -> bool:
-        """Serve the queues from the doorbell's fd callback while the task sleeps (block mode,
-        or adaptive between poll windows): the completion leaves one task switch sooner.
-
-        Returns True to wake the task: for the control path, a stop, a fault that stopped
-        the queues, or work left after a turn (the task serves it in turns, yielding between
-        them; the waiter itself wakes the task to poll when its window says so). A doorbell
-        that brought nothing is reported to the waiter, which mutes a storm of them.
-        """
-        t = self.transport
-        if self._stopping or not t.idle() or not t.serving:
-            return True
-        for i in range(8):
-            if self._serve_queues():
-                return True
-            if not t.serving or t.transaction_pending():
-                return True
-            if i == 0 and not self.served and self._waiter is not None:
-                self._waiter.empty_interrupt()
-            if not self._enable_notifications():  # kicks on again; False: nothing slipped in
-                return False
-        return True
 
     def _enable_notifications(self) -> bool:
         """Before sleeping: ask for kicks again, and report work that slipped in meanwhile."""
@@ -266,3 +202,103 @@ class LinkRunner:
 
     def is_passive(self, index: int) -> bool:
         return index in self._passive
+
+
+class LinkRunner(QueueRunner):
+    """Serve one device over one ivshmem link until :meth:`stop`."""
+
+    transport: DeviceTransport
+
+    def __init__(self, dev: IvshmemDevice, service: Service, *, mode: str = "adaptive",
+                 spin_us: float = SPIN_CAP_US, burst_us: float = 5.0, queue_size: int = 256,
+                 batch: int | None = None, workers: int = 2) -> None:
+        super().__init__(service, name=dev.name, batch=batch, workers=workers)
+        self.dev = dev
+        self.transport = DeviceTransport(dev, device_features=service.features,
+                                         config=service.config(),
+                                         num_queues=service.num_queues,
+                                         queue_max_size=queue_size)
+        self.mode = mode
+        self.spin_us = spin_us
+        self.burst_us = burst_us  # checks between loop passes while spinning (IrqWaiter)
+        self._stopping = False
+        self._waiter: IrqWaiter | None = None
+        self.metrics = self.transport.metrics
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        t = self.transport
+        t.start()
+        self._waiter = waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
+                                             burst_us=self.burst_us)
+        waiter.handler = self._on_interrupt
+        log.info("serving", link=self.dev.name, device_id=self.service.device_id,
+                 mode=self.mode)
+        try:
+            while not self._stopping:
+                self._control()
+                if t.serving and self._serve_queues():
+                    await asyncio.sleep(0)  # turn used up: the loop's other work goes first
+                    continue
+                await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
+        finally:
+            await self._drain_pending()
+            waiter.close()
+            t.stop()
+            self._pool.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._waiter is not None:
+            self._waiter.kick()
+
+    # -- control path ---------------------------------------------------------------------------
+    def _control(self) -> None:
+        t = self.transport
+        if t.idle():
+            return  # the common case on a wake-up: nothing for the control path
+        for _ in range(64):  # a transaction per step; the driver waits for each
+            res = t.step()
+            if res.reset:
+                self.generation += 1
+                self.service.on_reset()
+            if res.activated:
+                self.service.on_activate(t.negotiated, self)
+            if not res.transactions:
+                break
+
+    def _has_work(self) -> bool:
+        """Checked over and over while spinning: kept to a few loads."""
+        t = self.transport
+        if t.transaction_pending():
+            return True
+        if not t.serving:
+            return False
+        passive = self._passive
+        for i, vq in enumerate(t.vqs):  # (a bad avail index counts as work: serve reports it)
+            if vq is not None and vq.has_new() and i not in passive:
+                return True
+        return False
+
+    def _on_interrupt(self) -> bool:
+        """Serve the queues from the doorbell's fd callback while the task sleeps (block mode,
+        or adaptive between poll windows): the completion leaves one task switch sooner.
+
+        Returns True to wake the task: for the control path, a stop, a fault that stopped
+        the queues, or work left after a turn (the task serves it in turns, yielding between
+        them; the waiter itself wakes the task to poll when its window says so). A doorbell
+        that brought nothing is reported to the waiter, which mutes a storm of them.
+        """
+        t = self.transport
+        if self._stopping or not t.idle() or not t.serving:
+            return True
+        for i in range(8):
+            if self._serve_queues():
+                return True
+            if not t.serving or t.transaction_pending():
+                return True
+            if i == 0 and not self.served and self._waiter is not None:
+                self._waiter.empty_interrupt()
+            if not self._enable_notifications():  # kicks on again; False: nothing slipped in
+                return False
+        return True

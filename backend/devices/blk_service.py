@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ivshmem_virtio._native import native
+from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.virtqueue.device import Accel, DeviceQueue
 
@@ -22,7 +23,7 @@ class _BlkAccel(Accel, Protocol):
 
 
 if TYPE_CHECKING:
-    from ..runner import LinkRunner
+    from ..runner import QueueRunner
 
 PAGE = 4096
 
@@ -63,20 +64,22 @@ class BlkService:
     def on_reset(self) -> None:
         pass
 
-    def on_activate(self, features: int, runner: LinkRunner) -> None:
+    def on_activate(self, features: int, runner: QueueRunner) -> None:
         pass
 
-    def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int:
+    def serve(self, index: int, vq: DeviceQueue, runner: QueueRunner) -> int:
         """One batch of at most ``runner.batch`` chains, compiled where the build has it.
 
         The compiled path (``ivshmem_virtio._native``) serves the usual reads and writes and
         stops at the first chain that is anything else; that one chain goes through the Python
-        path (the reference: walk, ``BlkModel.handle``), then the compiled path goes on.
+        path (the reference: walk, ``BlkModel.handle``), then the compiled path goes on. The
+        compiled path knows one flat window of memory (a plain :class:`Region`, ivshmem's R/W
+        section); guest memory of several regions (vhost-user) takes the Python path.
         """
         accel = cast("_BlkAccel | None", vq.accel)
         if accel is None:
             nat = native()
-            if nat is None:
+            if nat is None or type(vq.mem) is not Region:
                 return self._serve_python(index, vq, runner.batch, runner)
             accel = vq.accel = self._accel(nat, vq)
         limit = runner.batch
@@ -109,7 +112,7 @@ class BlkService:
         return nat.BlkQueue(vq.mem.buffer(), vq.size, vq.desc, vq.avail, vq.used, vq.indirect,
                             self.image.fd, model.read_only, model.capacity, model.max_data)
 
-    def _serve_python(self, index: int, vq: DeviceQueue, limit: int, runner: LinkRunner) -> int:
+    def _serve_python(self, index: int, vq: DeviceQueue, limit: int, runner: QueueRunner) -> int:
         mem = vq.mem
         model = self.model
         image = self.image

@@ -45,7 +45,7 @@ from .can import CanLinkModel, TxReject
 
 if TYPE_CHECKING:
     from ..resources.canbus import TxTicket
-    from ..runner import LinkRunner
+    from ..runner import QueueRunner
     from .can_backend import CanBackend
 
 log = structlog.get_logger("ivshmem_virtio.backend.can")
@@ -138,14 +138,14 @@ class CanLinkService:
         self.link_id = link_id
         self.model = model
         self.metrics = CanServiceMetrics()
-        self.runner: LinkRunner | None = None
+        self.runner: QueueRunner | None = None
         self._rx_vq: DeviceQueue | None = None
         self._rx_bufs: deque[Chain] = deque()
         self._rx_dirty = False
         self.pending: dict[TxTicket, _PendingTx] = {}
         self._limiter = RateLimiter()
 
-    def bind(self, runner: LinkRunner) -> None:
+    def bind(self, runner: QueueRunner) -> None:
         """The runner serving this link (bus deliveries and bus-off reach the link through it)."""
         self.runner = runner
 
@@ -161,7 +161,7 @@ class CanLinkService:
         self.model.reset()
         self._forget_rings()
 
-    def on_activate(self, features: int, runner: LinkRunner) -> None:
+    def on_activate(self, features: int, runner: QueueRunner) -> None:
         self.runner = runner
         if not self.model.set_features(features):
             # FEATURES_OK is the transport's; the rules of virtio-can (CLASSIC or FD, RTR needs
@@ -170,7 +170,7 @@ class CanLinkService:
                 f"virtio-can features {features & wire.DEVICE_FEATURE_MASK:#x} are not usable")
             runner.generation += 1
 
-    def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int:
+    def serve(self, index: int, vq: DeviceQueue, runner: QueueRunner) -> int:
         self.runner = runner
         if index == wire.TXQ:
             return self._serve_tx(vq, runner)
@@ -185,7 +185,7 @@ class CanLinkService:
         self.backend.detach(self)
 
     # -- TX ---------------------------------------------------------------------------------------
-    def _serve_tx(self, vq: DeviceQueue, runner: LinkRunner) -> int:
+    def _serve_tx(self, vq: DeviceQueue, runner: QueueRunner) -> int:
         """One batch of TX requests; the runner publishes the answers given here afterwards."""
         mem = vq.mem
         model = self.model
@@ -359,7 +359,7 @@ class CanLinkService:
             self._broken(f"queue {wire.RXQ}: {e}")
 
     # -- control -----------------------------------------------------------------------------------
-    def _serve_control(self, vq: DeviceQueue, runner: LinkRunner) -> int:
+    def _serve_control(self, vq: DeviceQueue, runner: QueueRunner) -> int:
         mem = vq.mem
         chains = vq.pop_all(runner.batch)
         for chain in chains:

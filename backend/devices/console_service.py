@@ -37,7 +37,7 @@ from ivshmem_virtio.spec import console as wire
 from ivshmem_virtio.spec import virtio as V
 from ivshmem_virtio.virtqueue.device import Chain, DeviceQueue
 
-from ..runner import LinkRunner
+from ..runner import LinkRunner, QueueRunner
 from .console import ConsoleModel
 
 if TYPE_CHECKING:
@@ -138,12 +138,12 @@ class ConsoleService:
             runner.set_passive(wire.RECEIVEQ, True)
             runner.set_passive(wire.TRANSMITQ, False)
 
-    def on_activate(self, features: int, runner: LinkRunner) -> None:
+    def on_activate(self, features: int, runner: QueueRunner) -> None:
         self.model.set_features(features)
         if self.model.input_len:
             self.pump_input()  # typed before the cell's driver was up
 
-    def serve(self, index: int, vq: DeviceQueue, runner: LinkRunner) -> int:
+    def serve(self, index: int, vq: DeviceQueue, runner: QueueRunner) -> int:
         if index == wire.TRANSMITQ:
             return self._take_tx(vq, runner.batch)
         if index == wire.RECEIVEQ:
