@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import can, ivshmem, ring, virtio
+from . import can, console, ivshmem, ring, virtio
 
 # (module, python name, C name, how to print); "hex" or "dec"
 _CONSTANTS: list[tuple[str, ModuleType, list[tuple[str, str, str]]]] = [
@@ -144,6 +144,22 @@ _CONSTANTS: list[tuple[str, ModuleType, list[tuple[str, str, str]]]] = [
         ("CAN_FD_MAX_LEN", "IVV_CAN_FD_MAX_LEN", "dec"),
         ("RX_BUFFER_SIZE_CLASSIC", "IVV_CAN_RX_BUFFER_SIZE_CLASSIC", "dec"),
         ("RX_BUFFER_SIZE_FD", "IVV_CAN_RX_BUFFER_SIZE_FD", "dec"),
+    ]),
+    ("virtio-console port 0 (VIRTIO 1.2 5.3, spec/console.py)", console, [
+        ("VIRTIO_ID_CONSOLE", "IVV_CONSOLE_DEVICE_ID", "dec"),
+        ("IVSHMEM_PROTOCOL_CONSOLE_BACKEND", "IVV_CONSOLE_PROTOCOL_BACKEND", "hex"),
+        ("IVSHMEM_PROTOCOL_CONSOLE_FRONTEND", "IVV_CONSOLE_PROTOCOL_FRONTEND", "hex"),
+        ("RECEIVEQ", "IVV_CONSOLE_RECEIVEQ", "dec"),
+        ("TRANSMITQ", "IVV_CONSOLE_TRANSMITQ", "dec"),
+        ("NUM_QUEUES_PORT0", "IVV_CONSOLE_NUM_QUEUES_PORT0", "dec"),
+        ("VIRTIO_CONSOLE_F_SIZE", "IVV_CONSOLE_F_SIZE", "dec"),
+        ("VIRTIO_CONSOLE_F_MULTIPORT", "IVV_CONSOLE_F_MULTIPORT", "dec"),
+        ("VIRTIO_CONSOLE_F_EMERG_WRITE", "IVV_CONSOLE_F_EMERG_WRITE", "dec"),
+        ("CONFIG_SIZE", "IVV_CONSOLE_CONFIG_SIZE", "dec"),
+        ("OFF_COLS", "IVV_CONSOLE_OFF_COLS", "dec"),
+        ("OFF_ROWS", "IVV_CONSOLE_OFF_ROWS", "dec"),
+        ("OFF_MAX_NR_PORTS", "IVV_CONSOLE_OFF_MAX_NR_PORTS", "dec"),
+        ("OFF_EMERG_WR", "IVV_CONSOLE_OFF_EMERG_WR", "dec"),
     ]),
 ]
 

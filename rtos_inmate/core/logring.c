@@ -66,6 +66,25 @@ void logring_vput(const char *fmt, va_list ap)
 	st.lines++;
 }
 
+void logring_put(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	logring_vput(fmt, ap);
+	va_end(ap);
+}
+
+bool logring_write(const char *p, size_t n)
+{
+	if (n > space()) {
+		st.raw_dropped += (uint32_t)n;
+		return false;
+	}
+	put_bytes(p, n);
+	return true;
+}
+
 size_t logring_take(char *out, size_t max)
 {
 	size_t n = (size_t)(head - tail);

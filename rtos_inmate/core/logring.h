@@ -28,10 +28,20 @@ struct logring_stats {
 	uint32_t lines;         /* lines accepted */
 	uint32_t dropped;       /* lines dropped: the ring was full */
 	uint64_t bytes_out;     /* bytes taken by the console */
+	uint32_t raw_dropped;   /* logring_write() bytes dropped: the ring was full */
 };
 
 /* Format one line (a newline is appended) into the ring. */
 void logring_vput(const char *fmt, va_list ap);
+
+/* logring_vput with the arguments given directly. */
+void logring_put(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/*
+ * Raw bytes (no newline added: a console's echo), all or nothing; false and
+ * counted in raw_dropped when they do not fit.
+ */
+bool logring_write(const char *p, size_t n);
 
 /* Up to max bytes from the ring into out; returns how many. */
 size_t logring_take(char *out, size_t max);

@@ -153,6 +153,22 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 #define IVV_CAN_RX_BUFFER_SIZE_CLASSIC 24u
 #define IVV_CAN_RX_BUFFER_SIZE_FD      80u
 
+/* virtio-console port 0 (VIRTIO 1.2 5.3, spec/console.py) */
+#define IVV_CONSOLE_DEVICE_ID         3u
+#define IVV_CONSOLE_PROTOCOL_BACKEND  0xC003u
+#define IVV_CONSOLE_PROTOCOL_FRONTEND 0x8003u
+#define IVV_CONSOLE_RECEIVEQ          0u
+#define IVV_CONSOLE_TRANSMITQ         1u
+#define IVV_CONSOLE_NUM_QUEUES_PORT0  2u
+#define IVV_CONSOLE_F_SIZE            0u
+#define IVV_CONSOLE_F_MULTIPORT       1u
+#define IVV_CONSOLE_F_EMERG_WRITE     2u
+#define IVV_CONSOLE_CONFIG_SIZE       12u
+#define IVV_CONSOLE_OFF_COLS          0u
+#define IVV_CONSOLE_OFF_ROWS          2u
+#define IVV_CONSOLE_OFF_MAX_NR_PORTS  4u
+#define IVV_CONSOLE_OFF_EMERG_WR      8u
+
 /* one descriptor of the split ring */
 struct ivv_vring_desc {
 	uint64_t addr;
