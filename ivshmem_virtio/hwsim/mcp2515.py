@@ -803,6 +803,26 @@ class Mcp2515:
                 self._queue_ext(t_ns, msg, node)
             self._int_cond.notify_all()
 
+    def schedule_relative(self, nodes: dict[str, Iterable[tuple[int, can.Message]]],
+                          lead_ns: int = 1_000_000) -> int:
+        """:meth:`schedule` for several nodes, times counted from ``now + lead_ns``; returns
+        that base time.
+
+        The base is taken under the chip's lock in the same step that queues the frames: an
+        idle driver's wait advances simulated time by host time, so a base read earlier (and
+        a schedule built from it for a while) may already lie in the past, and every frame
+        due meanwhile would land at once and overflow the receive buffers.
+        """
+        if self.sim_clock is None:
+            raise RuntimeError("schedule_relative() needs a sim_clock")
+        with self._lock:
+            base = self.sim_clock.now_ns() + lead_ns
+            for node, frames in nodes.items():
+                for t_ns, msg in frames:
+                    self._queue_ext(base + t_ns, msg, node)
+            self._int_cond.notify_all()
+        return base
+
     def _queue_ext(self, t_ns: int, msg: can.Message, node: str = "bus") -> None:
         self._arrivals += 1
         bisect.insort(self._ext, (t_ns, next(self._ext_seq), msg, node))

@@ -121,3 +121,25 @@ def test_wire_mode_drops_what_the_driver_did_not_read_in_time() -> None:
     chip.spend(2 * frame_time_ns(500_000, 0x300, b"\x00" * 8) + 100 * BIT_NS)
     assert chip.rx_count == 2 and chip.rx_overflows == 1
     assert spi.read(m.EFLG)[0] & m.EFLG_RX1OVR
+
+
+def test_schedule_relative_counts_from_now_in_one_step() -> None:
+    """A schedule built from 0 lands from "now + lead" whatever time passed while it was
+    built (an idle driver's waits move bus time on meanwhile): frames one slot apart arrive
+    one slot apart, none overflows."""
+    chip, spi, clock, _ = timed_chip()
+    slot = 2 * frame_time_ns(500_000, 0x300, b"\x00" * 8)
+    frames = [(k * slot, std(0x300, b"\x00" * 8)) for k in range(4)]
+    clock.advance(50_000_000)  # the bus time a slow host's build of the schedule would cost
+    before = clock.now_ns()
+    base = chip.schedule_relative({"load": frames}, lead_ns=1_000_000)
+    assert base == before + 1_000_000
+    got = []
+    for _ in range(4):
+        assert chip.wait_int(0.01)
+        got.append(clock.now_ns())
+        assert spi.status() & 0x01  # RX0IF
+        spi.write(m.CANINTF, 0x00)
+    assert chip.rx_overflows == 0
+    assert [b - a for a, b in zip(got, got[1:])] == [slot] * 3
+    assert got[0] == base + frame_time_ns(500_000, 0x300, b"\x00" * 8)
