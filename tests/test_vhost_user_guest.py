@@ -31,6 +31,7 @@ import pytest
 
 from ivshmem_virtio.procs import Child, cli
 from tests.guest.build import FILE, QEMU, QSD, Guest, GuestUnavailable, build, cpio
+from tests.guest.build import HERE as GUEST_DIR
 from tests.guest.pattern import pattern
 from tests.guest.plan import READ_ONLY_SEED, Plan, read_only_plan, read_write_plan
 
@@ -69,7 +70,8 @@ def _has_vhost_user() -> bool:
     return "--vhost-user" in out.stdout
 
 
-# A wrapper around our CLI that corrupts one read: the first read of the image that covers byte
+# A wrapper around our CLI that corrupts one read (tests/guest/corrupt_read.c is the same fault
+# for qemu-storage-daemon, through LD_PRELOAD): the first read of the image that covers byte
 # GT_FAULT_OFFSET after a write covered it gets that byte's lowest bit flipped in guest memory.
 # The image itself stays right: only the guest's read-back can see this.
 CORRUPT_ONE_READ = r"""
@@ -136,7 +138,14 @@ def start_backend(kind: str, work: Path, image: Path, read_only: bool,
                 "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
                 f"addr.path={sock},writable={'off' if read_only else 'on'}",
                 "--pidfile", str(pidfile)]
-        child = Child("backend", argv, work)
+        env = dict(os.environ)
+        if fault_offset is not None:
+            shim = work / "corrupt_read.so"
+            subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim),
+                            str(GUEST_DIR / "corrupt_read.c")], check=True, timeout=60)
+            env["LD_PRELOAD"] = str(shim)
+            env["GT_FAULT_OFFSET"] = str(fault_offset)
+        child = Child("backend", argv, work, env=env)
         ready = pidfile.exists  # written once the export listens (qemu-storage-daemon(1))
     deadline = time.monotonic() + BACKEND_TIMEOUT
     while not ready():
@@ -271,8 +280,10 @@ def test_guest_sees_a_read_only_disk(guest: Guest, tmp_path: Path, kind: str) ->
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before, "the image changed"
 
 
-def test_planted_fault_one_corrupted_read_is_caught(guest: Guest, tmp_path: Path) -> None:
-    """Our back-end with one read corrupted (a bit flipped in the guest's buffer after the data
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_planted_fault_one_corrupted_read_is_caught(guest: Guest, tmp_path: Path,
+                                                    kind: str) -> None:
+    """A back-end with one read corrupted (a bit flipped in the guest's buffer after the data
     was written right): the guest's read-back of that range fails, and only that step."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
@@ -281,7 +292,7 @@ def test_planted_fault_one_corrupted_read_is_caught(guest: Guest, tmp_path: Path
     first_write = next(line for line in plan.lines if " w " in line).split()
     off, length = int(first_write[4]), int(first_write[5])
     target = off + length // 2
-    backend = start_backend("ours", tmp_path, image, read_only=False, fault_offset=target)
+    backend = start_backend(kind, tmp_path, image, read_only=False, fault_offset=target)
     try:
         run = boot(guest, tmp_path, backend.sock, plan)
     finally:
