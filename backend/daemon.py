@@ -73,6 +73,9 @@ async def serve(runners: list[LinkRunner], stop: asyncio.Event) -> int:
 
 
 async def run_blk(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    if getattr(args, "vhost_user", None):
+        from .vhost_user_daemon import run_blk_vhost_user
+        return await run_blk_vhost_user(args, stop)
     parse_link(args.link)
     check_runner_options(args.queue_size, args.spin_us)
     if len(args.serial.encode()) > B.ID_BYTES:

@@ -126,6 +126,10 @@ class BlkService:
                 runner.defer(index, chain.head, functools.partial(model.execute, mem, done, image))
         return len(chains)
 
+    def flush(self) -> None:
+        """Make every acknowledged write durable (a vhost-user front-end went away)."""
+        self.image.flush()
+
     def close(self) -> None:
         try:
             self.image.flush()

@@ -141,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--queue-size", type=_int, default=256,
                         help="the largest ring the backend offers (power of two, 8..32768)")
 
-    b = sub.add_parser("blk", help="serve a disk image as virtio-blk over a link")
-    b.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    b = sub.add_parser("blk", help="serve a disk image as virtio-blk over a link or vhost-user")
+    bt = b.add_mutually_exclusive_group(required=True)
+    bt.add_argument("--link", help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    bt.add_argument("--vhost-user", metavar="SOCKET",
+                    help="be a vhost-user back-end listening on SOCKET (QEMU's "
+                    "vhost-user-blk-pci connects to it) instead of an ivshmem link")
     b.add_argument("--image", required=True,
                    help="the disk: a raw image file (size a multiple of 512) or a block device")
     b.add_argument("--read-only", action="store_true",
@@ -151,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     runner_opts(b)
 
     c = sub.add_parser("can", help="serve virtio-can links bridged to a python-can bus")
-    c.add_argument("--link", action="append", required=True,
+    c.add_argument("--link", action="append", default=[],
                    help="sim:SOCKET or uio:...; repeat for several links on one CAN switch")
+    c.add_argument("--vhost-user", action="append", default=[], metavar="SOCKET",
+                   help="a vhost-user back-end listening on SOCKET, on the same CAN switch as "
+                   "the links (repeatable; at least one --link or --vhost-user)")
     c.add_argument("--bus", required=True, help="IFACE:CHANNEL, e.g. socketcan:can0")
     c.add_argument("--fd", action="store_true", help="offer CAN FD")
     c.add_argument("--no-late-tx-ack", action="store_true",
