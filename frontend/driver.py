@@ -28,7 +28,13 @@ from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.transport.driver import DriverTransport
 from ivshmem_virtio.virtqueue.driver import DriverQueue
 
+from .vhost_user import VhostUserTransport, vhost_user_path
+from .vhost_user_conn import VhostUserLink
+
 log = structlog.get_logger("ivshmem_virtio.frontend")
+
+#: a driver's device: an ivshmem link, or a vhost-user back-end's socket (frontend/vhost_user.py)
+Device = IvshmemDevice | VhostUserLink
 
 
 class VirtioDriver:
@@ -37,11 +43,13 @@ class VirtioDriver:
     device_id = 0
     num_queues = 1
 
-    def __init__(self, dev: IvshmemDevice, *, features: int = 0, queue_size: int = 256,
+    def __init__(self, dev: Device, *, features: int = 0, queue_size: int = 256,
                  mode: str = "block", spin_us: float = SPIN_CAP_US, timeout: float = 10.0,
                  reconnect: bool = True) -> None:
         self.dev = dev
-        self.transport = DriverTransport(dev, timeout=timeout)
+        self.transport: DriverTransport | VhostUserTransport = (
+            VhostUserTransport(dev, timeout=timeout) if isinstance(dev, VhostUserLink)
+            else DriverTransport(dev, timeout=timeout))
         self.wanted_features = features
         self.queue_size = queue_size
         self.mode = mode
@@ -311,12 +319,17 @@ D = TypeVar("D", bound=VirtioDriver)
 async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> D:  # noqa: ANN401
     """Open ``link`` as the frontend of ``cls``'s device and bring it up, for a command line:
     says once on stderr that it waits for the backend, and turns a bad link or no READY
-    backend within ``timeout`` into one-line :class:`ConfigError`s."""
-    parse_link(link)
-    try:
-        dev = open_link(link, backend=False, protocol=H.frontend_protocol(cls.device_id))
-    except LinkError as e:
-        raise ConfigError(f"--link {link}: {e}") from e
+    backend within ``timeout`` into one-line :class:`ConfigError`s. ``vhost-user:SOCKET``
+    connects to a vhost-user back-end instead."""
+    dev: Device
+    if (path := vhost_user_path(link)) is not None:
+        dev = VhostUserLink(path, timeout=timeout)
+    else:
+        parse_link(link)
+        try:
+            dev = open_link(link, backend=False, protocol=H.frontend_protocol(cls.device_id))
+        except LinkError as e:
+            raise ConfigError(f"--link {link}: {e}") from e
     drv = cls(dev, timeout=timeout, **kw)
     if not drv.transport.backend_ready():  # say once why we sit there
         print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",

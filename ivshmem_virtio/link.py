@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -122,6 +123,18 @@ class PollWindow:
             self.strikes = 0
 
 
+class InterruptSource(Protocol):
+    """What :class:`IrqWaiter` needs of a device: an ivshmem link, or a vhost-user front-end
+    (its call eventfds and socket)."""
+
+    name: str
+    fd_epoch: int
+
+    def interrupt_fds(self) -> list[int]: ...
+
+    def ack_fd(self, fd: int) -> int: ...
+
+
 class IrqWaiter:
     """Turns a device's interrupt fds into an awaitable, polling first when that pays.
 
@@ -136,7 +149,7 @@ class IrqWaiter:
     arrives between a check and the wait is lost.
     """
 
-    def __init__(self, dev: IvshmemDevice, *, mode: str = "adaptive",
+    def __init__(self, dev: InterruptSource, *, mode: str = "adaptive",
                  spin_us: float = SPIN_CAP_US, burst_us: float = 0.0,
                  expecting: Callable[[], bool] | None = None) -> None:
         if mode not in ("block", "poll", "adaptive"):
