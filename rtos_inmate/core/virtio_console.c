@@ -362,8 +362,9 @@ static int fill_tx(struct vcon *c)
 		size_t got = logring_take(raw, sizeof(raw)), len = 0;
 
 		for (size_t i = 0; i < got; i++) {
-			if (raw[i] == '\n')
-				buf[len++] = '\r'; /* a terminal's ONLCR */
+			if (raw[i] == '\n' && !c->out_cr)
+				buf[len++] = '\r'; /* a terminal's ONLCR (the echo has its own CR) */
+			c->out_cr = raw[i] == '\r';
 			buf[len++] = raw[i];
 		}
 		uint16_t slot = c->tx_free[--c->tx_nfree];

@@ -6,7 +6,7 @@
  *
  *   log ring (core/logring.c, filled by hal_log)
  *        -> transmitq (queue 1): buffers of VCON_TX_SLOT bytes, "\n" sent as
- *           "\r\n"; taken only by vcon_poll, which the platform's main loop
+ *           "\r\n" (unless a CR came right before it); taken only by vcon_poll, which the platform's main loop
  *           calls only while the CAN side is idle (INT high, nothing due)
  *   receiveq (queue 0): VCON_RX_SLOT-byte buffers, always posted
  *        -> line editor (echo, backspace, ^C/^U, CR, LF or CRLF ends a line,
@@ -116,6 +116,7 @@ struct vcon {
 	uint16_t nrx, ntx;
 	uint16_t tx_free[VQ_MAX_SIZE];
 	uint16_t tx_nfree;
+	bool out_cr; /* the last byte sent was CR: a LF after it gets no CR of its own */
 	uint8_t tx_busy[VQ_MAX_SIZE];
 	bool size_valid;
 	uint16_t cols, rows;

@@ -9,7 +9,13 @@
  *   hosted_inmate --spi SOCKET --link SOCKET --osc HZ --bitrate BPS
  *                 [--rule TEXT]... [--restart-ms N] [--txq N] [--rxq N]
  *                 [--err-poll-us N] [--timeout-ms N] [--link-id N]
- *                 [--max-ms N] [--quiet]
+ *                 [--console SOCKET] [--max-ms N] [--quiet]
+ *
+ * --console SOCKET joins a second sim hub as the virtio-console driver (ID 1,
+ * protocol 0x8003; core/virtio_console.h): the log then goes to that console
+ * (a copy still to stderr) instead of the simulator's UART, and the console
+ * takes commands (help, stats, rules, log on|off).  Without it the log is
+ * drained to stderr and the UART as before.
  *
  * Events on stdout, one per line:
  *   READY cnf1=.. cnf2=.. cnf3=.. id=<link id> protocol=0x....
@@ -39,6 +45,7 @@
 #include "logring.h"
 #include "simlink.h"
 #include "virtio_can.h"
+#include "virtio_console.h"
 
 #define RULES_MAX 2048u
 #define IDLE_MIN_NS 20000u   /* first idle wait after activity */
@@ -47,6 +54,9 @@
 static struct bridge br;
 static struct vcan vc;
 static struct simlink link_;
+static struct vcon con;
+static struct simlink con_link_;
+static bool con_on;
 static volatile sig_atomic_t stop_signal;
 
 static void on_signal(int sig)
@@ -59,6 +69,21 @@ static void on_event(void *ctx, const char *ev, const char *detail)
 	(void)ctx;
 	printf("EV %s%s%s\n", ev, detail[0] ? " " : "", detail);
 	fflush(stdout);
+}
+
+static void on_console_event(void *ctx, const char *ev, const char *detail)
+{
+	(void)ctx;
+	printf("EV CONSOLE_%s%s%s\n", ev, detail[0] ? " " : "", detail);
+	fflush(stdout);
+}
+
+/* What goes to the console, also on stderr (the log stays readable there). */
+static void console_tee(void *ctx, const char *p, size_t n)
+{
+	(void)ctx;
+	fwrite(p, 1, n, stderr);
+	fflush(stderr);
 }
 
 static void print_stats(void)
@@ -77,7 +102,7 @@ static void print_stats(void)
 	       "err_report_fails=%u rx_errframes=%u can_restarts=%u "
 	       "transactions=%u timeouts=%u can_state=%s can_rx=%u can_tx=%u urgent=%u "
 	       "overflows=%u busoff=%u matched=%u replied=%u fast_max=%u fast_timed=%u "
-	       "hub_joins=%u hub_leaves=%u\n",
+	       "hub_joins=%u hub_leaves=%u console=%s log_dropped=%u\n",
 	       vcan_state_name(vc.state), (unsigned int)v->attaches, (unsigned int)v->detaches,
 	       (unsigned int)v->resets, (unsigned int)v->ring_faults,
 	       (unsigned int)v->relay_count, (unsigned int)v->relay_fails,
@@ -93,7 +118,8 @@ static void print_stats(void)
 	       (unsigned int)c->rx_overflows, (unsigned int)c->bus_off, (unsigned int)matched,
 	       (unsigned int)replied, (unsigned int)c->fast_spi_bytes_max,
 	       (unsigned int)c->fast_replies_timed, (unsigned int)link_.joins,
-	       (unsigned int)link_.leaves);
+	       (unsigned int)link_.leaves, con_on ? vcon_state_name(con.state) : "off",
+	       (unsigned int)logring_get_stats()->dropped);
 	fflush(stdout);
 }
 
@@ -117,7 +143,8 @@ static void usage(const char *argv0)
 	fprintf(stderr,
 		"usage: %s --spi SOCKET --link SOCKET --osc HZ --bitrate BPS [--rule TEXT]...\n"
 		"          [--restart-ms N] [--txq N] [--rxq N] [--err-poll-us N]\n"
-		"          [--timeout-ms N] [--link-id N] [--max-ms N] [--quiet]\n",
+		"          [--timeout-ms N] [--link-id N] [--console SOCKET] [--max-ms N]\n"
+		"          [--quiet]\n",
 		argv0);
 }
 
@@ -172,7 +199,7 @@ static bool read_commands(bool *open)
 
 int main(int argc, char **argv)
 {
-	const char *spi = NULL, *link_path = NULL;
+	const char *spi = NULL, *link_path = NULL, *console_path = NULL;
 	static char rules[RULES_MAX];
 	size_t rules_len = 0;
 	uint32_t osc = 0, bitrate = 0, err_poll_us = 0, max_ms = 3600000u, restart_ms = 100;
@@ -188,6 +215,8 @@ int main(int argc, char **argv)
 			spi = v;
 		else if (strcmp(a, "--link") == 0 && v)
 			link_path = v;
+		else if (strcmp(a, "--console") == 0 && v)
+			console_path = v;
 		else if (strcmp(a, "--osc") == 0)
 			ok = parse_u32(v, UINT32_MAX, &osc);
 		else if (strcmp(a, "--bitrate") == 0)
@@ -285,6 +314,34 @@ int main(int argc, char **argv)
 		hal_hosted_close();
 		return 4;
 	}
+	if (console_path != NULL) {
+		const struct vcon_config ccfg = {
+			.timeout_ns = (uint64_t)timeout_ms * 1000000ull,
+			.on_event = on_console_event,
+			.tee = console_tee,
+		};
+
+		rc = simlink_open(&con_link_, console_path, 1, 5000);
+		if (rc < 0) {
+			fprintf(stderr, "cannot join the console's ivshmem hub at %s: %s\n",
+				console_path, simlink_strerror(rc));
+			vcan_shutdown(&vc);
+			simlink_close(&link_);
+			hal_hosted_close();
+			return 1;
+		}
+		rc = vcon_init(&con, &br, &vc, &con_link_.link, &ccfg);
+		if (rc != VIO_OK) {
+			printf("LINKERR console rc=%d %s\n", rc, vio_strerror(rc));
+			fflush(stdout);
+			vcan_shutdown(&vc);
+			simlink_close(&con_link_);
+			simlink_close(&link_);
+			hal_hosted_close();
+			return 4;
+		}
+		con_on = true;
+	}
 	printf("READY cnf1=%02X cnf2=%02X cnf3=%02X id=%u protocol=0x%04X\n",
 	       (unsigned int)br.can.timing.cnf1, (unsigned int)br.can.timing.cnf2,
 	       (unsigned int)br.can.timing.cnf3, (unsigned int)link_.id,
@@ -311,9 +368,16 @@ int main(int argc, char **argv)
 		/* log lines (hal_log fills a RAM ring) only when the CAN side is idle; one
 		 * simulator round trip per drain, so a line at a time (the Pi's UART FIFO
 		 * takes 8 bytes, but its drain costs no round trip) */
-		if (logring_pending() > 0 &&
-		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&br)))
+		if (con_on) {
+			/* the console (log out, commands in) under the same idle rule */
+			if (vcon_pending(&con) && !hal_int_asserted() &&
+			    hal_now_ns() < bridge_next_deadline_ns(&br))
+				work += vcon_poll(&con);
+		} else if (logring_pending() > 0 &&
+			   logring_idle(hal_int_asserted(), hal_now_ns(),
+					bridge_next_deadline_ns(&br))) {
 			work += (int)(hal_hosted_log_drain(64u) > 0);
+		}
 		if (work > 0) {
 			idle_ns = 0;
 			continue;
@@ -333,6 +397,10 @@ int main(int argc, char **argv)
 			idle_ns = 0;
 	}
 	vcan_shutdown(&vc);
+	if (con_on) {
+		vcon_shutdown(&con);
+		simlink_close(&con_link_);
+	}
 	print_stats();
 	printf("BYE\n");
 	fflush(stdout);
