@@ -346,6 +346,10 @@ class VhostUserServer:
         self._limiter = RateLimiter()
         self._sock: socket.socket | None = None
 
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
     def listen(self) -> None:
         self._sock = bind_unix(self.path, 0o600, what="vhost-user back-end")
         self._sock.setblocking(False)

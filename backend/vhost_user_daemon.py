@@ -29,7 +29,8 @@ gives the blk model its largest segment count."""
 async def serve_servers(servers: list[VhostUserServer], stop: asyncio.Event) -> None:
     """Serve every server until ``stop``; each removes its socket when it ends."""
     for s in servers:
-        s.listen()  # every socket exists before the first front-end is waited for
+        if not s.listening:
+            s.listen()  # every socket exists before the first front-end is waited for
     tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
     stopper = asyncio.create_task(stop.wait())
     try:
@@ -55,6 +56,7 @@ async def run_blk_vhost_user(args: argparse.Namespace, stop: asyncio.Event) -> i
     service = BlkService(image, serial=args.serial, rw_size=NO_BOUNCE_RW)
     server = VhostUserServer(service, args.vhost_user)
     try:
+        server.listen()
         log.info("virtio-blk vhost-user back-end", image=args.image, sectors=image.sectors,
                  read_only=args.read_only, socket=args.vhost_user)
         await serve_servers([server], stop)
