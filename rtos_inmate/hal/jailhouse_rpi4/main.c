@@ -35,6 +35,13 @@
  *                     at most 128, rounded down to a power of two
  *   timeout-ms=MS     bound of each wait for the backend during bring-up,
  *                     default 1000 (the bridge is polled while waiting)
+ *   vcon=0|1          the log and a command line on a virtio-console: the
+ *                     ivshmem device with protocol 0x8003 (a second link, its
+ *                     BAR0 at 0xff001000), default 0.  With it the log goes to
+ *                     that console instead of the UART (printk'd start-up
+ *                     messages still go to the UART); without the device the
+ *                     UART stays the log's console.  Commands: help, stats,
+ *                     rules, log on [S] | log off (core/virtio_console.h)
  * Numbers that do not parse or are out of range stop the cell with a message
  * naming the parameter.  Jailhouse's cmdline_parse_* match a parameter name
  * as a prefix of a word, so no name here is the prefix of another (nor of
@@ -53,21 +60,26 @@
 #include "shared_layout.h"
 #include "util.h"
 #include "virtio_can.h"
+#include "virtio_console.h"
 
 #define CMDLINE_SIZE 1024
 #define RULES_MAX 900u
+#define CONSOLE_BAR0 0xFF001000ul /* the console link's register page, next to virtio-can's */
 
 CMDLINE_BUFFER(CMDLINE_SIZE);
 
 static struct bridge br;
 static struct vcan vc;
 static struct ivshmem_rpi4 ivlink;
+static struct vcon con;
+static struct ivshmem_rpi4 conlink;
 static struct bridge_hooks vcan_hooks; /* the driver's own hooks, wrapped below */
 static char rules_buf[RULES_MAX + 2];  /* +1 to detect truncation, +1 NUL */
 static uint32_t relayed_unhandled;
 static uint32_t restart_ms;
 static uint64_t restart_at_ns;         /* without virtio: next MCP2515 restart */
 static bool can_bus_off;
+static bool pci_ready;                 /* pci_init() done (once for both links) */
 
 /* ---- command line ------------------------------------------------------ */
 
@@ -213,7 +225,9 @@ static bool virtio_attach(const struct vcan_config *vcfg)
 		       "base in the comm region); add the ivshmem device to the cell config\n");
 		return false;
 	}
-	pci_init();
+	if (!pci_ready)
+		pci_init();
+	pci_ready = true;
 	int bdf = find_ivshmem_bus0(proto);
 
 	if (bdf < 0) {
@@ -243,6 +257,43 @@ static bool virtio_attach(const struct vcan_config *vcfg)
 	return true;
 }
 
+/* The console link: false (and the UART keeps the log) when it cannot be used. */
+static bool console_attach(bool with_vcan, uint64_t timeout_ns)
+{
+	const uint16_t proto = IVV_CONSOLE_PROTOCOL_FRONTEND;
+
+	if (comm_region->pci_mmconfig_base == 0) {
+		printk("mcp2515-can: virtio-console off: the cell has no virtual PCI\n");
+		return false;
+	}
+	if (!pci_ready)
+		pci_init();
+	pci_ready = true;
+	int bdf = find_ivshmem_bus0(proto);
+
+	if (bdf < 0) {
+		printk("mcp2515-can: virtio-console off: no ivshmem device 110a:4106 with "
+		       "protocol 0x%x on bus 0 of this cell; the log stays on the UART\n", proto);
+		return false;
+	}
+	if (ivshmem_rpi4_open(&conlink, proto, CONSOLE_BAR0) != 0) {
+		printk("mcp2515-can: virtio-console off: ivshmem device %02x:%02x.%x unusable\n",
+		       bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7);
+		return false;
+	}
+	const struct vcon_config ccfg = { .timeout_ns = timeout_ns };
+	int rc = vcon_init(&con, &br, with_vcan ? &vc : NULL, &conlink.link, &ccfg);
+
+	if (rc != VIO_OK) {
+		printk("mcp2515-can: virtio-console off: %s\n", vio_strerror(rc));
+		return false;
+	}
+	printk("mcp2515-can: log and commands on virtio-console (ivshmem ID %u), waiting for "
+	       "the backend (protocol 0x%x); the UART gets no more log lines\n",
+	       (unsigned int)conlink.link.id, IVV_CONSOLE_PROTOCOL_BACKEND);
+	return true;
+}
+
 static void log_virtio_stats(void)
 {
 	const struct vcan_stats *v = &vc.stats;
@@ -265,7 +316,7 @@ void inmate_main(void)
 {
 	long long osc, bitrate, mode, spi_hz, core_hz, core_hz_max, err_poll_us, stats_s;
 	long long restart, txq, rxq, timeout_ms;
-	bool pinmux, virtio;
+	bool pinmux, virtio, console;
 
 	printk("mcp2515-can: MCP2515 on SPI0/CE0, INT GPIO 25\n");
 	if (!cmdline_fits()) {
@@ -285,7 +336,8 @@ void inmate_main(void)
 	    !param_int("txq", 0, 0, VQ_MAX_SIZE, &txq) ||
 	    !param_int("rxq", 0, 0, VQ_MAX_SIZE, &rxq) ||
 	    !param_int("timeout-ms", 1000, 1, 60000, &timeout_ms) ||
-	    !param_bool("pinmux", true, &pinmux) || !param_bool("virtio", true, &virtio))
+	    !param_bool("pinmux", true, &pinmux) || !param_bool("virtio", true, &virtio) ||
+	    !param_bool("vcon", false, &console))
 		return;
 	if (osc == 0) {
 		printk("mcp2515-can: mcp-osc=HZ is required: read the crystal on the HAT "
@@ -366,6 +418,9 @@ void inmate_main(void)
 		printk("mcp2515-can: running without virtio-can; bus-off restart after %u ms\n",
 		       (unsigned int)restart_ms);
 
+	if (console)
+		console = console_attach(virtio, (uint64_t)timeout_ms * 1000000ull);
+
 	uint64_t stats_ns = (uint64_t)stats_s * 1000000000ull;
 	uint64_t next_stats = hal_now_ns() + stats_ns;
 
@@ -385,10 +440,17 @@ void inmate_main(void)
 			(void)vcan_poll(&vc);
 		else
 			restart_local();
-		/* the log only when the CAN side is idle, a UART FIFO's worth at most */
-		if (logring_pending() > 0 &&
-		    logring_idle(hal_int_asserted(), hal_now_ns(), bridge_next_deadline_ns(&br)))
+		/* the log only when the CAN side is idle: to the virtio-console (which
+		 * also takes commands then), or a UART FIFO's worth at most */
+		if (console) {
+			if (vcon_pending(&con) && !hal_int_asserted() &&
+			    hal_now_ns() < bridge_next_deadline_ns(&br))
+				(void)vcon_poll(&con);
+		} else if (logring_pending() > 0 &&
+			   logring_idle(hal_int_asserted(), hal_now_ns(),
+					bridge_next_deadline_ns(&br))) {
 			(void)hal_rpi4_log_drain(8u);
+		}
 		if (stats_ns != 0 && hal_now_ns() >= next_stats) {
 			next_stats += stats_ns;
 			bridge_log_stats(&br);
