@@ -51,7 +51,11 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]
+    native: bool = False  # a C source of the compiled data path: rebuilt after planting
 
+
+NATIVE = "tests/test_native.py"
+VQBLK = "ivshmem_virtio/_native/vqblk.c"
 
 MUTANTS = [
     Mutant("region-check", "ivshmem_virtio/shm.py",
@@ -109,6 +113,22 @@ MUTANTS = [
     Mutant("image-lock", "backend/resources/image.py",
            "        fcntl.fcntl(fd, F_OFD_SETLK, flock)\n", "        pass\n",
            ("tests/test_image_lock.py::test_writer_excludes_everyone",)),
+    # the compiled data path: each check it makes before it serves a chain without Python
+    Mutant("native-read-only", VQBLK,
+           "    else if (t == T_OUT && !b->read_only)\n", "    else if (t == T_OUT)\n",
+           (NATIVE,), native=True),
+    Mutant("native-capacity", VQBLK,
+           "s < b->capacity\n          && s + (n >> 9) <= b->capacity))",
+           "s < b->capacity))", (NATIVE,), native=True),
+    Mutant("native-short-io", VQBLK,
+           "    if (done != (ssize_t)data.len) {", "    if (done < 0) {", (NATIVE,), native=True),
+    Mutant("native-avail-jump", VQBLK,
+           "    if (n > q->size) {\n        *stop = 1;", "    if (0) {\n        *stop = 1;",
+           (NATIVE,), native=True),
+    Mutant("native-indirect-length", VQBLK,
+           "            if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_QUEUE_SIZE)",
+           "            if (d.len == 0 || d.len / 16 > VQ_MAX_QUEUE_SIZE)", (NATIVE,),
+           native=True),
 ]
 
 # what a failure by assertion looks like in pytest's short summary (-rf)
@@ -129,6 +149,7 @@ def copy_tree(dst: Path) -> None:
 def pytest_run(tree: Path, tests: tuple[str, ...], limit: float) -> tuple[str, str]:
     """('passed'|'failed'|'timeout', output) of the tests in ``tree``."""
     env = dict(os.environ)
+    env.pop("IVSHMEM_VIRTIO_PURE", None)  # the compiled path's mutants need it loaded
     env["PYTHONPATH"] = str(tree)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["COLUMNS"] = "1000"  # the short summary keeps each failure's reason
@@ -141,6 +162,24 @@ def pytest_run(tree: Path, tests: tuple[str, ...], limit: float) -> tuple[str, s
         return "timeout", out
     out = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
     return ("passed" if r.returncode == 0 else "failed"), out
+
+
+def native_build(tree: Path) -> str | None:
+    """Compile the tree's ``_native`` extension in place (as setup.py does); the error text, or
+    None when it built."""
+    import sysconfig
+
+    nat = tree / "ivshmem_virtio" / "_native"
+    out = nat / f"_fastpath{sysconfig.get_config_var('EXT_SUFFIX')}"
+    cc = os.environ.get("CC", "cc")
+    argv = [cc, "-shared", "-fPIC", "-O2", "-std=gnu11",
+            f"-I{sysconfig.get_paths()['include']}", str(nat / "_fastpath.c"),
+            str(nat / "vqblk.c"), "-o", str(out)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if r.returncode == 0 else r.stderr.strip()[-2000:]
 
 
 def plant(tree: Path, m: Mutant) -> str:
@@ -164,10 +203,27 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     if not chosen:
         raise SystemExit(f"no mutant named {args.names}; known: {[m.name for m in MUTANTS]}")
+    sys.path.insert(0, str(ROOT))
+    from ivshmem_virtio import _native
+
+    if _native.native() is None:  # as tests/test_native.py skips: nothing compiled to mutate
+        skipped = [m.name for m in chosen if m.native]
+        chosen = [m for m in chosen if not m.native]
+        if skipped:
+            print(f"skipped {len(skipped)} mutants of the compiled data path: "
+                  f"{_native.data_path()}")
+        if not chosen:
+            return 0
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         tree = Path(tmp)
         copy_tree(tree)
+        if any(m.native for m in chosen):
+            err = native_build(tree)  # the copy's own build of the unmutated source
+            if err is not None:
+                print(f"the compiled data path does not build here, so its mutants cannot "
+                      f"run:\n{err}")
+                return 1
         for m in chosen:  # every pattern checked before anything runs
             (tree / m.path).write_text(plant(tree, m))
         everything = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
@@ -181,9 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             original = plant(tree, m)
             t0 = time.monotonic()
             try:
-                state, out = pytest_run(tree, m.tests, args.limit)
+                err = native_build(tree) if m.native else None
+                if err is not None:
+                    state, out = "failed", f"the mutant does not compile:\n{err}"
+                else:
+                    state, out = pytest_run(tree, m.tests, args.limit)
             finally:
                 (tree / m.path).write_text(original)
+                if m.native:
+                    native_build(tree)
             took = time.monotonic() - t0
             if state == "failed" and _ASSERTION.search(out):
                 print(f"killed    {m.name:36s} {took:5.1f} s")

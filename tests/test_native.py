@@ -123,7 +123,8 @@ KINDS = ["read", "write", "read", "write", "read 4 KiB", "write 2 sectors", "ind
          "indirect write", "flush", "get id", "unknown type", "header 15", "header 32",
          "status 2", "no data", "extra data", "data outside", "readable after writable",
          "sector past end", "sector at end", "not a sector multiple", "loop", "next too far",
-         "nested indirect", "indirect with next", "indirect length 24", "indirect outside",
+         "nested indirect", "indirect with next", "indirect length 24",
+         "indirect length +8", "indirect outside",
          "indirect big", "five descriptors", "huge data"]
 
 
@@ -167,7 +168,9 @@ def build(kinds: list[str], avail_extra: int = 0, used_event: int = 0) -> bytear
             if kind == "nested indirect":
                 R.DESC.pack_into(mem, table, table, tlen, INDIRECT, 0)
             tflags = INDIRECT | (NEXT if kind == "indirect with next" else 0)
-            tlen = {"indirect length 24": 24, "indirect big": 16 * 20}.get(kind, tlen)
+            # +8: whole entries for the complete chain and a stray half entry after it
+            tlen = {"indirect length 24": 24, "indirect big": 16 * 20,
+                    "indirect length +8": tlen + 8}.get(kind, tlen)
             taddr = MEM - 8 if kind == "indirect outside" else table
             R.DESC.pack_into(mem, DESC + 16 * head, taddr, tlen, tflags, 0)
         else:
