@@ -30,6 +30,12 @@ async def connect_blk(link: str, timeout: float, mode: str = "block") -> BlkClie
     return await connect_driver(BlkClient, link, timeout, mode=mode)
 
 
+def link_of(args: argparse.Namespace) -> str:
+    """``--link LINK`` or ``--vhost-user SOCKET``, as one link name (``vhost-user:SOCKET``)."""
+    vhost_user = getattr(args, "vhost_user", None)
+    return args.link if vhost_user is None else f"vhost-user:{vhost_user}"
+
+
 def _percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
@@ -103,7 +109,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 async def run_blk_client(args: argparse.Namespace, stop: asyncio.Event) -> int:
     _check_args(args)
-    client = await connect_blk(args.link, args.timeout, args.mode)
+    client = await connect_blk(link_of(args), args.timeout, args.mode)
     try:
         return await _blk_action(client, args)
     except BlkIOError as e:  # the device refused (read-only, I/O error): the user's answer
@@ -169,7 +175,7 @@ async def run_nbd(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise ConfigError("--host goes with --port (a UNIX socket has no host)")
     if args.max_connections < 1:
         raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
-    client = await connect_blk(args.link, args.timeout)
+    client = await connect_blk(link_of(args), args.timeout)
     try:
         server = await serve_nbd(client, unix_path=args.socket, port=args.port,
                                  host=args.host or "127.0.0.1",
@@ -183,7 +189,7 @@ async def run_nbd(args: argparse.Namespace, stop: asyncio.Event) -> int:
         await client.close()
         client.dev.close()
         raise
-    log.info("nbd export ready", link=args.link, socket=args.socket, port=args.port,
+    log.info("nbd export ready", link=link_of(args), socket=args.socket, port=args.port,
              bytes=client.size, read_only=client.read_only)
     try:
         await stop.wait()

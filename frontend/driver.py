@@ -322,7 +322,9 @@ async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> 
     backend within ``timeout`` into one-line :class:`ConfigError`s. ``vhost-user:SOCKET``
     connects to a vhost-user back-end instead."""
     dev: Device
+    option = f"--link {link}"
     if (path := vhost_user_path(link)) is not None:
+        option = f"--vhost-user {path}"
         dev = VhostUserLink(path, timeout=timeout)
     else:
         parse_link(link)
@@ -340,7 +342,7 @@ async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> 
         drv.transport.leave()
         dev.close()
         if isinstance(e, TransportError) and not drv.transport.backend_ready():
-            raise ConfigError(f"--link {link}: no backend became READY within "
+            raise ConfigError(f"{option}: no backend became READY within "
                               f"{timeout:g} s") from None
         raise
     return drv

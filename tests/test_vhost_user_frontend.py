@@ -24,7 +24,7 @@ from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.frontend.driver import connect_driver
 from ivshmem_virtio.frontend.vhost_user import vhost_user_path
 from ivshmem_virtio.frontend.vhost_user_conn import GuestMemory, VhostUserLink
-from ivshmem_virtio.procs import Child, cli
+from ivshmem_virtio.procs import Child, cli, run_cli
 
 from .conftest import Procs, run
 
@@ -212,6 +212,39 @@ def test_backend_restart_resubmits(kind: str, procs: Procs,
         _check_image(image, shadow)
 
     run(main(), 90)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_blk_client_cli(kind: str, procs: Procs, image_factory: Callable[..., str],
+                        tmp_path: Path) -> None:
+    """``blk-client --vhost-user SOCKET``: info, write with flush, read back; the image has it."""
+    image = image_factory(IMAGE_SIZE)
+    sock = str(tmp_path / "blk.sock")
+    start_backend(kind, procs, sock, image)
+    data = _pattern(31, 3 * 4096 + 512)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    out = tmp_path / "out.bin"
+    base = ["blk-client", "--vhost-user", sock, "--timeout", "10"]
+    info = run_cli([*base, "info"], 60)
+    assert info.returncode == 0, info.stderr.decode()
+    assert f'"bytes": {IMAGE_SIZE}' in info.stdout.decode()
+    w = run_cli([*base, "write", "--offset", "1M", "--in", str(src), "--flush"], 60)
+    assert w.returncode == 0, w.stderr.decode()
+    r = run_cli([*base, "read", "--offset", "1M", "--length", str(len(data)),
+                 "--out", str(out)], 60)
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == data
+    disk = Path(image).read_bytes()
+    assert disk[1 << 20:(1 << 20) + len(data)] == data
+    assert disk.count(0) == IMAGE_SIZE - len(data) + data.count(0)
+
+
+def test_blk_client_cli_no_backend(tmp_path: Path) -> None:
+    r = run_cli(["blk-client", "--vhost-user", str(tmp_path / "none.sock"), "--timeout", "0.3",
+                 "info"], 60)
+    assert r.returncode == 2
+    assert "--vhost-user" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
 
 
 def test_memory_table_and_user_addresses() -> None:

@@ -195,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the console's size on stderr at start and on every change")
 
     k = sub.add_parser("blk-client", help="copy data in and out of a remote virtio-blk disk")
-    k.add_argument("--link", required=True, help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    kt = k.add_mutually_exclusive_group(required=True)
+    kt.add_argument("--link", help="sim:SOCKET, uio:/dev/uioN or uio:auto")
+    kt.add_argument("--vhost-user", metavar="SOCKET",
+                    help="be the vhost-user front-end of the back-end listening on SOCKET")
     k.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for a READY backend, and for each request")
     k.add_argument("--mode", choices=("block", "poll", "adaptive"), default="block",
@@ -224,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="the whole stack on a simulated link, as separate processes")
 
     n = sub.add_parser("nbd", help="export a remote virtio-blk disk over NBD")
-    n.add_argument("--link", required=True, help="the disk: sim:SOCKET, uio:/dev/uioN or uio:auto")
+    nt = n.add_mutually_exclusive_group(required=True)
+    nt.add_argument("--link", help="the disk: sim:SOCKET, uio:/dev/uioN or uio:auto")
+    nt.add_argument("--vhost-user", metavar="SOCKET",
+                    help="the disk: the vhost-user back-end listening on SOCKET")
     g = n.add_mutually_exclusive_group(required=True)
     g.add_argument("--socket", help="serve on this UNIX socket (created 0600)")
     g.add_argument("--port", type=_int, help="serve on this TCP port (10809 is NBD's)")
