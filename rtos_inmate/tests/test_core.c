@@ -7,9 +7,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "bridge.h"
 #include "fastreply.h"
+#include "logring.h"
 #include "mcp2515.h"
 #include "util.h"
+#include "virtio_console.h"
 
 static unsigned int passed, failed;
 
@@ -417,6 +420,141 @@ static void test_msg_valid(void)
 	CHECK(!can_msg_valid(&m));
 }
 
+
+/* ---- virtio-console: line editor and commands (no link) ---- */
+
+/* Feed text to the editor; the echo bytes are appended to echo_out. */
+static enum vcon_ed_result edit_all(struct vcon_editor *ed, const char *in, size_t n,
+				    char *echo_out, size_t size)
+{
+	enum vcon_ed_result last = VCON_ED_NONE;
+	size_t at = strlen(echo_out);
+
+	for (size_t i = 0; i < n; i++) {
+		char e[4];
+		size_t elen;
+		enum vcon_ed_result r = vcon_edit(ed, (uint8_t)in[i], e, &elen);
+
+		if (r != VCON_ED_NONE)
+			last = r;
+		for (size_t k = 0; k < elen && at + 1 < size; k++)
+			echo_out[at++] = e[k];
+		echo_out[at] = '\0';
+	}
+	return last;
+}
+
+/* Everything in the log ring, as a string. */
+static const char *ring_text(void)
+{
+	static char buf[LOGRING_SIZE + 1];
+	size_t n = logring_take(buf, LOGRING_SIZE);
+
+	buf[n] = '\0';
+	return buf;
+}
+
+static void test_console_editor(void)
+{
+	struct vcon_editor ed;
+	char echo[512];
+
+	memset(&ed, 0, sizeof(ed));
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, "stats\r", 6, echo, sizeof(echo)) == VCON_ED_LINE);
+	CHECK(strcmp(ed.line, "stats") == 0 && strcmp(echo, "stats\r\n") == 0);
+	/* the LF of a CRLF is not a second (empty) line */
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, "\n", 1, echo, sizeof(echo)) == VCON_ED_NONE && echo[0] == '\0');
+	/* backspace and DEL erase, with "\b \b"; nothing to erase: no echo */
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, "\x7fruley\bs\x7fs\n", 11, echo, sizeof(echo)) == VCON_ED_LINE);
+	CHECK(strcmp(ed.line, "rules") == 0);
+	CHECK(strcmp(echo, "ruley\b \bs\b \bs\r\n") == 0);
+	/* ^U drops the line; control bytes and non-ASCII are ignored */
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, "xx\x15he\x1b\x80\xff" "lp\r", 11, echo, sizeof(echo)) == VCON_ED_LINE);
+	CHECK(strcmp(ed.line, "help") == 0 && strcmp(echo, "xx^U\r\nhelp\r\n") == 0);
+	/* a line of exactly VCON_LINE_MAX characters is taken, one more is refused whole */
+	char long_line[VCON_LINE_MAX + 2];
+
+	memset(long_line, 'a', sizeof(long_line));
+	long_line[VCON_LINE_MAX] = '\n';
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, long_line, VCON_LINE_MAX + 1u, echo, sizeof(echo)) == VCON_ED_LINE);
+	CHECK(strlen(ed.line) == VCON_LINE_MAX);
+	long_line[VCON_LINE_MAX] = 'a';
+	long_line[VCON_LINE_MAX + 1] = '\n';
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, long_line, VCON_LINE_MAX + 2u, echo, sizeof(echo)) ==
+	      VCON_ED_OVERLONG);
+	CHECK(strlen(echo) == VCON_LINE_MAX + 2u); /* the echo stops at the limit, then CRLF */
+	/* and the editor is usable again at once */
+	echo[0] = '\0';
+	CHECK(edit_all(&ed, "rules\r", 6, echo, sizeof(echo)) == VCON_ED_LINE &&
+	      strcmp(ed.line, "rules") == 0);
+}
+
+static void test_console_commands(void)
+{
+	static struct bridge br;
+	static struct vcon c;
+	size_t err_off = 0;
+
+	memset(&br, 0, sizeof(br));
+	memset(&c, 0, sizeof(c));
+	fr_table_init(&br.rules);
+	CHECK(fr_table_parse(&br.rules, "100:11->101:22$0;7DF:02010D->7E8:03410D$c", 42,
+			     &err_off) == FR_OK);
+	br.rules.rule[0].matched = 5;
+	br.rules.rule[0].replied = 4;
+	br.can.stats.tx_timeouts = 7;
+	c.br = &br;
+	logring_reset();
+
+	const char *in = "rules\r\n";
+
+	vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	CHECK(strcmp(ring_text(), "rules\r\nrules: 2\n  0: 100:11->101:22$0 matched=5 "
+				  "replied=4\n  1: 7DF:02010D->7E8:03410D$c matched=0 "
+				  "replied=0\n") == 0);
+	in = "stats\n";
+	vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	const char *t = ring_text();
+
+	CHECK(strstr(t, " tx_timeouts=7 ") != NULL);
+	CHECK(strstr(t, "rules: count=2 seen=0 matched=5 replied=4 ") != NULL);
+	CHECK(strstr(t, "console: link=down ") != NULL && strstr(t, "virtio-can:") == NULL);
+	/* unknown: one line, the word quoted and cut at 16 characters */
+	in = "  frobnicate_everything_now please\r";
+	vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	t = ring_text();
+	CHECK(strcmp(t, "  frobnicate_everything_now please\r\n"
+			"error: unknown command 'frobnicate_every' (try help)\n") == 0);
+	CHECK(c.stats.unknown == 1u);
+	/* an empty line runs nothing and answers nothing */
+	in = "   \r";
+	vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	CHECK(strcmp(ring_text(), "   \r\n") == 0 && c.stats.lines == 3u);
+	/* log on/off and bad arguments */
+	in = "log on 0\rlog on 5\rlog off\rlog maybe\r";
+	vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	t = ring_text();
+	CHECK(strstr(t, "error: SECONDS must be 1..86400\n") != NULL);
+	CHECK(strstr(t, "log: stats every 5 s\n") != NULL);
+	CHECK(strstr(t, "log: stats off\n") != NULL && c.log_period_ns == 0u);
+	CHECK(strstr(t, "error: log on [SECONDS] | log off\n") != NULL);
+	/* a full ring: lines are dropped and counted, echo too, nothing blocks */
+	logring_reset();
+	for (unsigned int i = 0; i < 64u; i++) {
+		in = "stats\r";
+		vcon_feed(&c, (const uint8_t *)in, strlen(in));
+	}
+	CHECK(logring_get_stats()->dropped > 0u && logring_get_stats()->raw_dropped > 0u);
+	CHECK(logring_pending() <= LOGRING_SIZE);
+	logring_reset();
+}
+
 int main(void)
 {
 	test_timing();
@@ -427,6 +565,8 @@ int main(void)
 	test_documented_examples();
 	test_util();
 	test_msg_valid();
+	test_console_editor();
+	test_console_commands();
 	printf("%u passed, %u failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
