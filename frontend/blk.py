@@ -17,11 +17,10 @@ import errno
 import struct
 
 from ivshmem_virtio.errors import TransportError
-from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import virtio as V
 
-from .driver import VirtioDriver
+from .driver import Device, VirtioDriver
 
 INLINE_YIELD_EVERY = 8  # a lone caller completing in place yields to the loop this often
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
@@ -62,7 +61,7 @@ class BlkClient(VirtioDriver):
     device_id = B.DEVICE_ID
     num_queues = 1
 
-    def __init__(self, dev: IvshmemDevice, *, event_idx: bool = True, indirect: bool = True,
+    def __init__(self, dev: Device, *, event_idx: bool = True, indirect: bool = True,
                  page_segments: bool = False, **kw: object) -> None:
         features = WANTED
         if page_segments:

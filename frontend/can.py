@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import structlog
 
 from ivshmem_virtio.errors import RingError, TransportError
-from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.log import RateLimiter
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec import virtio as V
@@ -46,7 +45,7 @@ from ivshmem_virtio.spec.can import (
 )
 from ivshmem_virtio.virtqueue.driver import Buffers, DriverQueue
 
-from .driver import VirtioDriver
+from .driver import Device, VirtioDriver
 
 log = structlog.get_logger("ivshmem_virtio.frontend.can")
 
@@ -128,7 +127,7 @@ class CanDriver(VirtioDriver):
     device_id = wire.VIRTIO_ID_CAN
     num_queues = wire.NUM_QUEUES
 
-    def __init__(self, dev: IvshmemDevice, *, classic: bool = True, fd: bool = True,
+    def __init__(self, dev: Device, *, classic: bool = True, fd: bool = True,
                  rtr: bool = True, late_tx_ack: bool = True, event_idx: bool = True,
                  rx_buffer_size: int | None = None, rx_buffers: int | None = None,
                  auto_start: bool = True, on_frame: Callable[[Received], None] | None = None,

@@ -1,8 +1,9 @@
 """python-can interface ``ivshmem``: a virtio-can link as a :class:`can.BusABC`.
 
 ``can.Bus(interface="ivshmem", channel="sim:/run/x.sock")`` (or ``uio:/dev/uioN``,
-``uio:auto``); registered through the ``can.interface`` entry point, so python-can's own tools
-work: ``python -m can.logger -i ivshmem -c sim:/run/x.sock``.
+``uio:auto``, or ``vhost-user:/run/can.sock``: this process is then the vhost-user front-end of
+a virtio-can back-end listening there); registered through the ``can.interface`` entry point, so
+python-can's own tools work: ``python -m can.logger -i ivshmem -c sim:/run/x.sock``.
 
 A python-can bus is a blocking object that may be created outside any event loop, while the
 virtio driver is asyncio (bring-up, interrupts, reconnect). The bus therefore runs the driver on
@@ -63,6 +64,9 @@ from ivshmem_virtio.spec.can import (
 )
 
 from .can import CanDriver, Received, ReceivedError
+from .driver import Device
+from .vhost_user import vhost_user_path
+from .vhost_user_conn import VhostUserLink
 
 
 class _SharedLink:
@@ -127,8 +131,12 @@ class _SharedLink:
 
     async def _open(self, fd: bool | None, late_tx_ack: bool, timeout: float,
                     mode: str) -> None:
-        dev = open_link(self.channel, backend=False,
-                        protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=timeout)
+        dev: Device
+        if (path := vhost_user_path(self.channel)) is not None:
+            dev = VhostUserLink(path, timeout=timeout)
+        else:
+            dev = open_link(self.channel, backend=False,
+                            protocol=wire.IVSHMEM_PROTOCOL_CAN_FRONTEND, timeout=timeout)
         driver = CanDriver(dev, fd=True if fd is None else fd, late_tx_ack=late_tx_ack,
                            on_frame=self._on_frame, errors=True, on_error=self._on_error,
                            mode=mode, timeout=timeout)
@@ -176,7 +184,8 @@ class _SharedLink:
 class IvshmemCanBus(BusABC):
     """A virtio-can controller over an ivshmem link, as a python-can bus.
 
-    :param channel: the link: ``sim:SOCKET``, ``uio:/dev/uioN`` or ``uio:auto``.
+    :param channel: the link: ``sim:SOCKET``, ``uio:/dev/uioN``, ``uio:auto``, or
+        ``vhost-user:SOCKET`` (a vhost-user virtio-can back-end).
     :param fd: ask for CAN FD (default: whatever the device offers).
     :param receive_own_messages: also receive the frames this bus sent (a local echo after the
         device accepted them; the device never echoes a frame to its sender).
@@ -195,7 +204,8 @@ class IvshmemCanBus(BusABC):
                  late_tx_ack: bool = True, rx_queue_size: int = 0, timeout: float = 10.0,
                  spin_us: float = 100.0, mode: str = "block", **kwargs: Any) -> None:
         try:
-            parse_link(str(channel))
+            if vhost_user_path(str(channel)) is None:
+                parse_link(str(channel))
         except ConfigError as e:
             raise CanInitializationError(str(e)) from None
         if mode not in ("block", "poll", "adaptive"):
@@ -217,7 +227,8 @@ class IvshmemCanBus(BusABC):
         self._driver: CanDriver | None = self._link.driver
         assert self._driver is not None
         self._can_protocol = CanProtocol.CAN_FD if self._driver.fd else CanProtocol.CAN_20
-        self.channel_info = f"virtio-can over ivshmem {self.channel}"
+        over = "" if self.channel.startswith("vhost-user:") else "ivshmem "
+        self.channel_info = f"virtio-can over {over}{self.channel}"
         super().__init__(channel=channel, can_filters=can_filters, **kwargs)
 
     # -- the driver's thread (shared with the other buses of this channel) --------------------

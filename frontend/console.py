@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from ivshmem_virtio.errors import ConfigError
-from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.spec import console as wire
 from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.spec import virtio as V
 
-from .driver import VirtioDriver, connect_driver
+from .driver import Device, VirtioDriver, connect_driver
 
 log = structlog.get_logger("ivshmem_virtio.frontend.console")
 
@@ -79,7 +78,7 @@ class ConsoleDriver(VirtioDriver):
     device_id = wire.VIRTIO_ID_CONSOLE
     num_queues = wire.NUM_QUEUES_PORT0
 
-    def __init__(self, dev: IvshmemDevice, *, on_input: Callable[[bytes], None] | None = None,
+    def __init__(self, dev: Device, *, on_input: Callable[[bytes], None] | None = None,
                  on_resize: Callable[[int, int], None] | None = None,
                  rx_buffers: int = RX_BUFFERS, rx_size: int = RX_SIZE, event_idx: bool = True,
                  **kw: object) -> None:
