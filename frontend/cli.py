@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -168,6 +169,24 @@ async def _blk_action(client: BlkClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def tls_context(cert: str | None, key: str | None, required: bool) -> ssl.SSLContext | None:
+    """The NBD export's server TLS context (TLS 1.2 or later), or None; one-line errors."""
+    if cert is None:
+        if key is not None or required:
+            raise ConfigError(f"{'--tls-key' if key else '--tls-required'} goes with --tls-cert")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:  # (an OSError too: first)
+        raise ConfigError(f"--tls-cert {cert}: not a certificate chain with its key "
+                          f"({e.reason or e})") from None
+    except OSError as e:
+        raise ConfigError(f"--tls-cert/--tls-key: {e.filename or cert}: {e.strerror}") from None
+    return ctx
+
+
 async def run_nbd(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from .nbd import serve_nbd
 
@@ -175,11 +194,13 @@ async def run_nbd(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise ConfigError("--host goes with --port (a UNIX socket has no host)")
     if args.max_connections < 1:
         raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
+    tls = tls_context(args.tls_cert, args.tls_key, args.tls_required)
     client = await connect_blk(link_of(args), args.timeout)
     try:
         server = await serve_nbd(client, unix_path=args.socket, port=args.port,
                                  host=args.host or "127.0.0.1",
-                                 max_connections=args.max_connections)
+                                 max_connections=args.max_connections, tls=tls,
+                                 tls_required=args.tls_required)
     except OSError as e:
         await client.close()
         client.dev.close()

@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import os
 import socket
+import ssl
 from typing import Final, Protocol
 
 import structlog
@@ -81,7 +82,11 @@ class NbdServer(asyncio.AbstractServer):
         max_inflight_bytes: int = 256 * 1024 * 1024,
         handshake_timeout: float | None = 30.0,
         max_connections: int = MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
     ) -> None:
+        if tls_required and tls is None:
+            raise ValueError("tls_required needs a TLS context")
         if target.size < 0 or target.size % MIN_BLOCK_SIZE:
             raise ValueError(f"target size {target.size} is not a multiple of {MIN_BLOCK_SIZE}")
         if max_inflight < 1:
@@ -93,6 +98,8 @@ class NbdServer(asyncio.AbstractServer):
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        self.tls = tls  # offered through STARTTLS; required: nothing else before it
+        self.tls_required = tls_required
         self.refused = 0  # connections turned away at the cap
         self._limiter = LogLimiter()
         self._server: asyncio.Server | None = None
@@ -134,7 +141,7 @@ class NbdServer(asyncio.AbstractServer):
             )
             bound = self._server.sockets[0].getsockname()
             self._address = f"tcp:{bound[0]}:{bound[1]}"
-            if not _loopback(host):
+            if not _loopback(host) and not self.tls_required:
                 log.warning("nbd export reachable from the network without authentication",
                             address=self._address)
         log.info(
@@ -254,12 +261,15 @@ async def serve_nbd(
     host: str = "127.0.0.1",
     port: int | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    tls: ssl.SSLContext | None = None,
+    tls_required: bool = False,
 ) -> NbdServer:
     """Export target over NBD on a unix socket or a TCP port (exactly one); returns the server.
 
     The caller owns the event loop; close() and wait_closed() on the result stop the export,
     drop its clients and remove the unix socket file.
     """
-    server = NbdServer(target, max_connections=max_connections)
+    server = NbdServer(target, max_connections=max_connections, tls=tls,
+                       tls_required=tls_required)
     await server.listen(unix_path=unix_path, host=host, port=port)
     return server

@@ -2,17 +2,24 @@
 
 :class:`Handshake` greets the client (fixed newstyle, no zeroes), answers its options (LIST,
 INFO/GO with the export's size, flags and block sizes, EXPORT_NAME, STRUCTURED_REPLY, LIST/SET
-of the ``base:allocation`` metadata context; anything else is unsupported) and records what was
+of the ``base:allocation`` metadata context, STARTTLS when the server has a certificate; anything
+else is unsupported) and records what was
 agreed (:attr:`Handshake.structured`, :attr:`Handshake.contexts`) for the transmission phase
 (:mod:`ivshmem_virtio.frontend.nbd_session`). One export answers to any name. A client that sets
 flags we did not offer, or sends a bad option magic or an over-long option, breaks the protocol
 (:class:`NbdProtocolError`): the connection is dropped.
+
+TLS (the NBD spec's "TLS support"): STARTTLS upgrades the connection in place and forgets what
+was negotiated before it (structured replies, metadata contexts), as the spec requires. With
+TLS required, every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD until then,
+and EXPORT_NAME (which has no error reply) drops the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from typing import TYPE_CHECKING, Final
 
@@ -44,11 +51,13 @@ from .nbd_proto import (
     OPT_LIST,
     OPT_LIST_META_CONTEXT,
     OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
     OPT_STRUCTURED_REPLY,
     OPTION_HEADER,
     PREFERRED_BLOCK_SIZE,
     REP_ACK,
     REP_ERR_INVALID,
+    REP_ERR_TLS_REQD,
     REP_ERR_UNSUP,
     REP_INFO,
     REP_META_CONTEXT,
@@ -78,6 +87,9 @@ class Handshake:
         target: BlockTarget,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
     ) -> None:
         self.id = conn_id
         self.peer = peer
@@ -87,6 +99,9 @@ class Handshake:
         self.export_name = ""
         self.structured = False  # NBD_OPT_STRUCTURED_REPLY acknowledged
         self.contexts: dict[int, str] = {}  # metadata contexts selected: id -> name
+        self._tls = tls
+        self._tls_required = tls_required and tls is not None
+        self.tls_active = False
 
     def transmission_flags(self) -> int:
         flags = (
@@ -124,6 +139,14 @@ class Handshake:
                 raise NbdProtocolError(f"option {option} data too long ({length} bytes)")
             data = await self._reader.readexactly(length)
 
+            if option == OPT_STARTTLS:
+                await self._starttls(data)
+                continue
+            if self._tls_required and not self.tls_active and option != OPT_ABORT:
+                if option == OPT_EXPORT_NAME:  # no error reply exists: hang up (the spec)
+                    raise NbdProtocolError("EXPORT_NAME before STARTTLS; TLS is required")
+                await self._send_option_reply(option, REP_ERR_TLS_REQD, b"TLS is required")
+                continue
             if option == OPT_EXPORT_NAME:
                 self._enter_transmission(data, "export_name")
                 flags = self.transmission_flags()
@@ -181,6 +204,25 @@ class Handshake:
             # STARTTLS, extended headers and anything unknown.
             log.debug("nbd option unsupported", conn=self.id, option=option)
             await self._send_option_reply(option, REP_ERR_UNSUP, b"option not supported")
+
+    async def _starttls(self, data: bytes) -> None:
+        if self._tls is None:
+            await self._send_option_reply(OPT_STARTTLS, REP_ERR_UNSUP, b"no TLS configured")
+            return
+        if self.tls_active or data:
+            why = b"TLS is already active" if self.tls_active else b"takes no data"
+            await self._send_option_reply(OPT_STARTTLS, REP_ERR_INVALID, why)
+            return
+        await self._send_option_reply(OPT_STARTTLS, REP_ACK)
+        try:
+            await self._writer.start_tls(self._tls)
+        except (ssl.SSLError, OSError) as e:
+            raise NbdProtocolError(f"TLS handshake failed: {e}") from None
+        self.tls_active = True
+        self.structured = False  # everything negotiated in the clear is void (the spec)
+        self.contexts = {}
+        log.info("nbd tls", conn=self.id, version=self._writer.get_extra_info("ssl_object")
+                 .version())
 
     async def _meta_context(self, option: int, data: bytes) -> None:
         """LIST or SET metadata contexts: ``base:allocation`` is the only one there is."""

@@ -56,6 +56,7 @@ REP_META_CONTEXT: Final = 4
 REP_ERR_UNSUP: Final = (1 << 31) + 1
 REP_ERR_POLICY: Final = (1 << 31) + 2
 REP_ERR_INVALID: Final = (1 << 31) + 3
+REP_ERR_TLS_REQD: Final = (1 << 31) + 5
 
 # NBD_REP_INFO types.
 INFO_EXPORT: Final = 0

@@ -145,7 +145,8 @@ class _Connection:
         negotiating = True
         try:
             # A client that connects and never finishes haggling must not linger forever.
-            handshake = Handshake(self.id, self.peer, self._target, self._reader, self._writer)
+            handshake = Handshake(self.id, self.peer, self._target, self._reader, self._writer,
+                                  tls=self._server.tls, tls_required=self._server.tls_required)
             async with asyncio.timeout(self._server.handshake_timeout):
                 entered = await handshake.run()
             negotiating = False

@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "write the disk")
     n.add_argument("--max-connections", type=_int, default=16,
                    help="clients served at once; further connections are refused at once")
+    n.add_argument("--tls-cert", metavar="PEM",
+                   help="offer TLS (NBD STARTTLS) with this X.509 certificate chain")
+    n.add_argument("--tls-key", metavar="PEM",
+                   help="the certificate's private key (default: in the --tls-cert file)")
+    n.add_argument("--tls-required", action="store_true",
+                   help="with --tls-cert: serve nothing before STARTTLS")
     n.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the virtio-blk backend")
 
