@@ -190,8 +190,18 @@ class VhostUserLink:
             raise TransportError(f"{self.name}: the back-end refused {req.name} ({status})")
         return data
 
-    def vring(self, req: U.Request, index: int, num: int) -> bytes:
-        return self.request(req, U.VringState(index, num).pack())
+    def vring(self, req: U.Request, index: int, num: int) -> int:
+        """A vring-state request; GET_VRING_BASE returns the ring's base (its stop)."""
+        reply = self.request(req, U.VringState(index, num).pack())
+        if req != U.Request.GET_VRING_BASE:
+            return 0
+        try:
+            state = U.VringState.parse(reply)
+        except VhostUserError as e:
+            raise self._lost(f"GET_VRING_BASE: {e}") from None
+        if state.index != index:
+            raise self._lost(f"GET_VRING_BASE of ring {index} answered for ring {state.index}")
+        return state.num
 
     def get_config(self, off: int, length: int) -> bytes:
         """``length`` bytes of config space at ``off``. Asked from offset 0 (libvhost-user

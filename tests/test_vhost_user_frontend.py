@@ -8,11 +8,15 @@ the image file is compared byte for byte with a shadow copy of what was written.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import os
 import random
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +26,10 @@ import pytest
 from ivshmem_virtio.errors import ConfigError, TransportError
 from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.frontend.driver import connect_driver
-from ivshmem_virtio.frontend.vhost_user import vhost_user_path
+from ivshmem_virtio.frontend.vhost_user import VhostUserTransport, vhost_user_path
 from ivshmem_virtio.frontend.vhost_user_conn import GuestMemory, VhostUserLink
 from ivshmem_virtio.procs import Child, cli, run_cli
+from ivshmem_virtio.spec import vhost_user as U
 
 from .conftest import Procs, run
 
@@ -295,3 +300,176 @@ def test_no_backend_is_one_line(tmp_path: Path) -> None:
             await connect_driver(BlkClient, f"vhost-user:{tmp_path / 'none.sock'}", 0.3)
 
     run(main(), 30)
+
+
+# --- a back-end that misbehaves: the front-end trusts none of it ------------------------------
+class FakeBackend:
+    """A scripted vhost-user back-end on a thread, one connection: ``answer(request, payload)``
+    returns the reply bytes (b"" for none), or None to hang up; it answers honestly unless a test
+    overrides it. Offers VERSION_1 and PROTOCOL_FEATURES; REPLY_ACK and CONFIG."""
+
+    FEATURES = (1 << 32) | (1 << 30)
+    PROTOCOL = (1 << 3) | (1 << 9)
+
+    def __init__(self, path: str, answer: Callable[[int, int, bytes], bytes | None]) -> None:
+        self.path = path
+        self.answer = answer
+        self.seen: list[int] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(1)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.server.accept()
+        with conn, contextlib.suppress(ConnectionError):  # (the front-end may hang up first)
+            while True:
+                raw = conn.recv(U.HEADER_SIZE)
+                if len(raw) < U.HEADER_SIZE:
+                    return
+                req, flags, size = U.HEADER.unpack(raw)
+                payload = b""
+                while len(payload) < size:
+                    chunk, _anc, _f, _a = conn.recvmsg(size - len(payload), 256)
+                    for _lvl, _typ, data in _anc:  # close the fds that came along
+                        for fd in array.array("i", data[:len(data) - len(data) % 4]):
+                            os.close(fd)
+                    if not chunk:
+                        return
+                    payload += chunk
+                self.seen.append(req)
+                out = self.answer(req, flags, payload)
+                if out is None:
+                    return
+                conn.sendall(out)
+
+    @classmethod
+    def honest(cls, req: int, flags: int, payload: bytes) -> bytes:
+        if req == U.Request.GET_FEATURES:
+            return U.encode_reply(req, U.encode_u64(cls.FEATURES))
+        if req == U.Request.GET_PROTOCOL_FEATURES:
+            return U.encode_reply(req, U.encode_u64(cls.PROTOCOL))
+        if req == U.Request.GET_CONFIG:
+            msg = U.ConfigMsg.parse(payload)
+            return U.encode_reply(req, U.ConfigMsg(0, msg.size, 0, bytes(msg.size)).pack())
+        if req == U.Request.GET_VRING_BASE:
+            return U.encode_reply(req, payload)
+        if flags & U.FLAG_NEED_REPLY:
+            return U.encode_reply(req, U.encode_u64(0))
+        return b""
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(5)
+        os.unlink(self.path)
+
+
+def _fake(tmp_path: Path, answer: Callable[[int, int, bytes], bytes | None]) -> FakeBackend:
+    return FakeBackend(str(tmp_path / "fake.sock"), answer)
+
+
+def _bring_up(link: VhostUserLink) -> None:
+    t = VhostUserTransport(link, timeout=link.timeout)
+
+    async def main() -> None:
+        await t.probe(0.5)
+        await t.negotiate(0)
+        await t.setup_queue(0, 1, 64)
+        await t.driver_ok()
+
+    run(main(), 30)
+
+
+@pytest.mark.parametrize("fault", ["wrong reply", "bad version", "silence", "hang-up",
+                                   "oversized header"])
+def test_misbehaving_backend_in_the_opening(fault: str, tmp_path: Path) -> None:
+    """Whatever the back-end does wrong while we open, the front-end gives up within its
+    timeout with a TransportError naming the request, and holds no connection."""
+
+    def answer(req: int, flags: int, payload: bytes) -> bytes | None:
+        if req != U.Request.GET_PROTOCOL_FEATURES:
+            return FakeBackend.honest(req, flags, payload)
+        if fault == "wrong reply":
+            return U.encode_reply(U.Request.GET_FEATURES, U.encode_u64(0))
+        if fault == "bad version":
+            return U.HEADER.pack(req, 0x2 | U.FLAG_REPLY, 8) + U.encode_u64(0)
+        if fault == "silence":
+            time.sleep(1.0)
+            return None
+        if fault == "oversized header":
+            return U.HEADER.pack(req, U.VERSION | U.FLAG_REPLY, 1 << 20)
+        return None
+
+    fake = _fake(tmp_path, answer)
+    link = VhostUserLink(fake.path, memory_size=256 << 10, timeout=0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="GET_PROTOCOL_FEATURES"):
+            link.connect_once()
+        assert time.monotonic() - t0 < 0.9
+        assert not link.connected and fake.seen[-1] == U.Request.GET_PROTOCOL_FEATURES
+    finally:
+        link.close()
+        fake.close()
+
+
+def test_refusals_and_bad_replies_after_the_opening(tmp_path: Path) -> None:
+    """A REPLY_ACK refusal names the refused request; a GET_CONFIG reply of another size
+    drops the connection."""
+
+    def refuse_mem(req: int, flags: int, payload: bytes) -> bytes | None:
+        if req == U.Request.SET_MEM_TABLE:
+            return U.encode_reply(req, U.encode_u64(1))
+        return FakeBackend.honest(req, flags, payload)
+
+    fake = _fake(tmp_path, refuse_mem)
+    link = VhostUserLink(fake.path, memory_size=256 << 10, timeout=2.0)
+    try:
+        with pytest.raises(TransportError, match="refused SET_MEM_TABLE"):
+            _bring_up(link)
+        assert U.Request.SET_FEATURES in fake.seen
+    finally:
+        link.close()
+        fake.close()
+
+    def short_config(req: int, flags: int, payload: bytes) -> bytes | None:
+        if req == U.Request.GET_CONFIG:
+            return U.encode_reply(req, U.ConfigMsg(0, 4, 0, bytes(4)).pack())
+        return FakeBackend.honest(req, flags, payload)
+
+    fake = _fake(tmp_path, short_config)
+    link = VhostUserLink(fake.path, memory_size=256 << 10, timeout=2.0)
+    try:
+        link.connect_once()
+        with pytest.raises(TransportError, match="answered with 4"):
+            link.get_config(0, 8)
+        assert not link.connected
+    finally:
+        link.close()
+        fake.close()
+
+
+def test_short_config_space_reads_as_zero_tail(tmp_path: Path) -> None:
+    """A back-end with 12 bytes of config refuses more (empty reply): the front-end asks for
+    less and the tail reads as zero, once per connection."""
+
+    def twelve(req: int, flags: int, payload: bytes) -> bytes | None:
+        if req == U.Request.GET_CONFIG:
+            size = U.ConfigMsg.parse(payload).size
+            if size > 12:
+                return U.encode_reply(req, b"")
+            return U.encode_reply(req, U.ConfigMsg(0, size, 0, bytes(range(1, size + 1))).pack())
+        return FakeBackend.honest(req, flags, payload)
+
+    fake = _fake(tmp_path, twelve)
+    link = VhostUserLink(fake.path, memory_size=256 << 10, timeout=2.0)
+    try:
+        link.connect_once()
+        assert link.get_config(8, 8) == bytes([9, 10, 11, 12, 0, 0, 0, 0])
+        asked = fake.seen.count(U.Request.GET_CONFIG)
+        assert link.get_config(0, 16) == bytes(range(1, 13)) + bytes(4)
+        assert fake.seen.count(U.Request.GET_CONFIG) == asked + 1  # straight to 12 bytes
+    finally:
+        link.close()
+        fake.close()
