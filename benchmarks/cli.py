@@ -83,6 +83,11 @@ def _loadavg() -> list[float]:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks; 0 when every suite ran (targets are reported, not enforced)."""
     suites = _suites()
+    if getattr(args, "list", False):
+        for s in suites.values():
+            needs = f" (with {', '.join(s.needs)})" if s.needs else ""
+            print(f"{s.name:12s} {s.help}{needs}")
+        return 0
     try:
         chosen = select(list(args.suites or []), suites)
     except ValueError as e:

@@ -151,3 +151,22 @@ def test_documented_commands_parse(path, capsys):
             if tok.startswith("--"):
                 assert tok.split("=")[0] in known, \
                     f"{path.name}: `ivshmem-virtio {cmd}`: {tok} is not an option of it"
+
+
+def test_commands_named_in_help_texts_exist():
+    """A help text that names a command (``ivshmem-virtio bench --list``) names a real one: the
+    bench suites' help pointed at a --list that did not exist."""
+    for name, parser in PARSERS:
+        texts = [parser.description or "", parser.epilog or ""]
+        texts += [a.help for a in parser._actions if isinstance(a.help, str)]
+        for text in texts:
+            for span in re.findall(r"`([^`]+)`", text):
+                m = CMD.match(span)
+                if not m:
+                    continue
+                argv = _argv(m.group(1))
+                sub, rest = _subparser(argv)
+                known = {s for a in sub._actions for s in a.option_strings}
+                for tok in rest:
+                    if tok.startswith("--"):
+                        assert tok.split("=")[0] in known, f"{name}: `{span}`: no {tok}"

@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency and throughput benchmarks")
     bench.add_argument("suites", nargs="*",
                        help="suites to run (default: all; `ivshmem-virtio bench --list`)")
+    bench.add_argument("--list", action="store_true",
+                       help="list the suites and the baselines each one brings, then exit")
     bench.add_argument("--quick", action="store_true", help="shorter runs, less precise")
     bench.add_argument("--json", dest="json_out", help="write every result to this JSON file")
     bench.add_argument("--plots", help="write PNG plots into this directory (needs matplotlib)")
