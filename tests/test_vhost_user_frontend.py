@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import random
+import select
 import shutil
 import socket
 import subprocess
@@ -315,6 +316,7 @@ class FakeBackend:
         self.path = path
         self.answer = answer
         self.seen: list[int] = []
+        self.fds: list[int] = []  # fds the last message carried (closed unless taken)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(1)
@@ -325,21 +327,26 @@ class FakeBackend:
         conn, _ = self.server.accept()
         with conn, contextlib.suppress(ConnectionError):  # (the front-end may hang up first)
             while True:
-                raw = conn.recv(U.HEADER_SIZE)
+                self.fds = []
+                raw, anc, _f, _a = conn.recvmsg(U.HEADER_SIZE, 256)  # the fds ride on it
+                for _lvl, _typ, data in anc:
+                    self.fds += array.array("i", data[:len(data) - len(data) % 4])
                 if len(raw) < U.HEADER_SIZE:
                     return
                 req, flags, size = U.HEADER.unpack(raw)
                 payload = b""
                 while len(payload) < size:
-                    chunk, _anc, _f, _a = conn.recvmsg(size - len(payload), 256)
-                    for _lvl, _typ, data in _anc:  # close the fds that came along
-                        for fd in array.array("i", data[:len(data) - len(data) % 4]):
-                            os.close(fd)
+                    chunk, anc, _f, _a = conn.recvmsg(size - len(payload), 256)
+                    for _lvl, _typ, data in anc:
+                        self.fds += array.array("i", data[:len(data) - len(data) % 4])
                     if not chunk:
                         return
                     payload += chunk
                 self.seen.append(req)
                 out = self.answer(req, flags, payload)
+                for fd in self.fds:  # the answer may have taken some (set to -1)
+                    if fd >= 0:
+                        os.close(fd)
                 if out is None:
                     return
                 conn.sendall(out)
@@ -471,5 +478,48 @@ def test_short_config_space_reads_as_zero_tail(tmp_path: Path) -> None:
         assert link.get_config(0, 16) == bytes(range(1, 13)) + bytes(4)
         assert fake.seen.count(U.Request.GET_CONFIG) == asked + 1  # straight to 12 bytes
     finally:
+        link.close()
+        fake.close()
+
+
+def test_config_change_on_the_backend_channel(tmp_path: Path) -> None:
+    """With BACKEND_REQ the front-end hands over a channel; a CONFIG_CHANGE_MSG there is a
+    config interrupt (take_events), answered 0 when asked; another request is answered 1."""
+    channel: list[socket.socket] = []
+
+    def answer(req: int, flags: int, payload: bytes) -> bytes | None:
+        if req == U.Request.GET_PROTOCOL_FEATURES:
+            return U.encode_reply(req, U.encode_u64(FakeBackend.PROTOCOL | (1 << 5)))
+        if req == U.Request.SET_BACKEND_REQ_FD:
+            channel.append(socket.socket(fileno=fake.fds[0]))
+            fake.fds[0] = -1
+        return FakeBackend.honest(req, flags, payload)
+
+    fake = _fake(tmp_path, answer)
+    link = VhostUserLink(fake.path, memory_size=256 << 10, timeout=2.0)
+    try:
+        link.connect_once()
+        assert link.has(U.ProtocolFeature.BACKEND_REQ) and len(channel) == 1
+        ours = [fd for fd in link.interrupt_fds() if fd not in link.call_fds]
+        assert len(ours) == 2  # the socket and the channel
+        transport = VhostUserTransport(link)
+        chan = channel[0]
+        chan.sendall(U.encode(U.BackendRequest.CONFIG_CHANGE_MSG, flags=U.FLAG_NEED_REPLY))
+        for fd in ours:  # as the interrupt waiter does when they turn readable
+            select.select([fd], [], [], 0.5)
+            link.ack_fd(fd)
+        assert transport.take_events() == (True, False)
+        assert transport.take_events() == (False, False)
+        reply = chan.recv(64)
+        assert U.HEADER.unpack(reply[:U.HEADER_SIZE])[0] == U.BackendRequest.CONFIG_CHANGE_MSG
+        assert U.parse_u64(reply[U.HEADER_SIZE:]) == 0
+        chan.sendall(U.encode(U.BackendRequest.IOTLB_MSG, flags=U.FLAG_NEED_REPLY))
+        select.select([ours[1]], [], [], 0.5)
+        link.ack_fd(ours[1])
+        assert U.parse_u64(chan.recv(64)[U.HEADER_SIZE:]) == 1
+        assert link.connected and transport.take_events() == (False, False)
+    finally:
+        for c in channel:
+            c.close()
         link.close()
         fake.close()
