@@ -258,7 +258,10 @@ class MiniFrontend:
         self.make_available(0)
         ((head, length),) = self.wait_used()
         assert head == 0
-        out = self.peek(data_gpa, n) if rtype == T_IN else b""
+        try:
+            out = self.peek(data_gpa, n) if rtype == T_IN else b""
+        except ValueError:  # a buffer the test placed outside its own memory
+            out = b""
         return self.peek(status_gpa, 1)[0], out, length
 
     def start_blk(self) -> None:

@@ -1,0 +1,185 @@
+"""``ivshmem-virtio blk --vhost-user``: a test-only front-end drives the real daemon process.
+
+Reads and writes through a hand-built ring in memfd memory of two regions (with a hole), checked
+byte for byte against the image; the session life cycle (GET_VRING_BASE, reconnect, flush on
+disconnect); the wire format's parsers.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from ivshmem_virtio.errors import VhostUserError
+from ivshmem_virtio.spec import vhost_user as VU
+
+from .vhost_user_backend_helpers import (
+    DATA_GPA,
+    F_INDIRECT,
+    F_PROTOCOL_FEATURES,
+    F_VERSION_1,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    MiniFrontend,
+)
+
+
+@pytest.fixture
+def daemon(procs, tmp_path: Path, image_factory):  # noqa: ANN001, ANN201
+    """A blk back-end on a vhost-user socket over a 1 MiB image with a known pattern."""
+    pattern = bytes((i * 7) & 0xFF for i in range(1 << 20))
+    image = image_factory(1 << 20, data=pattern)
+    sock = str(tmp_path / "vu.sock")
+    child = procs.start("vu-blk", "blk", "--vhost-user", sock, "--image", image,
+                        wait="vhost-user back-end listening")
+    return sock, image, pattern, child
+
+
+def test_socket_is_private(daemon) -> None:  # noqa: ANN001
+    sock = daemon[0]
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+def test_reads_and_writes_match_the_image(daemon) -> None:  # noqa: ANN001
+    sock, image, pattern, _ = daemon
+    f = MiniFrontend(sock)
+    try:
+        want = f.negotiate()
+        assert want & F_VERSION_1 and want & F_INDIRECT and not want & (1 << 33)
+        cfg = f.config()
+        assert struct.unpack_from("<Q", cfg)[0] == (1 << 20) // 512  # capacity in sectors
+        f.set_mem_table()
+        f.setup_ring()
+        # reads of the pattern at several sectors and sizes
+        for sector, n in ((0, 512), (7, 4096), (100, 8192), (2047, 512)):
+            status, data, used = f.blk(T_IN, sector, n)
+            assert status == 0 and used == n + 1
+            assert data == pattern[sector * 512:sector * 512 + n]
+        # writes, then the image holds them byte for byte
+        writes = {3: os.urandom(4096), 1500: os.urandom(512), 64: os.urandom(16384)}
+        for sector, data in writes.items():
+            assert f.blk(T_OUT, sector, data)[0] == 0
+        assert f.blk(T_FLUSH, 0)[0] == 0
+        expect = bytearray(pattern)
+        for sector, data in writes.items():
+            expect[sector * 512:sector * 512 + len(data)] = data
+        assert Path(image).read_bytes() == bytes(expect)
+        # a read back through the ring sees the writes too
+        assert f.blk(T_IN, 64, 16384, data_gpa=DATA_GPA + 0x8000)[1] == writes[64]
+        # past the end: an error status, the device goes on
+        assert f.blk(T_IN, 2048, 512)[0] == 1
+        assert f.blk(T_IN, 0, 512)[0] == 0
+        assert f.get_vring_base() == f.avail_idx
+    finally:
+        f.close()
+
+
+def test_reconnect_gets_a_fresh_session_and_the_ring_state(daemon) -> None:  # noqa: ANN001
+    sock, image, pattern, child = daemon
+    f = MiniFrontend(sock)
+    f.start_blk()
+    data = os.urandom(4096)
+    assert f.blk(T_OUT, 10, data)[0] == 0
+    base = f.get_vring_base()
+    assert base == 1
+    # the front-end goes away without a word (QEMU killed): the write is in the image
+    mem, memfd = bytes(f.mem), os.dup(f.memfd)
+    f.close()
+    child.wait_for("vhost-user front-end left")
+    assert Path(image).read_bytes()[10 * 512:10 * 512 + 4096] == data
+    # reconnect (QEMU reconnect=): the same guest memory, the ring resumes at the saved base
+    g = MiniFrontend(sock)
+    try:
+        os.close(g.memfd)
+        g.memfd = memfd
+        g.mem.close()
+        import mmap
+        g.mem = mmap.mmap(memfd, len(mem))
+        g.avail_idx = g.used_seen = base
+        g.negotiate()
+        g.set_mem_table()
+        g.setup_ring(base=base)
+        status, out, _ = g.blk(T_IN, 10, 4096)
+        assert status == 0 and out == data
+        assert g.get_vring_base() == base + 1
+    finally:
+        g.close()
+    child.wait_for("vhost-user front-end connected", count=2)
+
+
+def test_read_only_refuses_writes(procs, tmp_path: Path, image_factory) -> None:  # noqa: ANN001
+    image = image_factory(1 << 20)
+    sock = str(tmp_path / "ro.sock")
+    procs.start("vu-ro", "blk", "--vhost-user", sock, "--image", image, "--read-only",
+                wait="vhost-user back-end listening")
+    f = MiniFrontend(sock)
+    try:
+        assert f.negotiate() & (1 << 5)  # VIRTIO_BLK_F_RO
+        f.set_mem_table()
+        f.setup_ring()
+        assert f.blk(T_OUT, 0, b"\x55" * 512)[0] == 1
+        assert Path(image).read_bytes() == bytes(1 << 20)
+    finally:
+        f.close()
+
+
+def test_link_and_vhost_user_are_alternatives(procs, tmp_path: Path, image_factory) -> None:  # noqa: ANN001
+    from ivshmem_virtio.procs import Child, cli
+    image = image_factory(1 << 20)
+    child = Child("both", cli("blk", "--link", "sim:/x", "--vhost-user", str(tmp_path / "b.sock"),
+                              "--image", image), tmp_path)
+    assert child.proc.wait(30) == 2
+    assert "not allowed with argument" in child.log()
+
+
+# -- the wire format's parsers (spec/vhost_user.py) ----------------------------------------------
+def test_header_checks() -> None:
+    assert VU.parse_header(struct.pack("=III", 1, 1, 0)).request == 1
+    for bad in (struct.pack("=III", 1, 2, 0), struct.pack("=III", 1, 0x11, 0),
+                struct.pack("=III", 1, 1, VU.MAX_PAYLOAD + 1), b"\x01\x00"):
+        with pytest.raises(VhostUserError):
+            VU.parse_header(bad)
+    with pytest.raises(VhostUserError):
+        VU.check_request_size(VU.Request.SET_VRING_NUM, 12)
+
+
+def test_mem_table_checks() -> None:
+    r = VU.MemRegion
+    ok = VU.encode_mem_table([r(0, 0x1000, 0x10000, 0), r(0x2000, 0x1000, 0x20000, 0x1000)])
+    assert len(VU.parse_mem_table(ok, 2)) == 2
+    with pytest.raises(VhostUserError, match="fds"):
+        VU.parse_mem_table(ok, 1)
+    with pytest.raises(VhostUserError, match="bytes"):
+        VU.parse_mem_table(ok[:-8], 2)
+    with pytest.raises(VhostUserError, match="overlap"):
+        VU.parse_mem_table(VU.encode_mem_table([r(0, 0x2000, 0, 0), r(0x1000, 0x1000, 0x9000, 0)]),
+                           2)
+    with pytest.raises(VhostUserError, match="overlap"):  # the same user addresses twice
+        VU.parse_mem_table(VU.encode_mem_table([r(0, 0x1000, 0, 0), r(0x8000, 0x1000, 0x800, 0)]),
+                           2)
+    with pytest.raises(VhostUserError, match="wraps"):
+        VU.parse_mem_table(VU.encode_mem_table([r(2**64 - 0x1000, 0x2000, 0, 0)]), 1)
+    with pytest.raises(VhostUserError, match="regions"):
+        VU.parse_mem_table(struct.pack("=II", 9, 0) + bytes(9 * 32), 9)
+    with pytest.raises(VhostUserError, match="size 0"):
+        VU.parse_mem_table(VU.encode_mem_table([r(0, 0, 0, 0)]), 1)
+
+
+def test_vring_fd_and_config_checks() -> None:
+    assert VU.VringFd.parse(struct.pack("=Q", 0x101), 0) == VU.VringFd(1, True)
+    with pytest.raises(VhostUserError):
+        VU.VringFd.parse(struct.pack("=Q", 0x101), 1)  # an fd despite the no-fd flag
+    with pytest.raises(VhostUserError):
+        VU.VringFd.parse(struct.pack("=Q", 0x1), 0)  # no fd without the flag
+    with pytest.raises(VhostUserError):
+        VU.VringFd.parse(struct.pack("=Q", 0x200), 0)
+    with pytest.raises(VhostUserError):
+        VU.ConfigMsg.parse(struct.pack("=III", 250, 10, 0) + bytes(10))
+    with pytest.raises(VhostUserError):
+        VU.ConfigMsg.parse(struct.pack("=III", 0, 10, 0) + bytes(9))
+    assert F_PROTOCOL_FEATURES == 1 << VU.F_PROTOCOL_FEATURES
