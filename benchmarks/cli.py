@@ -32,7 +32,7 @@ class Suite:
 
 
 def _suites() -> dict[str, Suite]:
-    from . import baselines, blk, can, cfront, console, doorbell, fairness, inmate
+    from . import baselines, blk, can, cfront, console, doorbell, fairness, inmate, vhostuser
 
     table = [
         Suite("pingpong", baselines.run_pingpong,
@@ -53,6 +53,8 @@ def _suites() -> dict[str, Suite]:
         Suite("fairness", fairness.run_fairness,
               "one serve, two disks: reads on b while a is flooded (vs a CPU hog)"),
         Suite("rss", blk.run_rss, "backend RSS serving 4 devices, flat over many requests"),
+        Suite("vhost-user", vhostuser.run_vhost_user,
+              "the same disk over ivshmem and over vhost-user: QD1 latency, QD32 IOPS"),
         Suite("can", can.run_can, "virtio-can frames/s one way and round trip", ("pingpong",)),
         Suite("inmate", inmate.run_inmate, "the RTOS inmate's fast reply (SPI bytes, time)"),
         Suite("console", console.run_console,

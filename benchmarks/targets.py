@@ -173,6 +173,18 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         _ratio(_ops(a), _ops(b)), None, None, "fraction",
         "reported, no goal", ["blk-rand", "disk (fio)"], a, b))
 
+    a, b = g("vhost-user.vhost-user.qd1"), g("vhost-user.ivshmem.qd1")
+    out.append(_target(
+        "blk 512 B read QD1 p50, vhost-user / ivshmem (same run, same front-end)",
+        _ratio(_p50(a), _p50(b)), None, None, "x",
+        f"{_p50(a)} us / {_p50(b)} us; reported, no goal", ["vhost-user"], a, b))
+    a, b = g("vhost-user.vhost-user.qd32"), g("vhost-user.ivshmem.qd32")
+    out.append(_target(
+        "blk 4 KiB random read QD32 IOPS, vhost-user / ivshmem (same run)",
+        _ratio(_ops(a), _ops(b)), None, None, "fraction",
+        f"{a and round(a.ops_per_s or 0)} / {b and round(b.ops_per_s or 0)} IOPS; reported, "
+        "no goal", ["vhost-user"], a, b))
+
     a = g("can.one-way")
     out.append(_target(
         "CAN frames/s frontend -> backend -> bus", _ops(a), ">=", 100_000.0,

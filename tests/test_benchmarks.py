@@ -47,6 +47,20 @@ def test_bench_doorbell_quick_json_to_stdout():
     assert b"measurement" in r.stderr and b"target" in r.stderr
 
 
+def test_bench_vhost_user_measures_both_transports():
+    """The same disk over ivshmem and vhost-user in one run: both measured, both ratios there."""
+    r = run_cli(["bench", "vhost-user", "--quick", "--json", "-"], timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    doc = json.loads(r.stdout)
+    got = {m["id"]: m for m in doc["results"]}
+    for transport in ("ivshmem", "vhost-user"):
+        assert got[f"vhost-user.{transport}.qd1"]["latency_us"]["p50"] > 0
+        assert got[f"vhost-user.{transport}.qd32"]["ops_per_s"] > 0
+    ratios = [t for t in doc["targets"] if "vhost-user /" in t["name"]]
+    assert len(ratios) == 2 and all(t["value"] for t in ratios), ratios
+    assert doc["errors"] == {}
+
+
 def test_unknown_suite_is_a_usage_error():
     r = run_cli(["bench", "no-such-suite"], timeout=60)
     assert r.returncode == 2
