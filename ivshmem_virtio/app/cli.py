@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", help="JSON log lines instead of console")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                    help="least severe log line shown (default: info for the daemons, warning "
-                   "for blk-client)")
+                   "for blk-client, console-client and bench)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     h = sub.add_parser("hub", help="serve one simulated ivshmem link (docs/protocol.md)")
@@ -308,9 +308,9 @@ DAEMONS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # a client is a quiet tool; daemons log their life at info
-    level = args.log_level or ("warning" if args.command in ("blk-client", "console-client")
-                                else "info")
+    # a client is a quiet tool (and bench's tables are its output); daemons log at info
+    level = args.log_level or ("warning" if args.command in ("blk-client", "console-client",
+                                                              "bench") else "info")
     setup_logging(json=args.log_json, level=level)
     try:
         if args.command == "hub":
