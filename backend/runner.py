@@ -34,6 +34,10 @@ WEIGHT = 64  # requests per queue per turn (NAPI's default budget)
 SUB_BATCH = 32  # popped at a time inside a turn, so that its time bound is checked in between
 TURN_S = 200e-6  # service time per device per turn
 
+#: the LinkRunners of each event loop (a serve daemon's devices): a turn ends early when another
+#: of them has work waiting, so a device that used little lately is served next
+_LOOP_RUNNERS: dict[int, list[LinkRunner]] = {}
+
 
 class Service(Protocol):
     """A device model plus its host resource, as the runner drives it."""
@@ -93,6 +97,10 @@ class QueueRunner:
     def _control(self) -> None:
         """Serve the transport's control path (between batches when it has a transaction)."""
 
+    def _others_waiting(self) -> bool:
+        """Does another device of this loop have work? (Checked between sub-batches.)"""
+        return False
+
     async def _drain_pending(self) -> None:
         """Shutdown completes in-flight slow requests and publishes them before we leave."""
         if self._pending:
@@ -133,7 +141,7 @@ class QueueRunner:
                             break
                     if n == 0 or not vq.has_new():
                         break  # kicks stay off while we spin; prepare_block turns them on
-                    if done >= WEIGHT or clock() >= end:
+                    if done >= WEIGHT or clock() >= end or self._others_waiting():
                         more = True  # the rest waits for this device's next turn
                         break
                 self.served += done
@@ -223,6 +231,7 @@ class LinkRunner(QueueRunner):
         self.burst_us = burst_us  # checks between loop passes while spinning (IrqWaiter)
         self._stopping = False
         self._waiter: IrqWaiter | None = None
+        self._peers: list[LinkRunner] = []  # every LinkRunner of this loop, self included
         self.metrics = self.transport.metrics
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -234,6 +243,9 @@ class LinkRunner(QueueRunner):
         waiter.handler = self._on_interrupt
         log.info("serving", link=self.dev.name, device_id=self.service.device_id,
                  mode=self.mode)
+        key = id(asyncio.get_running_loop())
+        self._peers = peers = _LOOP_RUNNERS.setdefault(key, [])
+        peers.append(self)
         try:
             while not self._stopping:
                 self._control()
@@ -242,6 +254,9 @@ class LinkRunner(QueueRunner):
                     continue
                 await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
         finally:
+            peers.remove(self)
+            if not peers and _LOOP_RUNNERS.get(key) is peers:
+                del _LOOP_RUNNERS[key]
             await self._drain_pending()
             waiter.close()
             t.stop()
@@ -266,6 +281,15 @@ class LinkRunner(QueueRunner):
                 self.service.on_activate(t.negotiated, self)
             if not res.transactions:
                 break
+
+    def _others_waiting(self) -> bool:
+        """Another device of this daemon has work waiting: end this turn at the next sub-batch
+        (deficit round robin by time, in effect: the device that used little lately, a lone
+        request beside a flood, is served next instead of after a whole turn of the flood)."""
+        peers = self._peers
+        if len(peers) < 2:
+            return False
+        return any(p is not self and p._has_work() for p in peers)
 
     def _has_work(self) -> bool:
         """Checked over and over while spinning: kept to a few loads."""

@@ -113,6 +113,10 @@ MUTANTS = [
     Mutant("image-lock", "backend/resources/image.py",
            "        fcntl.fcntl(fd, F_OFD_SETLK, flock)\n", "        pass\n",
            ("tests/test_image_lock.py::test_writer_excludes_everyone",)),
+    Mutant("turn-early-end", "backend/runner.py",
+           "        return any(p is not self and p._has_work() for p in peers)\n",
+           "        return False\n",
+           ("tests/test_fairness.py::test_a_turn_ends_early_when_another_device_waits",)),
     # the compiled data path: each check it makes before it serves a chain without Python
     Mutant("native-read-only", VQBLK,
            "    else if (t == T_OUT && !b->read_only)\n", "    else if (t == T_OUT)\n",

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from ivshmem_virtio.backend import runner as runner_mod
 from ivshmem_virtio.backend.runner import WEIGHT
 from ivshmem_virtio.benchmarks.flood import chain_in_every_slot
 from ivshmem_virtio.frontend.blk import BlkClient
@@ -50,6 +51,36 @@ def test_a_full_ring_is_served_one_bounded_turn_at_a_time(tmp_path, image_factor
                     break
             assert sum(turns) == size - 1 == (mem.u16(used_idx) - used0) & 0xFFFF
             assert max(turns) <= WEIGHT and len(turns) >= (size - 1) // WEIGHT
+
+    run(body())
+
+
+def test_a_turn_ends_early_when_another_device_waits(tmp_path, image_factory, monkeypatch):
+    """Two devices on one loop: a flooded, b with one request waiting. a's turn ends at its
+    first sub-batch (the device that used little is served next, not after a whole turn);
+    with nothing waiting on b the same turn runs to its WEIGHT. The time bound is set out of
+    reach, so only the early end can cut the turn short."""
+    monkeypatch.setattr(runner_mod, "TURN_S", 10.0)
+
+    async def body() -> None:
+        async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
+                             mode="block") as a, \
+                blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
+                          mode="block") as b:
+            await a.client.read(0, 512)
+            await b.client.read(0, 512)
+            mem_a = a.client.transport.hdr
+            avail_a, used_a, size = chain_in_every_slot(a.client)
+            mem_a.set_u16(avail_a, (mem_a.u16(used_a) + size - 1) & 0xFFFF)
+            assert a.runner._serve_queues() and a.runner.served == WEIGHT  # b idle: full turn
+            mem_b = b.client.transport.hdr
+            avail_b, used_b, _ = chain_in_every_slot(b.client)
+            mem_b.set_u16(avail_b, (mem_b.u16(used_b) + 1) & 0xFFFF)  # one request on b
+            assert b.runner._has_work()
+            assert a.runner._serve_queues() and a.runner.served == a.runner.batch < WEIGHT
+            b.runner._serve_queues()  # b's request is served; a's turns are full again
+            assert not b.runner._has_work()
+            assert a.runner._serve_queues() and a.runner.served == WEIGHT
 
     run(body())
 
