@@ -73,11 +73,12 @@ _PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """Where a device's link is: a sim hub socket, or a uio_ivshmem device chosen some way."""
+    """Where a device's link is: a sim hub socket, a uio_ivshmem device chosen some way, or a
+    vhost-user socket the daemon listens on (a VM's front-end connects to it)."""
 
     text: str
-    kind: str  # "sim" or "uio"
-    path: str = ""  # sim socket, or /dev/uioN
+    kind: str  # "sim", "uio" or "vhost-user"
+    path: str = ""  # sim socket, /dev/uioN, or the vhost-user socket
     pci: str = ""  # uio:pci=DDDD:BB:DD.F, normalised to lower case with a domain
     protocol: int | None = None  # uio:auto and uio:protocol=... (always the device's protocol)
 
@@ -206,12 +207,16 @@ def parse_link_spec(text: str, dtype: str, field: str) -> LinkSpec:
     """Parse one ``link``; ``uio:protocol=`` must name the device type's backend protocol."""
     kind, sep, arg = text.partition(":")
     want = H.backend_protocol(DEVICE_TYPES[dtype])
-    usage = ("expected sim:SOCKET, uio:/dev/uioN, uio:auto, uio:pci=DDDD:BB:DD.F or "
-             "uio:protocol=0xC0NN")
-    if not sep or not arg or kind not in ("sim", "uio"):
+    usage = ("expected sim:SOCKET, uio:/dev/uioN, uio:auto, uio:pci=DDDD:BB:DD.F, "
+             "uio:protocol=0xC0NN or vhost-user:SOCKET")
+    if not sep or not arg or kind not in ("sim", "uio", "vhost-user"):
         raise ConfigError(f"{field}: {text!r}: {usage}")
     if kind == "sim":
         return LinkSpec(text, "sim", path=arg)
+    if kind == "vhost-user":
+        if dtype == "console":
+            raise ConfigError(f"{field}: a console is served over ivshmem links only")
+        return LinkSpec(text, "vhost-user", path=arg)
     if arg == "auto":
         return LinkSpec(text, "uio", protocol=want)
     if arg.startswith("/"):
@@ -364,6 +369,8 @@ def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True,
         raise ConfigError(f"{where}type: {dtype!r} is not one of {', '.join(DEVICE_TYPES)}")
     _unknown_keys(raw, _COMMON_KEYS | _TYPE_KEYS[dtype], where)
     link = parse_link_spec(_str(raw, "link", where), dtype, f"{where}link")
+    if host and link.kind == "vhost-user":
+        check_console_socket(link.path, f"{where}link")
     name = _str(raw, "name", where, link.text)
     if not name.strip():
         raise ConfigError(f"{where}name: must not be empty")
@@ -393,9 +400,10 @@ def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
     seen_names: dict[str, int] = {}
     seen_links: dict[tuple, int] = {}
     seen_images: dict[tuple[int, int], int] = {}
-    # console sockets and log files by absolute path, with the sim hub sockets of every link
+    # console sockets and log files by absolute path, with the sockets of every link
     seen_paths: dict[str, str] = {os.path.abspath(d.link.path): f"devices[{i}].link"
-                                  for i, d in enumerate(devices) if d.link.kind == "sim"}
+                                  for i, d in enumerate(devices)
+                                  if d.link.kind in ("sim", "vhost-user")}
     for i, d in enumerate(devices):
         where = f"devices[{i}]."
         con = d.console
@@ -408,6 +416,8 @@ def _cross_checks(devices: list[DeviceConfig], host: bool = True) -> None:
             seen_paths[full] = f"{where}{key_name}"
         lk = d.link
         key: tuple[str | int | None, ...] = (lk.kind, lk.path, lk.pci, lk.protocol)
+        if lk.kind in ("sim", "vhost-user"):  # one socket file, whatever serves on it
+            key = ("socket", os.path.abspath(lk.path))
         if lk.kind == "uio" and lk.protocol is not None:
             key = ("uio-protocol", lk.protocol)
         if key in seen_links:

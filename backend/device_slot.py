@@ -246,6 +246,9 @@ class DeviceSlot:
                     self.attempted.set()
                     await self._pause(self.daemon.config.retry_interval)
                     continue
+            if self.cfg.link.kind == "vhost-user":
+                await self._serve_vhost_user()
+                continue
             try:
                 dev = await self._open_link()
             except (IvshmemVirtioError, OSError, ValueError) as e:
@@ -367,6 +370,55 @@ class DeviceSlot:
             log.warning("link lost, waiting for it to come back", device=self.name,
                         link=dev.name)
         return failed
+
+    async def _serve_vhost_user(self) -> None:
+        """Listen on the device's vhost-user socket until stop: one VM front-end at a time,
+        each connection a fresh session of the same service (``backend/vhost_user.py``). A
+        socket that cannot be made is retried like a link that is not there."""
+        from .vhost_user import VhostUserServer
+        from .vhost_user_daemon import NO_BOUNCE_RW
+
+        cfg = self.cfg
+        path = cfg.link.path
+        service: Service
+        bind = None
+        if cfg.blk is not None:
+            assert self.image is not None
+            service = BlkService(self.image, serial=cfg.blk.serial, rw_size=NO_BOUNCE_RW)
+        else:
+            assert self.group is not None
+            self.group.start()
+            can = self.group.backend.add_link(f"vhost-user:{path}")
+            service, bind = can, can.bind
+        server = VhostUserServer(service, path, bind=bind)
+        try:
+            try:
+                server.listen()
+            except OSError as e:
+                log.warning("vhost-user socket unavailable, retrying", device=self.name,
+                            link=cfg.link.text, error=str(e),
+                            every=self.daemon.config.retry_interval)
+                self._set_state("waiting")
+                self.attempted.set()
+                await self._pause(self.daemon.config.retry_interval)
+                return
+            self.incarnations += 1
+            log.info("link up", device=self.name, type=cfg.type, link=cfg.link.text)
+            self._set_state("serving")
+            self.attempted.set()
+            task = asyncio.create_task(server.serve_forever(), name=f"vhost-user {self.name}")
+            stopping = asyncio.ensure_future(self._lost.wait())
+            try:
+                await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                self._lost.clear()
+        finally:
+            server.close()
+            await self._release_service(service, None)
 
     async def _settle(self, runner: LinkRunner, task: asyncio.Task) -> None:
         """Wait (briefly) until the backend wrote READY, so systemd's READY=1 means it."""

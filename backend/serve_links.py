@@ -39,6 +39,8 @@ def link_key(cfg: DeviceConfig) -> str:
     lk = cfg.link
     if lk.kind == "sim":
         key = "sim" + os.path.realpath(lk.path)
+    elif lk.kind == "vhost-user":
+        key = "vhost-user" + os.path.realpath(lk.path)
     elif lk.path:
         key = "uio" + os.path.realpath(lk.path)
     elif lk.pci:
