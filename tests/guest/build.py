@@ -10,7 +10,8 @@ depends on, Debian 12's 6.1) is fetched with ``apt-get download`` and unpacked w
 its vmlinuz and the modules /dev/vda needs (virtio_blk, virtio_pci and what they depend on, read
 from each module's .modinfo; whatever the kernel has built in is skipped) are kept, the rest is
 deleted. The initramfs (cpio newc) holds busybox, those modules, tests/guest/vdtool (compiled
-static here) and tests/guest/init; the test appends a second archive with its plan (/plan.sh).
+static here), tests/guest/init and the plan's steps (tests/guest/gt.sh); the test appends a
+second archive with its plan (/plan.sh).
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def build_vdtool(out: Path) -> None:
 
 def _inputs_digest(kernel_dir: Path) -> str:
     h = hashlib.sha256()
-    for p in (HERE / "vdtool.c", HERE / "init", Path(__file__), kernel_dir / "version"):
+    for p in (HERE / "vdtool.c", HERE / "init", HERE / "gt.sh", Path(__file__),
+              kernel_dir / "version"):
         h.update(p.read_bytes())
     h.update(_static_busybox())
     return h.hexdigest()[:16]
@@ -220,6 +222,7 @@ def build(force: bool = False, cache: Path = CACHE) -> Guest:
                 ("bin/sh", LINK, b"busybox"),
                 ("bin/vdtool", EXEC, vdtool.read_bytes()),
                 ("init", EXEC, (HERE / "init").read_bytes()),
+                ("lib/gt.sh", FILE, (HERE / "gt.sh").read_bytes()),
                 ("modules.order", FILE, (kernel_dir / "modules.order").read_bytes()),
             ]
             entries += [(f"lib/modules/{ko.name}", FILE, ko.read_bytes())
