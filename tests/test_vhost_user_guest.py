@@ -65,12 +65,6 @@ def guest() -> Guest:
 
 # --- back-ends ----------------------------------------------------------------------------------
 
-def _has_vhost_user() -> bool:
-    out = subprocess.run(cli("blk", "--help"), capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-    return "--vhost-user" in out.stdout
-
-
 # A wrapper around our CLI that corrupts one read (tests/guest/corrupt_read.c is the same fault
 # for qemu-storage-daemon, through LD_PRELOAD): the first read of the image that covers byte
 # GT_FAULT_OFFSET after a write covered it gets that byte's lowest bit flipped in guest memory.
@@ -119,8 +113,6 @@ def start_backend(kind: str, work: Path, image: Path, read_only: bool,
                   fault_offset: int | None = None) -> Backend:
     sock = work / "vhu.sock"
     if kind == "ours":
-        if not _has_vhost_user():
-            pytest.skip("ivshmem-virtio blk has no --vhost-user yet (issue 16, item 1)")
         args = ["blk", "--vhost-user", str(sock), "--image", str(image)]
         args += ["--read-only"] if read_only else []
         env = dict(os.environ)

@@ -17,6 +17,7 @@ second archive with its plan (/plan.sh).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -203,6 +204,12 @@ def build(force: bool = False, cache: Path = CACHE) -> Guest:
             raise GuestUnavailable(f"{tool} not found: apt-get install qemu-system-x86 "
                                    "(the packages of .ci/apt-packages)")
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # one build at a time (tests run side by side)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(force, cache)
+
+
+def _build(force: bool, cache: Path) -> Guest:
     kernel_dir = cache / "kernel"
     if force or not (kernel_dir / "version").exists():
         fetch_kernel(kernel_dir)
