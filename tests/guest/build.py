@@ -91,7 +91,7 @@ def modinfo(data: bytes) -> dict[str, str]:
         name, off, size = section(i)
         end = data.index(b"\0", stroff + name)
         if data[stroff + name:end] == b".modinfo":
-            info = {}
+            info: dict[str, str] = {}
             for item in data[off:off + size].split(b"\0"):
                 key, sep, value = item.decode(errors="replace").partition("=")
                 if sep:
