@@ -207,6 +207,20 @@ def read_write_plan(size: int, seed: int) -> Plan:
     return plan
 
 
+def restart_plan(size: int, pieces: int = 36) -> Plan:
+    """Writes of 512 KiB, each read back, through which the back-end is restarted; then a flush
+    and every piece read back again."""
+    plan = Plan(DiskModel(size))
+    plan.raw("info")
+    piece = min(512 << 10, size // pieces // SECTOR * SECTOR)
+    for k in range(pieces):
+        plan.write(k * piece, piece, 65536, "direct")
+        plan.read(k * piece, piece, 131072, "direct")
+    plan.step("flush")
+    plan.read(0, pieces * piece, 1 << 20, "direct")
+    return plan
+
+
 READ_ONLY_SEED = 77
 
 
