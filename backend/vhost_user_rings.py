@@ -153,7 +153,10 @@ class VhostTransport:
 
     def relist(self, ring: Vring) -> None:
         serve = ring.vq is not None and (ring.enabled or not self.gate_on_enable)
-        self.vqs = [ring.vq if i == ring.index and serve else v for i, v in enumerate(self.vqs)]
+        # a ring that is not served is taken off the list: a stopped ring's queue (over a
+        # memory table that may be gone by now) must never be served again
+        self.vqs = [(ring.vq if serve else None) if i == ring.index else v
+                    for i, v in enumerate(self.vqs)]
 
     def stop(self, ring: Vring) -> int:
         """GET_VRING_BASE: the ring stops; the avail index to resume from."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,13 @@ from ivshmem_virtio.spec import vhost_user as VU
 
 from .vhost_user_backend_helpers import (
     DATA_GPA,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
     F_INDIRECT,
     F_PROTOCOL_FEATURES,
     F_VERSION_1,
+    OUTHDR,
+    STATE,
     T_FLUSH,
     T_IN,
     T_OUT,
@@ -110,6 +115,43 @@ def test_reconnect_gets_a_fresh_session_and_the_ring_state(daemon) -> None:  # n
     finally:
         g.close()
     child.wait_for("vhost-user front-end connected", count=2)
+
+
+def test_restart_on_a_new_table_never_serves_the_stopped_ring(daemon) -> None:  # noqa: ANN001
+    """QEMU's sequence when the guest's driver takes over from the firmware: GET_VRING_BASE,
+    a new SET_MEM_TABLE (the old mappings go), the ring set up again, its KICK before its
+    ENABLE. The stopped ring's queue must be gone from the served list: serving it touched
+    the unmapped old table ("access ... in no region"), stopped every ring, and the guest's
+    first request never completed (seen with Linux's virtio_blk under QEMU 7.2)."""
+    sock, _image, pattern, child = daemon
+    f = MiniFrontend(sock)
+    try:
+        f.start_blk()
+        assert f.blk(T_IN, 1, 512)[1] == pattern[512:1024]
+        f.ack(VU.Request.SET_VRING_ENABLE, STATE.pack(0, 0))  # QEMU disables, then stops
+        base = f.get_vring_base()
+        f.set_mem_table()  # a new table: new mappings, the old ones unmapped
+        f.setup_ring(base=base, enable=False)
+        # a request made available (and kicked) while the ring is set up but not enabled:
+        # nothing may serve it yet (the stopped ring's old queue did, on the old table)
+        hdr, status_at, data_at = DATA_GPA + 0x30000, DATA_GPA + 0x30100, DATA_GPA + 0x1000
+        f.poke(hdr, OUTHDR.pack(T_IN, 0, 2))
+        f.poke(status_at, b"\xee")
+        f.put_desc(0, hdr, 16, DESC_F_NEXT, 1)
+        f.put_desc(1, data_at, 512, DESC_F_NEXT | DESC_F_WRITE, 2)
+        f.put_desc(2, status_at, 1, DESC_F_WRITE)
+        used = f.used_idx()
+        f.make_available(0)
+        time.sleep(0.3)
+        assert f.used_idx() == used, "served while the ring was not enabled"
+        f.ack(VU.Request.SET_VRING_ENABLE, STATE.pack(0, 1))
+        os.eventfd_write(f.kick, 1)
+        ((head, length),) = f.wait_used()
+        assert (head, length) == (0, 513)
+        assert f.peek(status_at, 1) == b"\x00" and f.peek(data_at, 512) == pattern[1024:1536]
+        assert "rings stopped" not in child.log()
+    finally:
+        f.close()
 
 
 def test_read_only_refuses_writes(procs, tmp_path: Path, image_factory) -> None:  # noqa: ANN001
