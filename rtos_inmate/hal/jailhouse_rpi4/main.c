@@ -216,13 +216,17 @@ static int find_ivshmem_bus0(uint16_t protocol)
 	return -1;
 }
 
-static bool virtio_attach(const struct vcan_config *vcfg)
+/*
+ * The ivshmem device of one link: the virtual PCI scanned once for both links, the device of
+ * ``proto`` on bus 0 found and mapped (``bar0``: where its registers go, 0 = the default).
+ * False, with one line naming ``what`` and why (``tail`` appended), when it cannot be used.
+ */
+static bool open_link(struct ivshmem_rpi4 *link, uint16_t proto, unsigned long bar0,
+		      const char *what, const char *tail)
 {
-	const uint16_t proto = IVV_CAN_PROTOCOL_FRONTEND;
-
 	if (comm_region->pci_mmconfig_base == 0) {
-		printk("mcp2515-can: virtio-can off: the cell has no virtual PCI (no mmconfig "
-		       "base in the comm region); add the ivshmem device to the cell config\n");
+		printk("mcp2515-can: %s off: the cell has no virtual PCI (no mmconfig base in the "
+		       "comm region); add the ivshmem device to the cell config%s\n", what, tail);
 		return false;
 	}
 	if (!pci_ready)
@@ -231,15 +235,22 @@ static bool virtio_attach(const struct vcan_config *vcfg)
 	int bdf = find_ivshmem_bus0(proto);
 
 	if (bdf < 0) {
-		printk("mcp2515-can: virtio-can off: no ivshmem device 110a:4106 with protocol "
-		       "0x%x on bus 0 of this cell\n", proto);
+		printk("mcp2515-can: %s off: no ivshmem device 110a:4106 with protocol 0x%x on "
+		       "bus 0 of this cell%s\n", what, proto, tail);
 		return false;
 	}
-	if (ivshmem_rpi4_open(&ivlink, proto, 0) != 0) {
-		printk("mcp2515-can: virtio-can off: ivshmem device %02x:%02x.%x unusable\n",
-		       bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7);
+	if (ivshmem_rpi4_open(link, proto, bar0) != 0) {
+		printk("mcp2515-can: %s off: ivshmem device %02x:%02x.%x unusable%s\n", what,
+		       bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7, tail);
 		return false;
 	}
+	return true;
+}
+
+static bool virtio_attach(const struct vcan_config *vcfg)
+{
+	if (!open_link(&ivlink, IVV_CAN_PROTOCOL_FRONTEND, 0, "virtio-can", ""))
+		return false;
 	int rc = vcan_init(&vc, &br, &ivlink.link, vcfg);
 
 	if (rc != VIO_OK) {
@@ -260,27 +271,9 @@ static bool virtio_attach(const struct vcan_config *vcfg)
 /* The console link: false (and the UART keeps the log) when it cannot be used. */
 static bool console_attach(bool with_vcan, uint64_t timeout_ns)
 {
-	const uint16_t proto = IVV_CONSOLE_PROTOCOL_FRONTEND;
-
-	if (comm_region->pci_mmconfig_base == 0) {
-		printk("mcp2515-can: virtio-console off: the cell has no virtual PCI\n");
+	if (!open_link(&conlink, IVV_CONSOLE_PROTOCOL_FRONTEND, CONSOLE_BAR0, "virtio-console",
+		       "; the log stays on the UART"))
 		return false;
-	}
-	if (!pci_ready)
-		pci_init();
-	pci_ready = true;
-	int bdf = find_ivshmem_bus0(proto);
-
-	if (bdf < 0) {
-		printk("mcp2515-can: virtio-console off: no ivshmem device 110a:4106 with "
-		       "protocol 0x%x on bus 0 of this cell; the log stays on the UART\n", proto);
-		return false;
-	}
-	if (ivshmem_rpi4_open(&conlink, proto, CONSOLE_BAR0) != 0) {
-		printk("mcp2515-can: virtio-console off: ivshmem device %02x:%02x.%x unusable\n",
-		       bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7);
-		return false;
-	}
 	const struct vcon_config ccfg = { .timeout_ns = timeout_ns };
 	int rc = vcon_init(&con, &br, with_vcan ? &vc : NULL, &conlink.link, &ccfg);
 
