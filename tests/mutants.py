@@ -19,7 +19,9 @@ occurs exactly once in the file it patches (the code changed: update the pattern
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -31,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ("ivshmem_virtio", "backend", "frontend", "benchmarks", "tests", "pyproject.toml")
+WORKERS = 2  # mutants run at a time, each in its own copy of the tree
 LIMIT = 45.0  # seconds per mutant (the tests kill in a few; a hang is a survivor)
 TEST_TIMEOUT = 20  # pytest-timeout per test inside a mutant run
 
@@ -199,6 +202,23 @@ def plant(tree: Path, m: Mutant) -> str:
     return text
 
 
+def run_mutant(tree: Path, m: Mutant, limit: float) -> tuple[str, str, float]:
+    """Plant ``m`` in ``tree``, run its tests, restore: (state, output, seconds)."""
+    original = plant(tree, m)
+    t0 = time.monotonic()
+    try:
+        err = native_build(tree) if m.native else None
+        if err is not None:
+            state, out = "failed", f"the mutant does not compile:\n{err}"
+        else:
+            state, out = pytest_run(tree, m.tests, limit)
+    finally:
+        (tree / m.path).write_text(original)
+        if m.native:
+            native_build(tree)
+    return state, out, time.monotonic() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="only these mutants (default: all)")
@@ -220,45 +240,48 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
-        tree = Path(tmp)
-        copy_tree(tree)
-        if any(m.native for m in chosen):
-            err = native_build(tree)  # the copy's own build of the unmutated source
-            if err is not None:
-                print(f"the compiled data path does not build here, so its mutants cannot "
-                      f"run:\n{err}")
-                return 1
+        # two copies, two mutants at a time (the machine's two cores): each run is mostly a
+        # pytest start-up, and one copy holds one mutant at a time
+        trees = [Path(tmp) / f"tree{k}" for k in range(WORKERS)]
+        for tree in trees:
+            tree.mkdir()
+            copy_tree(tree)
+            if any(m.native for m in chosen):
+                err = native_build(tree)  # the copy's own build of the unmutated source
+                if err is not None:
+                    print(f"the compiled data path does not build here, so its mutants "
+                          f"cannot run:\n{err}")
+                    return 1
         for m in chosen:  # every pattern checked before anything runs
-            (tree / m.path).write_text(plant(tree, m))
+            (trees[0] / m.path).write_text(plant(trees[0], m))
         everything = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-        state, out = pytest_run(tree, everything, 2 * args.limit)
+        state, out = pytest_run(trees[0], everything, 2 * args.limit)
         if state != "passed":
             print(out[-4000:])
             print(f"baseline: the selected tests do not pass unmutated ({state})")
             return 1
-        survivors = []
-        for m in chosen:
-            original = plant(tree, m)
-            t0 = time.monotonic()
+        free: queue.Queue[Path] = queue.Queue()
+        for tree in trees:
+            free.put(tree)
+
+        def one(m: Mutant) -> tuple[Mutant, str, str, float]:
+            tree = free.get()
             try:
-                err = native_build(tree) if m.native else None
-                if err is not None:
-                    state, out = "failed", f"the mutant does not compile:\n{err}"
-                else:
-                    state, out = pytest_run(tree, m.tests, args.limit)
+                return (m, *run_mutant(tree, m, args.limit))
             finally:
-                (tree / m.path).write_text(original)
-                if m.native:
-                    native_build(tree)
-            took = time.monotonic() - t0
-            if state == "failed" and _ASSERTION.search(out):
-                print(f"killed    {m.name:36s} {took:5.1f} s")
-                continue
-            why = {"passed": "tests passed", "timeout": f"hung past {args.limit:.0f} s",
-                   "failed": "failed, but not by an assertion"}[state]
-            print(f"SURVIVED  {m.name:36s} {took:5.1f} s  ({why})")
-            print("\n".join("    " + ln for ln in out[-2500:].splitlines()))
-            survivors.append(m.name)
+                free.put(tree)
+
+        survivors = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            for m, state, out, took in pool.map(one, chosen):
+                if state == "failed" and _ASSERTION.search(out):
+                    print(f"killed    {m.name:36s} {took:5.1f} s")
+                    continue
+                why = {"passed": "tests passed", "timeout": f"hung past {args.limit:.0f} s",
+                       "failed": "failed, but not by an assertion"}[state]
+                print(f"SURVIVED  {m.name:36s} {took:5.1f} s  ({why})")
+                print("\n".join("    " + ln for ln in out[-2500:].splitlines()))
+                survivors.append(m.name)
     print(f"{len(chosen) - len(survivors)}/{len(chosen)} mutants killed in "
           f"{time.monotonic() - start:.0f} s")
     return 1 if survivors else 0

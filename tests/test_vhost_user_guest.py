@@ -235,12 +235,13 @@ def boot(guest: Guest, work: Path, backend: Backend, plan: Plan,
 
 def stop_backend(backend: Backend) -> str:
     """End the back-end by its pid; returns its log. Its socket is removed if it left one."""
-    alive = backend.child.proc.poll() is None
+    status = backend.child.proc.poll()
     backend.child.stop(10)
     log = backend.child.log()
     left = backend.sock.exists()
     backend.sock.unlink(missing_ok=True)
-    assert alive, f"{backend.kind} back-end died during the run:\n{log}"
+    assert status is None, f"{backend.kind} back-end died during the run (exit status " \
+        f"{status}):\n{log}"
     if backend.kind == "ours":
         assert not left, f"our back-end left its socket {backend.sock} behind"
     return log
