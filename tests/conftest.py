@@ -72,3 +72,16 @@ def image_factory(tmp_path: Path) -> Callable[..., str]:
         return str(path)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures tests record (``record_property("figure", ...)``: the fuzzers' executions
+    and depth), printed at the end of the run, also when xdist's workers ran the tests."""
+    lines = [str(value) for outcome in ("passed", "failed")
+             for report in terminalreporter.stats.get(outcome, [])
+             if getattr(report, "when", "") == "call"
+             for key, value in getattr(report, "user_properties", []) if key == "figure"]
+    if lines:
+        terminalreporter.section("figures")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

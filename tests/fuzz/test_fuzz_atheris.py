@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .test_fuzz_targets import NAMES
+
+Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 pytest.importorskip("atheris", reason="atheris not installed (x86_64 only, the test extra)")
 
@@ -28,7 +31,7 @@ LINE = re.compile(r"^atheris (\w+): (\d+) execs, (\d+) reached '([^']+)'", re.M)
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", NAMES)
 def test_atheris_run_finds_nothing_and_keeps_depth(name: str, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    record_property: Record) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "tests.fuzz.atheris_main", name, f"-runs={RUNS}", "-seed=1",
          "-max_len=8192", "-timeout=10", f"-artifact_prefix={tmp_path}/", str(tmp_path),
@@ -38,8 +41,7 @@ def test_atheris_run_finds_nothing_and_keeps_depth(name: str, tmp_path: Path,
     assert run.returncode == 0, f"atheris found something:\n{run.stderr[-4000:]}"
     assert found, run.stdout[-2000:]
     _, execs, deep, stage = found[-1]
-    with capsys.disabled():
-        print(f"\natheris {name:<10} {execs:>6} execs, {deep:>6} reached '{stage}' "
-              f"({100 * int(deep) / int(execs):4.1f} %)")
+    record_property("figure", f"atheris {name:<10} {execs:>6} execs, {deep:>6} reached "
+                    f"'{stage}' ({100 * int(deep) / int(execs):4.1f} %)")
     assert int(execs) >= RUNS
     assert int(deep) >= 0.1 * int(execs), f"{name}: too few reached '{stage}'"

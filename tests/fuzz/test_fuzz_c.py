@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 INMATE = Path(__file__).resolve().parents[2] / "rtos_inmate"
 RUNS = 20000
@@ -29,7 +32,7 @@ def _make(build: Path, *args: str, timeout: float) -> subprocess.CompletedProces
 
 @pytest.mark.timeout(300)
 def test_inmate_fuzzers_reach_depth_without_findings(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    record_property: Record) -> None:
     if shutil.which("clang") is None:
         pytest.skip("clang is not installed (see .ci/apt-packages)")
     build = _make(tmp_path, "fuzz-build", timeout=240)
@@ -39,10 +42,9 @@ def test_inmate_fuzzers_reach_depth_without_findings(tmp_path: Path,
         pytest.fail(f"fuzz harnesses do not build:\n{build.stderr[-3000:]}")
     run = _make(tmp_path, "fuzz", f"FUZZ_RUNS={RUNS}", timeout=240)
     found = LINE.findall(run.stdout)
-    with capsys.disabled():
-        for name, execs, deep, stage in found:
-            print(f"\nfuzz {name:<20} {execs:>6} execs, {deep:>6} reached '{stage}' "
-                  f"({100 * int(deep) / max(1, int(execs)):4.1f} %)")
+    for name, execs, deep, stage in found:
+        record_property("figure", f"fuzz {name:<20} {execs:>6} execs, {deep:>6} reached "
+                        f"'{stage}' ({100 * int(deep) / max(1, int(execs)):4.1f} %)")
     assert run.returncode == 0, (f"a harness found something (input saved in {tmp_path}):\n"
                                  + run.stderr[-4000:])
     assert {name for name, *_ in found} == {"fuzz_mcp2515", "fuzz_virtio_can_rx"}, run.stdout

@@ -19,9 +19,12 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "ivshmem_virtio" / "_native" / "fuzz_vqblk.c"
@@ -84,7 +87,7 @@ def seeds() -> dict[str, bytes]:
 
 @pytest.mark.timeout(300)
 def test_compiled_walk_and_blk_parse_fuzz_clean(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                record_property: Record) -> None:
     if shutil.which("clang") is None:
         pytest.skip("clang is not installed (see .ci/apt-packages)")
     exe = tmp_path / "fuzz_vqblk"
@@ -110,10 +113,9 @@ def test_compiled_walk_and_blk_parse_fuzz_clean(tmp_path: Path,
     assert run.returncode == 0, f"a finding (input saved in {tmp_path}):\n{run.stderr[-4000:]}"
     assert found, run.stdout + run.stderr[-2000:]
     execs, deep = (int(x) for x in found[-1])
-    with capsys.disabled():
-        print(f"\nfuzz fuzz_vqblk {execs:>7} execs, {deep:>7} served a request "
-              f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
-              f"{cov[0]} edges / {cov[1]} features")
+    record_property("figure", f"fuzz fuzz_vqblk {execs:>7} execs, {deep:>7} served a request "
+                    f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
+                    f"{cov[0]} edges / {cov[1]} features")
     assert execs >= RUNS
     assert deep >= MIN_DEEP * execs, "too few inputs got a request served"
 

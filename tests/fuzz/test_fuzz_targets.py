@@ -9,12 +9,14 @@ for ``tests/fuzz/corpus/<target>/`` or a regression test. FUZZ_SEED picks anothe
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from .engine import quiet_logs, run_target
 from .targets import Target, fd_count, make_targets
+
+Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 CASES = int(os.environ.get("FUZZ_CASES", "20000"))
 SEED = int(os.environ.get("FUZZ_SEED", "20240613"))
@@ -34,11 +36,10 @@ def targets() -> Iterator[dict[str, Target]]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", NAMES)
 def test_target_reaches_depth_without_crashes(name: str, targets: dict[str, Target],
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                              record_property: Record) -> None:
     fds = fd_count()
     stats = run_target(targets[name], CASES, SEED)
-    with capsys.disabled():
-        print(f"\n{stats.line()} (seed {SEED})")
+    record_property("figure", f"{stats.line()} (seed {SEED})")
     assert not stats.crashes, "\n".join(f"{why}\ninput: {data.hex()}"
                                         for data, why in stats.crashes[:3])
     assert stats.execs >= CASES
