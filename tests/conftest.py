@@ -85,3 +85,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("figures")
         for line in sorted(lines):
             terminalreporter.write_line(line)
+
+
+# tests/mutants.py runs the guarding tests with HYPOTHESIS_PROFILE=mutants: a mutant is killed by
+# the first failing example; shrinking it (many more runs) only risks the per-test time limit
+if os.environ.get("HYPOTHESIS_PROFILE") == "mutants":
+    from hypothesis import Phase, settings
+
+    settings.register_profile("mutants", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutants")

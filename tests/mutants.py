@@ -157,6 +157,7 @@ def pytest_run(tree: Path, tests: tuple[str, ...], limit: float) -> tuple[str, s
     """('passed'|'failed'|'timeout', output) of the tests in ``tree``."""
     env = dict(os.environ)
     env.pop("IVSHMEM_VIRTIO_PURE", None)  # the compiled path's mutants need it loaded
+    env["HYPOTHESIS_PROFILE"] = "mutants"  # no shrinking (tests/conftest.py)
     env["PYTHONPATH"] = str(tree)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["COLUMNS"] = "1000"  # the short summary keeps each failure's reason
