@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import sys
 import time
 from typing import Any, TypeVar
@@ -316,6 +318,13 @@ class VirtioDriver:
 D = TypeVar("D", bound=VirtioDriver)
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> D:  # noqa: ANN401
     """Open ``link`` as the frontend of ``cls``'s device and bring it up, for a command line:
     says once on stderr that it waits for the backend, and turns a bad link or no READY
@@ -333,7 +342,9 @@ async def connect_driver(cls: type[D], link: str, timeout: float, **kw: Any) -> 
         except LinkError as e:
             raise ConfigError(f"--link {link}: {e}") from e
     drv = cls(dev, timeout=timeout, **kw)
-    if not drv.transport.backend_ready():  # say once why we sit there
+    # a vhost-user back-end is there when its socket is (we connect only in start())
+    ready = drv.transport.backend_ready() if path is None else _is_socket(path)
+    if not ready:  # say once why we sit there
         print(f"ivshmem-virtio: waiting for the backend on {link} (up to {timeout:g} s)",
               file=sys.stderr, flush=True)
     try:
