@@ -110,6 +110,15 @@ async def leave(driver) -> None:  # noqa: ANN001
     driver.dev.close()
 
 
+async def capacity(sock: str) -> int:
+    """The capacity a fresh frontend on ``sock`` sees (it leaves again)."""
+    client = await blk_client(sock)
+    try:
+        return client.capacity
+    finally:
+        await leave(client)
+
+
 class Keepalive:
     """Runs ``op`` back to back and records the longest gap between two successes."""
 
@@ -450,13 +459,6 @@ def test_unreachable_links_do_not_stop_the_daemon(procs, tmp_path, image_factory
     other.stop()  # the one-off backend leaves: the daemon takes the link over
     serve.wait_for("link up device=busy", 20.0)
 
-    async def capacity(sock: str) -> int:
-        client = await blk_client(sock)
-        try:
-            return client.capacity
-        finally:
-            await leave(client)
-
     assert run(capacity(late), timeout=30) == 4 * MiB // 512
     assert run(capacity(busy), timeout=30) == 2 * MiB // 512
     log = serve.log()
@@ -478,13 +480,6 @@ def test_missing_image_waits_while_the_others_serve(procs, tmp_path, image_facto
          "image": image_factory(2 * MiB, name="other.img")}], retry_interval=0.1)
     serve = procs.start("serve", "serve", "--config", str(cfg), wait="serve ready")
     serve.wait_for("link up device=other", 20.0)
-
-    async def capacity(sock: str) -> int:
-        client = await blk_client(sock)
-        try:
-            return client.capacity
-        finally:
-            await leave(client)
 
     assert run(capacity(other_sock), timeout=30) == 2 * MiB // 512
     serve.wait_for("image unavailable, retrying device=late", 20.0)
