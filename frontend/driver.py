@@ -21,6 +21,7 @@ from ivshmem_virtio.errors import (
     ConfigError,
     IvshmemVirtioError,
     LinkError,
+    PeerGone,
     RingError,
     TransportError,
 )
@@ -75,8 +76,23 @@ class VirtioDriver:
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> None:
-        """Bring the device up (waiting up to ``timeout`` for a READY backend)."""
-        await self._bring_up(timeout)
+        """Bring the device up (waiting up to ``timeout`` for a READY backend).
+
+        A backend that leaves READY during the bring-up is waited for again, within the same
+        ``timeout``: a backend still READY from the previous frontend's session (it has not yet
+        seen that one leave) looks ready, then resets when it does."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                await self._bring_up(max(0.0, deadline - time.monotonic()))
+                break
+            except PeerGone as e:
+                if self.closed or time.monotonic() >= deadline:
+                    raise
+                log.info("backend reset during bring-up, again", link=self.dev.name,
+                         error=str(e))
+                await asyncio.sleep(0.01)
         self._waiter = IrqWaiter(self.dev, mode=self.mode, spin_us=self.spin_us,
                                  expecting=self._expecting)
         self._waiter.handler = self._on_interrupt

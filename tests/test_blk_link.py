@@ -165,3 +165,40 @@ def test_frontend_drops_a_dead_hub_socket_from_its_wait_set(procs, tmp_path, ima
             await leave(c)
 
     run(body())
+
+
+def test_start_waits_again_when_the_backend_resets_during_bring_up(procs, tmp_path,
+                                                                   image_factory):
+    """A backend still READY from the previous frontend's session looks ready to a new one and
+    resets as soon as it sees the old one gone: the new frontend's bring-up then finds it gone
+    (PeerGone). start() waits for it again within its timeout instead of failing (seen as a
+    rare failure of the hostile tests' fresh bring-up under load). The reset is played here by
+    failing the first bring-up the same way."""
+    from ivshmem_virtio.errors import PeerGone
+
+    sock = str(tmp_path / "r.sock")
+    procs.hub(sock)
+    procs.blk(sock, image_factory(1 << 20, data=b"\x33" * 1024))
+
+    async def body() -> None:
+        client = BlkClient(SimIvshmem(sock, 1), timeout=10.0)
+        real = client._bring_up
+        calls = []
+
+        async def flaky(timeout: float | None = None) -> None:
+            calls.append(timeout)
+            if len(calls) == 1:
+                await real(timeout)
+                raise PeerGone("sim: backend failed (played)")
+            await real(timeout)
+
+        client._bring_up = flaky  # type: ignore[method-assign]
+        await client.start(timeout=10.0)
+        try:
+            assert len(calls) == 2 and calls[1] is not None and calls[1] <= 10.0
+            assert await client.read(0, 512) == b"\x33" * 512
+        finally:
+            await client.close()
+            client.dev.close()
+
+    run(body())
