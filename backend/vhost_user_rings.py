@@ -169,8 +169,16 @@ class VhostTransport:
         return ring.base
 
 
+POLL_S = 50e-6
+"""After a turn that served requests, the rings are watched this long with notifications still
+off before they are asked for again: a front-end that answers within it (a QD1 caller) sends
+its next request without a kick and it is taken without a wake-up. No traffic, no polling."""
+POLL_MAX_SERVED = 2  # only after turns this small (a QD1 front-end's)
+
+
 class VhostUserRunner(QueueRunner):
-    """Serve the started rings of one session: a turn per kick, yielding between turns."""
+    """Serve the started rings of one session: a turn per kick, yielding between turns, and a
+    short poll after a turn that had work (:data:`POLL_S`)."""
 
     transport: VhostTransport
 
@@ -182,6 +190,7 @@ class VhostUserRunner(QueueRunner):
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
         self._readers: dict[int, int] = {}  # ring index -> kick fd watched
+        self._poll_until = 0.0  # perf_counter() until which an idle pass polls again
 
     def watch(self, index: int, fd: int) -> None:
         """Read ``fd`` (ring ``index``'s kick eventfd) on the loop; raises on an fd that cannot
@@ -217,8 +226,22 @@ class VhostUserRunner(QueueRunner):
         self._scheduled = False
         if not self.transport.serving:
             return
-        if self._serve_queues() or self._enable_notifications():
-            self.schedule()  # work left (or slipped in): the loop's other work goes first
+        if self._serve_queues():
+            self.schedule()  # work left: the loop's other work goes first
+            return
+        now = time.perf_counter()
+        if 0 < self.served <= POLL_MAX_SERVED:
+            # a lone request (or two) came just now: its sender is likely to send the next
+            # one as soon as it has the answer. A deep queue needs no polling (it kicks
+            # rarely and its turns are full), and polling would take a CPU it uses
+            self._poll_until = now + POLL_S
+        if now < self._poll_until:
+            # notifications stay off (the turn turned them off): look again at the loop's
+            # next pass; the kick fds are still watched, so nothing is lost either way
+            self.schedule()
+            return
+        if self._enable_notifications():  # asked for again; work that slipped in meanwhile
+            self.schedule()
 
     async def quiesce(self) -> None:
         """Complete the slow requests in flight (and publish them) before the rings change."""

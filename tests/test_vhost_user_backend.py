@@ -84,6 +84,33 @@ def test_reads_and_writes_match_the_image(daemon) -> None:  # noqa: ANN001
         f.close()
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_lone_requests_then_idle_costs_no_cpu(daemon) -> None:  # noqa: ANN001
+    """After a lone request the back-end polls its rings for a moment (the next QD1 request
+    then needs no wake-up): it must stop again, an idle session costs no CPU, and requests
+    sent one by one, kicked or not in time, are all served."""
+    sock, _image, pattern, child = daemon
+    f = MiniFrontend(sock)
+    try:
+        f.start_blk()
+        for k in range(50):
+            assert f.blk(T_IN, k, 512)[1] == pattern[k * 512:(k + 1) * 512]
+            if k % 10 == 0:
+                time.sleep(0.01)  # past the poll: the next one needs its kick
+        time.sleep(0.2)
+        cpu0 = _cpu_s(child.pid)
+        time.sleep(1.0)
+        used = _cpu_s(child.pid) - cpu0
+        assert used < 0.2, f"the idle back-end used {used:.2f} s of CPU in 1 s"
+        assert f.blk(T_IN, 3, 512)[1] == pattern[1536:2048]  # and it still answers
+    finally:
+        f.close()
+
+
 def test_reconnect_gets_a_fresh_session_and_the_ring_state(daemon) -> None:  # noqa: ANN001
     sock, image, pattern, child = daemon
     f = MiniFrontend(sock)
