@@ -12,14 +12,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from . import Record
 from .test_fuzz_targets import NAMES
-
-Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 pytest.importorskip("atheris", reason="atheris not installed (x86_64 only, the test extra)")
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
+from . import Record
 
 INMATE = Path(__file__).resolve().parents[2] / "rtos_inmate"
 RUNS = 20000

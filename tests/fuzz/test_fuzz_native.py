@@ -19,12 +19,11 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
+from . import Record
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "ivshmem_virtio" / "_native" / "fuzz_vqblk.c"

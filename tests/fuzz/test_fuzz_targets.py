@@ -9,14 +9,13 @@ for ``tests/fuzz/corpus/<target>/`` or a regression test. FUZZ_SEED picks anothe
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from . import Record
 from .engine import quiet_logs, run_target
 from .targets import Target, fd_count, make_targets
-
-Record = Callable[[str, object], None]  # pytest's record_property: a figure for the summary
 
 CASES = int(os.environ.get("FUZZ_CASES", "20000"))
 SEED = int(os.environ.get("FUZZ_SEED", "20240613"))
