@@ -173,6 +173,13 @@ class Session:
             raise VhostUserError(f"ring {index} of {len(self.transport.rings)}")
         return self.transport.rings[index]
 
+    def _stopped_ring(self, index: int, request: str) -> Vring:
+        """Ring ``index`` for a request that only a stopped ring takes (its size, its base)."""
+        ring = self._ring(index)
+        if ring.vq is not None:
+            raise VhostUserError(f"{request} on running ring {ring.index}")
+        return ring
+
     def _take_fd(self, fds: list[int]) -> int:
         return fds.pop(0)
 
@@ -224,9 +231,7 @@ class Session:
             return None
         if request == rq.SET_VRING_NUM:
             state = VU.VringState.parse(payload)
-            ring = self._ring(state.index)
-            if ring.vq is not None:
-                raise VhostUserError(f"SET_VRING_NUM on running ring {ring.index}")
+            ring = self._stopped_ring(state.index, "SET_VRING_NUM")
             if not 0 < state.num <= R.MAX_QUEUE_SIZE or state.num & (state.num - 1):
                 raise VhostUserError(f"ring size {state.num} is not a power of two <= "
                                      f"{R.MAX_QUEUE_SIZE}")
@@ -244,9 +249,7 @@ class Session:
             return None
         if request == rq.SET_VRING_BASE:
             state = VU.VringState.parse(payload)
-            ring = self._ring(state.index)
-            if ring.vq is not None:
-                raise VhostUserError(f"SET_VRING_BASE on running ring {ring.index}")
+            ring = self._stopped_ring(state.index, "SET_VRING_BASE")
             if state.num > 0xFFFF:
                 raise VhostUserError(f"ring base {state.num:#x} (split rings: 16 bits)")
             ring.base = state.num
