@@ -238,28 +238,22 @@ class DeviceSlot:
                 try:  # the image was not there at start: it may be now
                     self.image = self._open_image(self.name)
                 except ConfigError as e:
-                    if str(e) != last_error:
-                        log.warning("image unavailable, retrying", device=self.name,
-                                    error=str(e), every=self.daemon.config.retry_interval)
-                        last_error = str(e)
-                    self._set_state("waiting")
-                    self.attempted.set()
-                    await self._pause(self.daemon.config.retry_interval)
+                    last_error = await self._retry_later("image unavailable, retrying", e,
+                                                         last_error)
                     continue
             if self.cfg.link.kind == "vhost-user":
-                await self._serve_vhost_user()
+                try:
+                    await self._serve_vhost_user()
+                except OSError as e:  # the socket could not be made
+                    last_error = await self._retry_later(
+                        "vhost-user socket unavailable, retrying", e, last_error,
+                        link=self.cfg.link.text)
                 continue
             try:
                 dev = await self._open_link()
             except (IvshmemVirtioError, OSError, ValueError) as e:
-                if str(e) != last_error:  # one line per new reason, not one per retry
-                    log.warning("link unavailable, retrying", device=self.name,
-                                link=self.cfg.link.text, error=str(e),
-                                every=self.daemon.config.retry_interval)
-                    last_error = str(e)
-                self._set_state("waiting")
-                self.attempted.set()
-                await self._pause(self.daemon.config.retry_interval)
+                last_error = await self._retry_later("link unavailable, retrying", e,
+                                                     last_error, link=self.cfg.link.text)
                 continue
             last_error = ""
             failed = True
@@ -277,6 +271,18 @@ class DeviceSlot:
                 self._set_state("waiting")
                 # a runner that crashed waits a full interval; a link that went away retries soon
                 await self._pause(self.daemon.config.retry_interval if failed else 0.1)
+
+    async def _retry_later(self, event: str, error: Exception, last_error: str,
+                           **kw: str) -> str:
+        """What the device needs is not there: say so once per new reason (not once per
+        retry), show the device as waiting, wait a retry interval; returns the reason."""
+        if str(error) != last_error:
+            log.warning(event, device=self.name, error=str(error),
+                        every=self.daemon.config.retry_interval, **kw)
+        self._set_state("waiting")
+        self.attempted.set()
+        await self._pause(self.daemon.config.retry_interval)
+        return str(error)
 
     # -- opening a link -----------------------------------------------------------------------
     async def _open_link(self) -> IvshmemDevice:
@@ -374,7 +380,7 @@ class DeviceSlot:
     async def _serve_vhost_user(self) -> None:
         """Listen on the device's vhost-user socket until stop: one VM front-end at a time,
         each connection a fresh session of the same service (``backend/vhost_user.py``). A
-        socket that cannot be made is retried like a link that is not there."""
+        socket that cannot be made raises OSError (retried like a link that is not there)."""
         from .vhost_user import VhostUserServer
         from .vhost_user_daemon import NO_BOUNCE_RW
 
@@ -392,16 +398,7 @@ class DeviceSlot:
             service, bind = can, can.bind
         server = VhostUserServer(service, path, bind=bind)
         try:
-            try:
-                server.listen()
-            except OSError as e:
-                log.warning("vhost-user socket unavailable, retrying", device=self.name,
-                            link=cfg.link.text, error=str(e),
-                            every=self.daemon.config.retry_interval)
-                self._set_state("waiting")
-                self.attempted.set()
-                await self._pause(self.daemon.config.retry_interval)
-                return
+            server.listen()
             self.incarnations += 1
             log.info("link up", device=self.name, type=cfg.type, link=cfg.link.text)
             self._set_state("serving")
