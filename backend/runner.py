@@ -33,6 +33,8 @@ PEER_FAULTS = (DeviceError, RingError, MemoryAccessError)
 WEIGHT = 64  # requests per queue per turn (NAPI's default budget)
 SUB_BATCH = 32  # popped at a time inside a turn, so that its time bound is checked in between
 TURN_S = 200e-6  # service time per device per turn
+SLICE_NS = 10_000  # service time between two looks at the other devices while one is active
+ACTIVE_S = 0.1  # a device that served a request this recently counts as active
 
 #: the LinkRunners of each event loop (a serve daemon's devices): a turn ends early when another
 #: of them has work waiting, so a device that used little lately is served next
@@ -87,6 +89,9 @@ class QueueRunner:
         self.service = service
         self.batch = min(batch or SUB_BATCH, WEIGHT)  # chains a service pops at a time
         self.served = 0  # requests the last turn served
+        self.active_at = -1.0  # perf_counter() at the start of the last turn that served one
+        self.until_ns = 0  # set before each serve(): monotonic_ns() past which a service starts
+        # no new request (0: no time bound; the device is alone or the others are idle)
         self._rr = 0  # the queue the next turn starts with
         self.generation = 0  # bumped on every reset: completions of an older ring are dropped
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
@@ -99,6 +104,11 @@ class QueueRunner:
 
     def _others_waiting(self) -> bool:
         """Does another device of this loop have work? (Checked between sub-batches.)"""
+        return False
+
+    def _others_active(self, now: float) -> bool:
+        """Has another device of this loop served a request lately? Then this one's turn is
+        cut in time slices (``until_ns``) so that it looks at them every ``SLICE_NS``."""
         return False
 
     async def _drain_pending(self) -> None:
@@ -118,7 +128,10 @@ class QueueRunner:
         vqs = t.vqs
         nq = len(vqs)
         clock = time.perf_counter
-        end = clock() + TURN_S
+        start = clock()
+        end = start + TURN_S
+        sliced = self._others_active(start)
+        ns = time.monotonic_ns
         more = False
         self.served = 0
         first = self._rr = (self._rr + 1) % nq if nq else 0
@@ -131,6 +144,7 @@ class QueueRunner:
                 vq.disable_notifications()
                 done = 0
                 while True:
+                    self.until_ns = ns() + SLICE_NS if sliced else 0
                     n = self.service.serve(index, vq, self)
                     done += n
                     if vq.publish():
@@ -154,6 +168,8 @@ class QueueRunner:
                 t.mark_needs_reset(f"queue {index}: internal error {e!r}")
                 self.generation += 1
                 return False
+        if self.served:
+            self.active_at = start
         return more
 
     def _enable_notifications(self) -> bool:
@@ -290,6 +306,13 @@ class LinkRunner(QueueRunner):
         if len(peers) < 2:
             return False
         return any(p is not self and p._has_work() for p in peers)
+
+    def _others_active(self, now: float) -> bool:
+        peers = self._peers
+        if len(peers) < 2:
+            return False
+        since = now - ACTIVE_S
+        return any(p is not self and p.active_at > since for p in peers)
 
     def _has_work(self) -> bool:
         """Checked over and over while spinning: kept to a few loads."""

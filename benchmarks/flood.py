@@ -29,7 +29,7 @@ def chain_in_every_slot(client: BlkClient) -> tuple[int, int, int]:
     assert alloc is not None
     base = alloc.alloc(1024)
     mem.pack(B.OUTHDR, base, B.T_IN, 0, 0)
-    head = vq.add([(base, B.OUTHDR_SIZE)], [(base + 64, 512), (base + 16, 1)], None)
+    head = vq.add([(base, B.OUTHDR_SIZE)], [(base + 64, 512), (base + 16, 1)], "flood")
     for i in range(vq.size):
         mem.set_u16(vq.avail + 4 + 2 * i, head)
     return vq.avail + 2, vq.used + 2, vq.size

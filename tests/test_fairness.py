@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from ivshmem_virtio import _native
 from ivshmem_virtio.backend import runner as runner_mod
 from ivshmem_virtio.backend.runner import WEIGHT
 from ivshmem_virtio.benchmarks.flood import chain_in_every_slot
@@ -58,9 +59,10 @@ def test_a_full_ring_is_served_one_bounded_turn_at_a_time(tmp_path, image_factor
 def test_a_turn_ends_early_when_another_device_waits(tmp_path, image_factory, monkeypatch):
     """Two devices on one loop: a flooded, b with one request waiting. a's turn ends at its
     first sub-batch (the device that used little is served next, not after a whole turn);
-    with nothing waiting on b the same turn runs to its WEIGHT. The time bound is set out of
-    reach, so only the early end can cut the turn short."""
+    with nothing waiting on b the same turn runs to its WEIGHT. The time bounds (turn and
+    slice) are set out of reach, so only the early end can cut the turn short."""
     monkeypatch.setattr(runner_mod, "TURN_S", 10.0)
+    monkeypatch.setattr(runner_mod, "SLICE_NS", 10**12)
 
     async def body() -> None:
         async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
@@ -83,6 +85,55 @@ def test_a_turn_ends_early_when_another_device_waits(tmp_path, image_factory, mo
             assert a.runner._serve_queues() and a.runner.served == WEIGHT
 
     run(body())
+
+
+@pytest.mark.parametrize("path", ["compiled", "pure"])
+def test_a_turn_is_cut_in_time_slices_while_another_device_is_active(
+        tmp_path, image_factory, monkeypatch, path):
+    """A flooded device whose neighbour served a request lately looks at it after every time
+    slice (SLICE_NS; here 0: after every request, on either data path), not after a count of
+    requests whatever they cost; its turn still runs to its WEIGHT while nothing waits on the
+    neighbour. Once the neighbour has been idle for ACTIVE_S the sub-batches are whole again."""
+    if path == "pure":
+        monkeypatch.setenv(_native.PURE_ENV, "1")
+    elif _native.native() is None:
+        pytest.skip("the compiled data path is not built here")
+    _native.reset_for_tests()
+    monkeypatch.setattr(runner_mod, "TURN_S", 10.0)
+    monkeypatch.setattr(runner_mod, "SLICE_NS", 0)
+
+    async def body() -> None:
+        async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
+                             mode="block") as a, \
+                blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
+                          mode="block") as b:
+            await a.client.read(0, 512)
+            await b.client.read(0, 512)  # b served a request just now: active
+            sizes: list[int] = []
+            serve = a.runner.service.serve
+
+            def counted(index, vq, runner):  # noqa: ANN001, ANN202
+                n = serve(index, vq, runner)
+                sizes.append(n)
+                return n
+
+            a.runner.service.serve = counted  # type: ignore[method-assign]
+            mem_a = a.client.transport.hdr
+            avail_a, used_a, size = chain_in_every_slot(a.client)
+            mem_a.set_u16(avail_a, (mem_a.u16(used_a) + size - 1) & 0xFFFF)
+            b.runner.active_at = runner_mod.time.perf_counter()
+            assert a.runner._serve_queues() and a.runner.served == WEIGHT
+            assert sizes == [1] * WEIGHT  # a look at b after each request
+            sizes.clear()
+            b.runner.active_at -= 2 * runner_mod.ACTIVE_S  # b idle for a while
+            assert a.runner._serve_queues() and a.runner.served == WEIGHT
+            assert sizes == [a.runner.batch] * (WEIGHT // a.runner.batch)
+
+    try:
+        run(body())
+    finally:
+        monkeypatch.delenv(_native.PURE_ENV, raising=False)
+        _native.reset_for_tests()
 
 
 @pytest.mark.parametrize("how", ["avail", "doorbell"])

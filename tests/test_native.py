@@ -52,10 +52,12 @@ FAULTS = (RingError, DeviceError, MemoryAccessError)
 
 
 class Runner:
-    """What serve needs of a LinkRunner: the batch size and a place for deferred work."""
+    """What serve needs of a LinkRunner: the batch size, its time slice (none here) and a
+    place for deferred work."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
+        self.until_ns = 0
         self.deferred: list[tuple[int, int]] = []
 
     def defer(self, index: int, head: int, work: Callable[[], int]) -> None:

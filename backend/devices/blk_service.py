@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -18,7 +19,7 @@ from .blk import BlkModel
 class _BlkAccel(Accel, Protocol):
     """The compiled queue (``_fastpath.BlkQueue``) as the blk service drives it."""
 
-    def serve(self, last_avail: int, next_used: int, limit: int,
+    def serve(self, last_avail: int, next_used: int, limit: int, until_ns: int = 0,
               /) -> tuple[int, int, int, int, int, int, int, int, int]: ...
 
 
@@ -74,7 +75,9 @@ class BlkService:
         stops at the first chain that is anything else; that one chain goes through the Python
         path (the reference: walk, ``BlkModel.handle``), then the compiled path goes on. The
         compiled path knows one flat window of memory (a plain :class:`Region`, ivshmem's R/W
-        section); guest memory of several regions (vhost-user) takes the Python path.
+        section); guest memory of several regions (vhost-user) takes the Python path. Both
+        start no new request past ``runner.until_ns`` (its time slice, while the daemon's other
+        devices are active), so the batch ends at the first request that ends past it.
         """
         accel = cast("_BlkAccel | None", vq.accel)
         if accel is None:
@@ -83,11 +86,12 @@ class BlkService:
                 return self._serve_python(index, vq, runner.batch, runner)
             accel = vq.accel = self._accel(nat, vq)
         limit = runner.batch
+        until = runner.until_ns
         m = self.model.metrics
         total = 0
         while True:
             (served, vq.last_avail, vq.next_used, stop, rc, rb, wc, wb,
-             fails) = accel.serve(vq.last_avail, vq.next_used, limit - total)
+             fails) = accel.serve(vq.last_avail, vq.next_used, limit - total, until)
             total += served
             if rc:
                 m.read_count += rc
@@ -97,13 +101,13 @@ class BlkService:
                 m.write_bytes += wb
             if fails:
                 m.io_fails += fails
-            if not stop or total >= limit:
+            if not stop or total >= limit or (until and time.monotonic_ns() >= until):
                 return total
             # the next chain is not the usual read or write, or the ring is broken (then
             # pop_all raises the RingError): the reference decides
             n = self._serve_python(index, vq, 1, runner)
             total += n
-            if not n or total >= limit:
+            if not n or total >= limit or (until and time.monotonic_ns() >= until):
                 return total
 
     def _accel(self, nat: ModuleType, vq: DeviceQueue) -> Any:
@@ -113,18 +117,27 @@ class BlkService:
                             self.image.fd, model.read_only, model.capacity, model.max_data)
 
     def _serve_python(self, index: int, vq: DeviceQueue, limit: int, runner: QueueRunner) -> int:
+        """The reference path. Within a time slice it pops one chain at a time, so that it
+        stops at the slice's end as the compiled one does (a popped chain is always served)."""
         mem = vq.mem
         model = self.model
         image = self.image
         push = vq.push
-        chains = vq.pop_all(limit)
-        for chain in chains:
-            done = model.handle(mem, chain, image)
-            if isinstance(done, int):
-                push(chain.head, done)
-            else:
-                runner.defer(index, chain.head, functools.partial(model.execute, mem, done, image))
-        return len(chains)
+        until = runner.until_ns
+        served = 0
+        while served < limit:
+            chains = vq.pop_all(1 if until else limit)
+            for chain in chains:
+                done = model.handle(mem, chain, image)
+                if isinstance(done, int):
+                    push(chain.head, done)
+                else:
+                    runner.defer(index, chain.head,
+                                 functools.partial(model.execute, mem, done, image))
+            served += len(chains)
+            if not chains or not until or time.monotonic_ns() >= until:
+                return served
+        return served
 
     def flush(self) -> None:
         """Make every acknowledged write durable (a vhost-user front-end went away)."""

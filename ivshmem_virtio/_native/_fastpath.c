@@ -77,23 +77,27 @@ static int ready(BlkQueue *self)
     return 1;
 }
 
-/* serve(last_avail, next_used, limit) -> (served, last_avail, next_used, stop, read_count,
- * read_bytes, write_count, write_bytes, io_fails); the GIL is released while it runs. */
+/* serve(last_avail, next_used, limit[, until_ns]) -> (served, last_avail, next_used, stop,
+ * read_count, read_bytes, write_count, write_bytes, io_fails); the GIL is released while it
+ * runs. until_ns: time.monotonic_ns() past which no further request is started (0: none). */
 static PyObject *BlkQueue_serve(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long last, used, limit;
+    unsigned long long until = 0;
     uint16_t l16, u16;
     struct blk_counters cnt = {0};
     unsigned served;
     int stop;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "serve(last_avail, next_used, limit)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "serve(last_avail, next_used, limit[, until_ns])");
         return NULL;
     }
     last = PyLong_AsUnsignedLong(args[0]);
     used = PyLong_AsUnsignedLong(args[1]);
     limit = PyLong_AsUnsignedLong(args[2]);
+    if (nargs == 4)
+        until = PyLong_AsUnsignedLongLong(args[3]);
     if (PyErr_Occurred() || !ready(self))
         return NULL;
     if (last > 0xFFFF || used > 0xFFFF) {
@@ -105,7 +109,8 @@ static PyObject *BlkQueue_serve(BlkQueue *self, PyObject *const *args, Py_ssize_
     if (limit > 0xFFFFu)
         limit = 0xFFFFu;
     Py_BEGIN_ALLOW_THREADS
-    served = blk_serve(&self->q, &self->b, &l16, &u16, (unsigned)limit, &cnt, &stop);
+    served = blk_serve(&self->q, &self->b, &l16, &u16, (unsigned)limit, (uint64_t)until, &cnt,
+                       &stop);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(IHHiKKKKK)", served, l16, u16, stop,
                          (unsigned long long)cnt.read_count, (unsigned long long)cnt.read_bytes,

@@ -2,8 +2,8 @@
  * used push and publish, on a fuzzer-written ring. Built and run by
  * tests/fuzz/test_fuzz_native.py; seeds in tests/fuzz/corpus/native_blk/.
  *
- * Input: 3 parameter bytes (flags: indirect, read-only, event-idx; the batch limit; the queue
- * size), then bytes laid over the start of the section (descriptor table, avail ring, used
+ * Input: 3 parameter bytes (flags: indirect, read-only, event-idx, a spent time slice; the
+ * batch limit; the queue size), then bytes laid over the start of the section (descriptor table, avail ring, used
  * ring, indirect tables, request headers); the data area after them starts zeroed. The section
  * (0x200 bytes: a short input keeps every mutation on a field that matters)
  * is a heap block of exactly its size, so any access past it is an ASan report. preadv and
@@ -113,8 +113,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int round = 0; round < 4; round++) {
         last0 = last;
         used0 = used;
-        served = blk_serve(&q, &b, &last, &used, limit, &cnt, &stop);
-        if (served > limit || (uint16_t)(last - last0) != served
+        /* flag bit 3: a time slice already over (one request, then stop), as the runner's */
+        served = blk_serve(&q, &b, &last, &used, limit, (data[0] >> 3) & 1u, &cnt, &stop);
+        if (served > limit || (((data[0] >> 3) & 1u) && served > 1)
+            || (uint16_t)(last - last0) != served
             || (uint16_t)(used - used0) != served)
             abort();
         if (served)

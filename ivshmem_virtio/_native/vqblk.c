@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 
 /* the fuzz harness (fuzz_vqblk.c) puts its own checked copies in place of the syscalls:
  * the kernel's accesses to the section are invisible to AddressSanitizer */
@@ -210,8 +211,17 @@ static uint32_t blk_rw(const struct vq *q, const struct blk *b, uint32_t type, u
     return 1; /* the device wrote only the status byte */
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* the vDSO: no system call */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail,
-                   uint16_t *next_used, unsigned limit, struct blk_counters *cnt, int *stop)
+                   uint16_t *next_used, unsigned limit, uint64_t until_ns,
+                   struct blk_counters *cnt, int *stop)
 {
     uint16_t last = *last_avail, used = *next_used;
     uint32_t mask = q->size - 1;
@@ -249,6 +259,8 @@ unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail
         }
         used++;
         served++;
+        if (until_ns && now_ns() >= until_ns)
+            break; /* the runner's time slice is used up: it looks at the other devices */
     }
     *last_avail = last;
     *next_used = used;

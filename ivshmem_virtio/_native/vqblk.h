@@ -61,10 +61,13 @@ struct blk_counters {
  * three-descriptor read or write is walked, executed with preadv/pwritev straight on the
  * section, answered (status byte) and pushed to the used ring (not published). Stops at the
  * first chain that is anything else, leaving it unconsumed for the Python path, and sets
- * *stop = 1 then. *last_avail and *next_used are the queue's indices, advanced here. Returns
- * how many chains were served. */
+ * *stop = 1 then. With `until_ns` (CLOCK_MONOTONIC, 0 for none) it also stops after the
+ * request that ends past that time (at least one is served), so that a runner serving several
+ * devices can look at the others that often whatever the requests cost. *last_avail and
+ * *next_used are the queue's indices, advanced here. Returns how many chains were served. */
 unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail,
-                   uint16_t *next_used, unsigned limit, struct blk_counters *cnt, int *stop);
+                   uint16_t *next_used, unsigned limit, uint64_t until_ns,
+                   struct blk_counters *cnt, int *stop);
 
 /* DeviceQueue.publish: store used->idx = next_used (after a release fence), then a full fence,
  * then the event-idx (or flags) decision. 1 when the driver wants an interrupt. */
