@@ -45,6 +45,7 @@ USED = "tests/test_ring_protections.py::test_used_index_beyond_what_is_in_flight
 EDGES = "tests/test_blk_edges.py"
 GATE = "tests/test_durability.py::test_flush_completes_only_after_fdatasync_returned"
 STRACE = "tests/test_durability.py::test_backend_process_syncs_the_image_before_completing_flush"
+SLICES = "tests/test_fairness.py::test_a_turn_is_cut_in_time_slices_while_another_device_is_active"
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ MUTANTS = [
            "        return any(p is not self and p._has_work() for p in peers)\n",
            "        return False\n",
            ("tests/test_fairness.py::test_a_turn_ends_early_when_another_device_waits",)),
+    Mutant("turn-time-slices", "backend/runner.py",
+           "        return any(p is not self and p.active_at > since for p in peers)\n",
+           "        return False\n", (SLICES + "[compiled]", SLICES + "[pure]")),
     # the compiled data path: each check it makes before it serves a chain without Python
     Mutant("native-read-only", VQBLK,
            "    else if (t == T_OUT && !b->read_only)\n", "    else if (t == T_OUT)\n",
@@ -136,6 +140,9 @@ MUTANTS = [
            "            if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_QUEUE_SIZE)",
            "            if (d.len == 0 || d.len / 16 > VQ_MAX_QUEUE_SIZE)", (NATIVE,),
            native=True),
+    Mutant("native-time-slice", VQBLK,
+           "        if (until_ns && now_ns() >= until_ns)\n", "        if (0)\n",
+           (SLICES + "[compiled]",), native=True),
 ]
 
 # what a failure by assertion looks like in pytest's short summary (-rf)
