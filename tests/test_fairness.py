@@ -11,6 +11,7 @@ storm) while every read of disk ``b`` completes with the right bytes and the flo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -56,6 +57,18 @@ def test_a_full_ring_is_served_one_bounded_turn_at_a_time(tmp_path, image_factor
     run(body())
 
 
+@contextlib.asynccontextmanager
+async def two_disks(tmp_path, image_factory):  # noqa: ANN001, ANN201
+    """Two disks served on this loop (a, b), each with one read done."""
+    async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
+                         mode="block") as a, \
+            blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
+                      mode="block") as b:
+        await a.client.read(0, 512)
+        await b.client.read(0, 512)
+        yield a, b
+
+
 def test_a_turn_ends_early_when_another_device_waits(tmp_path, image_factory, monkeypatch):
     """Two devices on one loop: a flooded, b with one request waiting. a's turn ends at its
     first sub-batch (the device that used little is served next, not after a whole turn);
@@ -65,12 +78,7 @@ def test_a_turn_ends_early_when_another_device_waits(tmp_path, image_factory, mo
     monkeypatch.setattr(runner_mod, "SLICE_NS", 10**12)
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
-                             mode="block") as a, \
-                blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
-                          mode="block") as b:
-            await a.client.read(0, 512)
-            await b.client.read(0, 512)
+        async with two_disks(tmp_path, image_factory) as (a, b):
             mem_a = a.client.transport.hdr
             avail_a, used_a, size = chain_in_every_slot(a.client)
             mem_a.set_u16(avail_a, (mem_a.u16(used_a) + size - 1) & 0xFFFF)
@@ -103,12 +111,7 @@ def test_a_turn_is_cut_in_time_slices_while_another_device_is_active(
     monkeypatch.setattr(runner_mod, "SLICE_NS", 0)
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
-                             mode="block") as a, \
-                blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
-                          mode="block") as b:
-            await a.client.read(0, 512)
-            await b.client.read(0, 512)  # b served a request just now: active
+        async with two_disks(tmp_path, image_factory) as (a, b):  # b served one just now
             sizes: list[int] = []
             serve = a.runner.service.serve
 
