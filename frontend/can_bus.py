@@ -17,8 +17,9 @@ it shares with the loop thread, and kicks the device (:meth:`CanDriver.submit_fr
 Without LATE_TX_ACK it then returns: the device answers only NOT_OK for a stopped or bus-off
 controller, which ``send`` checks before it submits; a NOT_OK that still arrives later (the
 controller went bus-off meanwhile) is counted in ``tx_errors``, logged, and raised by the next
-``send``, which then does not send its own frame (as a socket reports an asynchronous error on
-the next call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
+``send`` after its answer was reaped (answers are reaped in batches, at the latest 16 sends
+later, or by the driver's thread on any interrupt), which then does not send its own frame (as a
+socket reports an asynchronous error on a later call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
 up to ``spin_us`` and takes the answer itself, then sleeps until the loop thread hands it over.
 
 Several buses of one process may open the same channel (a logger beside the application, a
@@ -57,7 +58,7 @@ from ivshmem_virtio.link import open_link, parse_link
 from ivshmem_virtio.spec import can as wire
 from ivshmem_virtio.spec.can import (
     CanFrameError,
-    encode_frame,
+    encode_message,
     error_frame_to_message,
     frame_from_message,
     frame_to_message,
@@ -276,13 +277,13 @@ class IvshmemCanBus(BusABC):
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
         """Send ``msg``. With LATE_TX_ACK: returns once the frame is on the bus. Without: once
-        the device has the request (a later refusal is raised by the next call, see above)."""
+        the device has the request (a later refusal is raised by a later call, see above)."""
         if self._is_shutdown:
             raise CanOperationError("the bus is shut down")
         driver = self._driver
         assert driver is not None
         try:
-            frame = frame_from_message(msg)
+            request = encode_message(msg, wire.VIRTIO_CAN_TX)
         except CanFrameError as e:
             raise CanOperationError(f"cannot send this message over virtio-can: {e}") from None
         if driver.refused and (n := driver.take_refused()):
@@ -292,9 +293,9 @@ class IvshmemCanBus(BusABC):
             raise CanOperationError(f"the controller is {self._why(driver)}: frame not sent")
         late = driver.has(wire.F_LATE_TX_ACK)
         try:
-            req = driver.submit_from_thread(encode_frame(frame, wire.VIRTIO_CAN_TX), waited=late)
+            req = driver.submit_from_thread(request, waited=late)
             if req is None:  # reconnecting, ring full: through the loop's backlog, in order
-                result = self._call(driver.send(frame), timeout)
+                result = self._call(driver.send(frame_from_message(msg)), timeout)
             elif late:
                 result = driver.wait_from_thread(req, timeout, self.spin_us)
             else:
@@ -305,13 +306,16 @@ class IvshmemCanBus(BusABC):
             raise CanOperationError(f"ivshmem {self.channel}: {e}") from None
         if result != wire.VIRTIO_CAN_RESULT_OK:
             raise CanOperationError(f"the device answered NOT_OK ({self._why(driver)})")
-        now = time.time()
-        for bus in list(self._link.buses):  # this process's other buses on the channel see it
-            if bus is not self:
-                bus._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel))
-        if self.receive_own_messages:
-            self._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel,
-                                           is_rx=False))
+        buses = self._link.buses
+        if len(buses) > 1 or self.receive_own_messages:  # (the frame only for those)
+            frame = frame_from_message(msg)
+            now = time.time()
+            for bus in list(buses):  # this process's other buses on the channel see it
+                if bus is not self:
+                    bus._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel))
+            if self.receive_own_messages:
+                self._enqueue(frame_to_message(frame, timestamp=now, channel=self.channel,
+                                               is_rx=False))
 
     @property
     def tx_errors(self) -> int:

@@ -593,6 +593,36 @@ def test_arbitrary_tx_bytes_never_crash(data: bytes) -> None:
         assert isinstance(link.handle_tx(data), TxReject | TxSend)
 
 
+@st.composite
+def messages(draw: st.DrawFn) -> can.Message:
+    """python-can messages, valid frames or not (ids past the range, FD sizes, RTR with FD)."""
+    remote = draw(st.booleans())
+    fd = draw(st.booleans())
+    ids = st.one_of(st.integers(0, wire.CAN_SFF_MASK + 1), st.integers(0, wire.CAN_EFF_MASK + 2))
+    sizes = st.one_of(st.integers(0, 9), st.sampled_from(sorted(wire.CAN_FD_LENGTHS)),
+                      st.integers(0, 66))
+    return can.Message(arbitration_id=draw(ids),
+                       is_extended_id=draw(st.booleans()), is_remote_frame=remote, is_fd=fd,
+                       is_error_frame=draw(st.integers(0, 15)) == 0,
+                       dlc=draw(st.integers(0, 8)) if remote else None,
+                       data=None if remote else bytes(draw(sizes)), check=False)
+
+
+@given(messages(), st.sampled_from([wire.VIRTIO_CAN_TX, wire.VIRTIO_CAN_RX]))
+def test_encode_message_is_the_frame_path(msg: can.Message, msg_type: int) -> None:
+    """The one-call encoder of python-can's send path: the same bytes and the same refusals as
+    converting to a CanFrame and encoding that."""
+    try:
+        want: bytes | FrameFault = wire.encode_frame(wire.frame_from_message(msg), msg_type)
+    except CanFrameError as e:
+        want = e.fault
+    try:
+        got: bytes | FrameFault = wire.encode_message(msg, msg_type)
+    except CanFrameError as e:
+        got = e.fault
+    assert got == want
+
+
 def test_message_conversion_details() -> None:
     msg = can.Message(arbitration_id=0x7FF, is_extended_id=False, data=b"\x01\x02")
     assert wire.frame_from_message(msg) == CanFrame.data_frame(0x7FF, b"\x01\x02")
