@@ -19,6 +19,11 @@ from ..errors import ConfigError, IvshmemVirtioError
 from ..link import SPIN_CAP_US
 from ..log import setup_logging
 
+#: ``can``'s longest poll window: a waiter's idle time includes its own wake-up (20-50 us on
+#: a VM), so a 200 us cap never learns frames every 200 us (docs/decisions.md, "CAN: the
+#: backend's poll window").
+CAN_SPIN_US = 400.0
+
 
 def _int(text: str) -> int:
     """Integers in any base (``0xDF000``, ``4096``), as the hub spec wants."""
@@ -132,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IDs a QEMU ivshmem peer (which sends no ID) may take, e.g. 1; "
                    "default none: a peer that sends no ID within 2 s is dropped")
 
-    def runner_opts(sp: argparse.ArgumentParser) -> None:
+    def runner_opts(sp: argparse.ArgumentParser, spin_us: float = SPIN_CAP_US) -> None:
         sp.add_argument("--mode", choices=("block", "poll", "adaptive"), default="adaptive",
                         help="wait for doorbells, busy-poll the rings, or spin then block")
-        sp.add_argument("--spin-us", type=float, default=SPIN_CAP_US,
+        sp.add_argument("--spin-us", type=float, default=spin_us,
                         help="adaptive mode: the longest poll window in microseconds; each "
                         "link learns its own up to this; poll mode: how long a lone wait spins")
         sp.add_argument("--queue-size", type=_int, default=256,
@@ -164,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fd", action="store_true", help="offer CAN FD")
     c.add_argument("--no-late-tx-ack", action="store_true",
                    help="complete a send once queued, not once the bus took it")
-    runner_opts(c)
+    runner_opts(c, CAN_SPIN_US)
 
     co = sub.add_parser("console", help="serve a virtio-console (the cell's /dev/hvc0) on a "
                         "pty, a UNIX socket, a log file or stdio")
