@@ -1,4 +1,5 @@
-"""Build the optional compiled blk data path (ivshmem_virtio/_native); everything else is in
+"""Build the optional compiled blk data path (ivshmem_virtio/_native: the backend's _fastpath,
+the frontend's _frontpath); everything else is in
 pyproject.toml. ``optional=True``: without a C compiler or Python headers the build of the
 extension is skipped with a warning and the package installs and runs in pure Python."""
 
@@ -12,6 +13,13 @@ setup(
             depends=["ivshmem_virtio/_native/vqblk.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        Extension(
+            "ivshmem_virtio._native._frontpath",
+            sources=["ivshmem_virtio/_native/_frontpath.c", "ivshmem_virtio/_native/vqdrv.c"],
+            depends=["ivshmem_virtio/_native/vqdrv.h"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ]
 )

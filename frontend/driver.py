@@ -59,6 +59,8 @@ class VirtioDriver:
         self.spin_us = spin_us
         self.timeout = timeout
         self.reconnect = reconnect
+        #: the queues; a device class may put a compiled twin in a queue's place
+        #: (``DriverQueue.compiled``), which has the same interface
         self.vqs: list[DriverQueue] = []
         self.connected = asyncio.Event()
         self.closed = False
@@ -161,12 +163,17 @@ class VirtioDriver:
         return "needs reset" if t.needs_reset() else None
 
     def _complete(self, index: int, vq: DriverQueue) -> int:
-        """Hand queue ``index``'s completed chains to :meth:`on_used`; how many there were.
+        """Hand queue ``index``'s completed chains on (:meth:`take_used`); how many there were.
         A device that lies about them raises RingError (nothing is handed on then)."""
         if self._lone_t0:  # a lone request that waited for its interrupt: teach the window
             now = time.perf_counter()
             self.inline_window.record(now - self._lone_t0, False, now)
             self._lone_t0 = 0.0
+        return self.take_used(index, vq)
+
+    def take_used(self, index: int, vq: DriverQueue) -> int:
+        """Collect the completed chains and hand each to :meth:`on_used` (a device class with a
+        compiled completion path of its own overrides this)."""
         n = 0
         for token, length in vq.get_used():
             self.on_used(index, token, length)
@@ -208,25 +215,22 @@ class VirtioDriver:
         go back on and the interrupt task takes over, without polling again. A ring fault found
         here is left to the interrupt task, which recovers the device.
         """
-        clock = time.perf_counter
         vq = self.vqs[index]
         policy = self.inline_window
-        learn = self.mode == "adaptive"  # poll mode's window is fixed: nothing to judge
-        t0 = clock()
-        cpu0 = time.thread_time() if learn else 0.0  # (a syscall: only where it is used)
-        deadline = t0 + policy.window
-        while not vq.has_used():
-            now = clock()
-            if now > deadline:
-                if learn:
-                    policy.judge(now - t0, time.thread_time() - cpu0, now)
-                    self._lone_t0 = t0  # its completion time teaches the window
-                break
+        if self.mode != "adaptive":  # poll mode's window is fixed: nothing to judge
+            got = vq.wait_used(policy.window)
         else:
-            if learn:
-                now = clock()
+            clock = time.perf_counter
+            t0 = clock()
+            cpu0 = time.thread_time()  # (a syscall: only where it is used)
+            got = vq.wait_used(policy.window)
+            now = clock()
+            if got:
                 policy.record(now - t0, True, now)
-        if not vq.has_used() or self._backend_trouble() is not None:
+            else:
+                policy.judge(now - t0, time.thread_time() - cpu0, now)
+                self._lone_t0 = t0  # its completion time teaches the window
+        if not got or self._backend_trouble() is not None:
             self.loud(index)  # the interrupt task relies on it from here on
             if self._waiter is not None:
                 # it re-checks everything (used entries, backend state), without polling: we

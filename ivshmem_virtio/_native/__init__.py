@@ -55,8 +55,46 @@ def native() -> ModuleType | None:
     return _chosen[0]
 
 
+_front: tuple[ModuleType | None, str] | None = None
+_front_logged = False
+
+
+def _load_front() -> tuple[ModuleType | None, str]:
+    if os.environ.get(PURE_ENV, "").strip() not in ("", "0"):
+        return None, f"pure Python ({PURE_ENV} is set)"
+    try:
+        mod = importlib.import_module("ivshmem_virtio._native._frontpath")
+    except ImportError as e:
+        return None, f"pure Python (compiled frontend path not built: {e})"
+    return mod, "compiled"
+
+
+def front_path() -> str:
+    """Which blk frontend path runs (``_frontpath``, built from ``vqdrv.c``, or Python): the
+    same choice as :func:`data_path`, made for the frontend's own module (each is built or
+    skipped on its own)."""
+    global _front
+    if _front is None:
+        _front = _load_front()
+    return _front[1]
+
+
+def front_native() -> ModuleType | None:
+    """The compiled frontend module (its ``DriverQueue``), or None for the pure path; the
+    first call logs which one runs."""
+    global _front_logged
+    path = front_path()
+    assert _front is not None
+    if not _front_logged:
+        _front_logged = True
+        (log.info if _front[0] is None else log.debug)("blk frontend path", path=path)
+    return _front[0]
+
+
 def reset_for_tests() -> None:
     """Forget the choice (tests switch ``IVSHMEM_VIRTIO_PURE`` within one process)."""
-    global _chosen, _logged
+    global _chosen, _logged, _front, _front_logged
     _chosen = None
     _logged = False
+    _front = None
+    _front_logged = False

@@ -7,7 +7,10 @@ was made available, raises :class:`RingError` instead of corrupting the free lis
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 from ..errors import RingError
 from ..shm import Region, fence, full_fence
@@ -154,6 +157,31 @@ class DriverQueue:
 
     def has_used(self) -> bool:
         return self._used_idx[0] != self.last_used
+
+    def wait_used(self, seconds: float) -> bool:
+        """Spin up to ``seconds`` for a used entry (a lone caller waiting for its completion);
+        True when there is one. The compiled twin spins without the GIL."""
+        used_idx = self._used_idx
+        last = self.last_used
+        if used_idx[0] != last:
+            return True
+        clock = time.perf_counter
+        deadline = clock() + seconds
+        while used_idx[0] == last:
+            if clock() > deadline:
+                return used_idx[0] != last
+        return True
+
+    def compiled(self, nat: ModuleType) -> Any:  # noqa: ANN401 - the extension's DriverQueue
+        """The compiled twin (``nat.DriverQueue``) of this queue, taking over its ring before
+        any chain was added: same geometry, features and indirect-table allocator. The
+        caller uses it in this one's place from then on (both zero the ring areas; the
+        transport keeps this one for its own bookkeeping)."""
+        if self.avail_idx or self.last_used or self.num_free != self.size:
+            raise ValueError("a queue in use cannot change hands")
+        return nat.DriverQueue(self.mem, self.size, self.desc, self.avail, self.used,
+                               event_idx=self.event_idx, indirect=self.indirect,
+                               alloc=self._alloc, free=self._free)
 
     def get_used(self) -> list[tuple[object, int]]:
         """Collect completed chains as ``(token, used_len)`` and return their descriptors."""
