@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-
 from typing import Any
 
 from ivshmem_virtio._native import front_native

@@ -1,0 +1,98 @@
+"""libFuzzer (ASan + UBSan) on the compiled driver-side queue: ``ivshmem_virtio/_native/vqdrv.c``.
+
+The harness (``fuzz_vqdrv.c``, next to the source) adds blk requests with the very functions
+the extension calls (placement, add, kick decision), lets the input write anything over the
+section after the descriptor table (the avail ring, the used ring, status bytes and data), then
+reaps: used index check, used element check, chain back to the free list, blk status check.
+After each round the driver's private state must still partition the descriptors and no
+completion may report more bytes than its buffer holds. >= 100,000 inputs per run from seeds
+(:func:`seeds`: honest completions of reads, writes and flushes, kept in
+tests/fuzz/corpus/native_drv). Skipped only when clang or its libFuzzer runtime is missing.
+
+``python tests/fuzz/test_fuzz_frontpath.py`` rewrites the seed corpus.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import Record
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "ivshmem_virtio" / "_native" / "fuzz_vqdrv.c"
+CORPUS = Path(__file__).resolve().parent / "corpus" / "native_drv"
+RUNS = 100_000
+MIN_DEEP = 0.02
+LINE = re.compile(r"^fuzz_vqdrv: (\d+) execs, (\d+) reached 'completed'$", re.M)
+
+# the harness's layout (fuzz_vqdrv.c): the input is laid from AVAIL on
+AVAIL, USED, BOUNCE, BUF = 0x80, 0xA0, 0x100, 0xC0
+
+
+def _seed(flags: int, kinds: list[int], lens: list[int]) -> bytes:
+    """An honest device's answer to ``kinds`` (0 read, 1 write, 2 flush, in the harness's
+    order): heads as the free list hands them out, status OK, the given used lengths."""
+    overlay = bytearray(0x220)  # up to the third status byte (inside -max_len)
+    head = 0
+    for i, (kind, length) in enumerate(zip(kinds, lens, strict=True)):
+        struct.pack_into("<II", overlay, USED - AVAIL + 4 + 8 * i, head, length)
+        overlay[BOUNCE + BUF * i + 16 - AVAIL] = 0
+        head += 2 if kind == 2 else 3
+    struct.pack_into("<H", overlay, USED - AVAIL + 2, len(kinds))
+    return bytes([flags, len(kinds) - 1]) + bytes(overlay)
+
+
+def seeds() -> dict[str, bytes]:
+    return {
+        "read": _seed(1, [0], [65]),
+        "read_write_flush": _seed(1, [0, 1, 2], [65, 1, 1]),
+        "no_event_idx_short_read": _seed(0, [0, 1], [3, 1]),
+        "suppressed_two_rounds": _seed(1 | 2 | 4, [0, 1, 2], [65, 1, 1]),
+    }
+
+
+@pytest.mark.timeout(300)
+def test_compiled_driver_queue_fuzz_clean(tmp_path: Path, record_property: Record) -> None:
+    if shutil.which("clang") is None:
+        pytest.skip("clang is not installed (see .ci/apt-packages)")
+    exe = tmp_path / "fuzz_vqdrv"
+    build = subprocess.run(
+        ["clang", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+         "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all", str(HARNESS),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=120)
+    if build.returncode != 0:
+        if "libclang_rt.fuzzer" in build.stderr or "fsanitize=fuzzer" in build.stderr:
+            pytest.skip("clang's libFuzzer runtime is missing (libclang-rt-14-dev)")
+        pytest.fail(f"the harness does not build:\n{build.stderr[-3000:]}")
+    new = tmp_path / "corpus"
+    new.mkdir()
+    run = subprocess.run(
+        [str(exe), f"-runs={RUNS}", "-seed=1", "-max_len=600", "-use_value_profile=1",
+         "-print_final_stats=1", f"-artifact_prefix={tmp_path}/", str(new), str(CORPUS)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    found = LINE.findall(run.stdout)
+    covs = re.findall(r"cov: (\d+) ft: (\d+)", run.stderr)
+    cov = covs[-1] if covs else ("?", "?")
+    assert run.returncode == 0, f"a finding (input saved in {tmp_path}):\n{run.stderr[-4000:]}"
+    assert found, run.stdout + run.stderr[-2000:]
+    execs, deep = (int(x) for x in found[-1])
+    record_property("figure", f"fuzz fuzz_vqdrv {execs:>7} execs, {deep:>7} took a completion "
+                    f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
+                    f"{cov[0]} edges / {cov[1]} features")
+    assert execs >= RUNS
+    assert deep >= MIN_DEEP * execs, "too few inputs got a completion taken"
+
+
+if __name__ == "__main__":
+    CORPUS.mkdir(parents=True, exist_ok=True)
+    for name, data in seeds().items():
+        (CORPUS / name).write_bytes(data)
+    print(f"{len(seeds())} seeds in {CORPUS}", file=sys.stderr)
