@@ -5,7 +5,8 @@ A config names global options and a list of devices, each on its own link::
     log_level = "info"            # debug, info, warning, error
     log_json = false
     mode = "adaptive"             # block, poll or adaptive (per-device override allowed)
-    spin_us = 200.0               # adaptive: the longest poll window (each link learns its own)
+    spin_us = 200.0               # adaptive: the longest poll window (each link learns its own;
+                                  # default 200, can devices 400: TYPE_SPIN_US)
     retry_interval = 2.0          # seconds between attempts to reach a link that is not there
 
     [[devices]]
@@ -49,10 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from ivshmem_virtio.errors import ConfigError
+from ivshmem_virtio.link import SPIN_CAP_US
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import can as C
 from ivshmem_virtio.spec import console as K
 from ivshmem_virtio.spec import ivshmem as H
+
+#: a device type's longest poll window when neither the device nor the file sets ``spin_us``:
+#: a waiter's idle time includes its own wake-up (20-50 us on a VM), so a 200 us cap never
+#: learns CAN frames paced every 200 us (docs/decisions.md, "CAN: the backend's poll window")
+TYPE_SPIN_US = {"can": 400.0}
 
 DEFAULT_PATH = "/etc/ivshmem-virtio/config.toml"
 MODES = ("block", "poll", "adaptive")
@@ -377,7 +384,10 @@ def _device(raw: Any, index: int, defaults: dict[str, Any], host: bool = True,
     common: dict[str, Any]  # the DeviceConfig fields every type has
     common = dict(name=name, type=dtype, link=link, queue_size=_queue_size(raw, where),
                   mode=_choice(raw, "mode", where, defaults["mode"], MODES),
-                  spin_us=_number(raw, "spin_us", where, defaults["spin_us"], 0, 1e6))
+                  spin_us=_number(raw, "spin_us", where,
+                                  TYPE_SPIN_US.get(dtype, SPIN_CAP_US)
+                                  if defaults["spin_us"] is None else defaults["spin_us"],
+                                  0, 1e6))
     if dtype == "blk":
         image = _str(raw, "image", where)
         read_only = _bool(raw, "read_only", where, False)
@@ -453,7 +463,9 @@ def parse_config(data: dict[str, Any], host: bool = True) -> ServeConfig:
     """
     _unknown_keys(data, _GLOBAL_KEYS, "")
     defaults = {"mode": _choice(data, "mode", "", "adaptive", MODES),
-                "spin_us": _number(data, "spin_us", "", 200.0, 0, 1e6)}
+                # absent: each device type's own (TYPE_SPIN_US)
+                "spin_us": (_number(data, "spin_us", "", SPIN_CAP_US, 0, 1e6)
+                            if "spin_us" in data else None)}
     level = _choice(data, "log_level", "", "info", LOG_LEVELS)
     log_json = _bool(data, "log_json", "", False)
     retry = _number(data, "retry_interval", "", 2.0, 0.05, 3600)

@@ -77,8 +77,8 @@ def test_defaults_are_shown():
     squash = {name: re.sub(r"\s+", " ", text) for name, text in helps.items()}
     assert "(default: /etc/ivshmem-virtio/config.toml)" in \
         squash["ivshmem-virtio serve"].replace("ivshmem- virtio", "ivshmem-virtio")
-    for name in ("ivshmem-virtio blk", "ivshmem-virtio can"):
-        assert "(default: 256)" in squash[name] and "(default: 200" in squash[name]
+    for name, spin in (("ivshmem-virtio blk", "200"), ("ivshmem-virtio can", "400")):
+        assert "(default: 256)" in squash[name] and f"(default: {spin}" in squash[name]
     assert "(default: 8M)" in squash["ivshmem-virtio blk-client verify"]
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_virtio.backend.config import ConfigError, parse_config
+from ivshmem_virtio.backend.config import TYPE_SPIN_US, ConfigError, parse_config
 from ivshmem_virtio.backend.device_slot import DeviceSlot
 from ivshmem_virtio.backend.serve import ServeDaemon, sd_notify
 from ivshmem_virtio.backend.serve_links import resolve_uio
 from ivshmem_virtio.errors import LinkError
 from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
+from ivshmem_virtio.link import SPIN_CAP_US
 from ivshmem_virtio.procs import Child, cli, run_cli
 from ivshmem_virtio.spec.can import CanFrame
 
@@ -828,3 +829,15 @@ def test_serve_refuses_a_cpu_without_barriers(tmp_path, monkeypatch):
     args = argparse.Namespace(config=str(cfg), check=False, sysfs="/sys")
     with pytest.raises(ConfigError, match="libatomic1"):
         run(run_serve(args, asyncio.Event()))
+
+
+def test_poll_window_defaults_per_device_type():
+    """Unset, each type has its own longest poll window (CAN frames paced every few hundred us
+    need a longer one); the file's global spin_us applies to every device, a device's own wins."""
+    devs = [{"type": "can", "link": "sim:/run/c.sock", "bus": "virtual:x"},
+            {"type": "console", "link": "sim:/run/k.sock", "log_file": "/dev/null"},
+            {"type": "can", "link": "sim:/run/d.sock", "bus": "virtual:y", "spin_us": 50}]
+    got = [d.spin_us for d in parse_config({"devices": devs}).devices]
+    assert got == [TYPE_SPIN_US["can"], SPIN_CAP_US, 50.0]
+    got = [d.spin_us for d in parse_config({"spin_us": 0, "devices": devs}).devices]
+    assert got == [0.0, 0.0, 50.0]

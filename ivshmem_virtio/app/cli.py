@@ -15,14 +15,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from ..backend.config import TYPE_SPIN_US
 from ..errors import ConfigError, IvshmemVirtioError
 from ..link import SPIN_CAP_US
 from ..log import setup_logging
 
-#: ``can``'s longest poll window: a waiter's idle time includes its own wake-up (20-50 us on
-#: a VM), so a 200 us cap never learns frames every 200 us (docs/decisions.md, "CAN: the
-#: backend's poll window").
-CAN_SPIN_US = 400.0
+CAN_SPIN_US = TYPE_SPIN_US["can"]  # ``can``'s longest poll window, as serve's can devices
 
 
 def _int(text: str) -> int:
