@@ -1,7 +1,7 @@
 /* An independent blocking virtio-blk frontend: 512 B reads at QD1, as Linux's virtio_blk does
  * them over its virtio_ivshmem transport.
  *
- *   blkfront [-c CPU] [-w WARMUP_MS] [-t TIMEOUT_MS] SOCKET IMAGE ROUNDS WARMUP OUTFILE
+ *   blkfront [-c CPU] [-s] [-w WARMUP_MS] [-t TIMEOUT_MS] SOCKET IMAGE ROUNDS WARMUP OUTFILE
  *
  * Joins the sim hub at SOCKET as the frontend (peer ID 1) and brings the virtio-blk device up with
  * the C inmate's transport and split ring (rtos_inmate/core: probe, features, one queue, DRIVER_OK),
@@ -9,7 +9,9 @@
  * followed by ROUNDS measured ones: write the request header (type IN, sector), make the chain
  * header / 512 B data / status available, kick when the device asks for it, and SLEEP on the link's
  * interrupt eventfds (poll) until the used index moves. An interrupt is only a hint: the used ring is
- * checked before every sleep and after every wake-up, and each wait is bounded by TIMEOUT_MS. Each
+ * checked before every sleep and after every wake-up, and each wait is bounded by TIMEOUT_MS. With -s
+ * it never sleeps: it spins on the used index (a polling driver), which leaves the backend's own
+ * share of a round trip as the only cost beyond a C ring (the floor of the Python frontend's). Each
  * answer's status and data are checked against IMAGE after the clock stops. The round trips (from
  * writing the header to having the data) go to OUTFILE as native uint64 nanoseconds.
  *
@@ -94,6 +96,7 @@ struct front {
 	struct vio_queue *q;
 	uint32_t req;      /* the request's offset in the R/W section */
 	uint64_t timeout_ns;
+	int spin;          /* -s: spin on the used ring instead of sleeping */
 	uint64_t sleeps;   /* waits that blocked in the link */
 	uint64_t irqs;     /* wake-ups with the queue's vector set */
 };
@@ -197,6 +200,8 @@ static int wait_used(struct front *f, uint32_t *cookie, uint32_t *len)
 		if (now >= deadline)
 			fail(f, EXIT_DEVICE, "no completion within %llu ms",
 			     (unsigned long long)(f->timeout_ns / 1000000u));
+		if (f->spin)
+			continue; /* the interrupts pile up in their eventfds: only hints */
 		int m = ivl_wait(l, deadline - now);
 
 		if (m < 0)
@@ -268,8 +273,10 @@ int main(int argc, char **argv)
 	long cpu = -1, warmup_ms = 0, timeout_ms = 5000;
 	int opt, bad = 0;
 
-	while (!bad && (opt = getopt(argc, argv, "c:w:t:")) != -1) {
-		if (opt == 'c')
+	while (!bad && (opt = getopt(argc, argv, "c:sw:t:")) != -1) {
+		if (opt == 's')
+			f.spin = 1;
+		else if (opt == 'c')
 			cpu = parse_num(optarg, CPU_SETSIZE - 1, "CPU");
 		else if (opt == 'w')
 			warmup_ms = parse_num(optarg, 600000, "WARMUP_MS");
@@ -279,7 +286,7 @@ int main(int argc, char **argv)
 			bad = 1;
 	}
 	if (bad || argc - optind != 5 || timeout_ms == 0)
-		die(EXIT_USAGE, "usage: %s [-c CPU] [-w WARMUP_MS] [-t TIMEOUT_MS] SOCKET IMAGE "
+		die(EXIT_USAGE, "usage: %s [-c CPU] [-s] [-w WARMUP_MS] [-t TIMEOUT_MS] SOCKET IMAGE "
 			"ROUNDS WARMUP OUTFILE", argv[0]);
 	const char *sock = argv[optind], *image = argv[optind + 1], *outfile = argv[optind + 4];
 	long rounds = parse_num(argv[optind + 2], 100000000, "ROUNDS");

@@ -111,6 +111,10 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         ctx, "blk-latency.cfront",
         "blocking C frontend -> backend (default mode) p50 / C eventfd ping-pong p50", 0.8,
         "baseline.pingpong.c.eventfd"))
+    out.append(_bracket_ratio(
+        ctx, "blk-latency.cfront-spin",
+        "spinning C frontend -> backend (default mode) p50 / Python busy-poll ping-pong p50 "
+        "(the backend's floor for issue 15's 15x)", None, "baseline.pingpong.py.spin"))
     m = g("idle.adaptive")
     out.append(_target(
         "backend CPU while its frontend is idle (adaptive)",

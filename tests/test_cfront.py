@@ -63,6 +63,12 @@ def test_reads_and_checks_against_a_backend(procs, tmp_path, exe):
     r = _run(exe, sock, image, "50", "0", str(out))
     assert r.returncode == 0, r.stderr
 
+    # spinning on the used ring (-s): every answer checked as well, and it never slept
+    r = _run(exe, "-s", sock, image, "300", "20", str(out))
+    assert r.returncode == 0, r.stderr
+    assert np.fromfile(out, dtype=np.uint64).size == 300
+    assert "300 reads" in r.stdout and " 0 sleeps" in r.stdout, r.stdout
+
 
 def test_no_backend_is_a_one_line_error(procs, tmp_path, exe):
     sock = str(tmp_path / "link.sock")
