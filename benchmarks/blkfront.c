@@ -12,8 +12,9 @@
  * checked before every sleep and after every wake-up, and each wait is bounded by TIMEOUT_MS. With
  * -s it never sleeps: it spins on the used index and asks for no interrupts (a polling driver),
  * which leaves the backend's own share of a round trip as the only cost beyond a C ring (the
- * floor of the Python frontend's). Each answer's status and data are checked against IMAGE after the clock stops. The round trips (from
- * writing the header to having the data) go to OUTFILE as native uint64 nanoseconds.
+ * floor of the Python frontend's). Each answer's status and data are checked against IMAGE after
+ * the clock stops. The round trips (from writing the header to having the data) go to OUTFILE as
+ * native uint64 nanoseconds.
  *
  * Pinned to CPU (-c) or else to the first CPU of IVSHMEM_BENCH_CPUS, as the other C programs.
  * Exit status: 0 ok, 2 usage, 3 no device (hub, backend or bring-up), 4 device error (status,
