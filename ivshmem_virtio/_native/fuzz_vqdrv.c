@@ -74,9 +74,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         mem = malloc(MEMSZ);
         atexit(report);
     }
+    execs++;
     if (size < 2)
         return 0;
-    execs++;
     flags = data[0];
     nreq = (uint8_t)(1 + (data[1] & 7));
     data += 2;
