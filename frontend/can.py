@@ -300,8 +300,9 @@ class CanDriver(VirtioDriver):
     def send_nowait(self, frame: CanFrame) -> bool:
         """Put ``frame`` on the TX ring and return at once (any thread, the loop's included):
         no future, no completion interrupt (answers are reaped by a send once ``REAP_BATCH``
-        slots are in use, or on any interrupt; a NOT_OK one counts in ``refused``). False when it cannot go this way now
-        (not connected, ring full, loop requests queued first): use :meth:`send` then."""
+        slots are in use, or on any interrupt; a NOT_OK one counts in ``refused``). False when
+        it cannot go this way now (not connected, ring full, loop requests queued first): use
+        :meth:`send` then."""
         return self.submit_from_thread(encode_frame(frame, wire.VIRTIO_CAN_TX),
                                        waited=False) is not None
 

@@ -19,8 +19,9 @@ controller, which ``send`` checks before it submits; a NOT_OK that still arrives
 controller went bus-off meanwhile) is counted in ``tx_errors``, logged, and raised by the next
 ``send`` after its answer was reaped (answers are reaped in batches, at the latest 16 sends
 later, or by the driver's thread on any interrupt), which then does not send its own frame (as a
-socket reports an asynchronous error on a later call). With LATE_TX_ACK, ``send`` waits for the answer: it spins on the used ring for
-up to ``spin_us`` and takes the answer itself, then sleeps until the loop thread hands it over.
+socket reports an asynchronous error on a later call). With LATE_TX_ACK, ``send`` waits for the
+answer: it spins on the used ring for up to ``spin_us`` and takes the answer itself, then sleeps
+until the loop thread hands it over.
 
 Several buses of one process may open the same channel (a logger beside the application, a
 ``Notifier`` and a sender): they share the link's driver and thread, each gets its own copy of
