@@ -24,6 +24,7 @@ import structlog
 from ivshmem_virtio.errors import DeviceError, MemoryAccessError, RingError
 from ivshmem_virtio.ivshmem.base import IvshmemDevice
 from ivshmem_virtio.link import SPIN_CAP_US, IrqWaiter
+from ivshmem_virtio.spec import ivshmem as H
 from ivshmem_virtio.transport.device import DeviceTransport
 from ivshmem_virtio.virtqueue.device import DeviceQueue
 
@@ -33,6 +34,7 @@ PEER_FAULTS = (DeviceError, RingError, MemoryAccessError)
 WEIGHT = 64  # requests per queue per turn (NAPI's default budget)
 SUB_BATCH = 32  # popped at a time inside a turn, so that its time bound is checked in between
 TURN_S = 200e-6  # service time per device per turn
+POLL_ALONE_NS = 20_000  # a compiled poll's burst when no other device shares the loop
 SLICE_NS = 10_000  # service time between two looks at the other devices while one is active
 ACTIVE_S = 0.1  # a device that served a request this recently counts as active
 
@@ -56,6 +58,9 @@ class Service(Protocol):
     def close(self) -> None: ...
     # optional: ``passive_queues``, queues whose buffers the service takes when it needs one
     # (virtio-can RX): new buffers there are not work and ask for no kick
+    # optional: ``poll(index, vq, runner, until_ns, watch_off) -> (served, notify, owner) |
+    # None``, a compiled poll (virtio-blk: _fastpath.BlkQueue.poll) the runner spins in
+    # between requests: ``notify`` the driver wants an interrupt, ``owner`` the task must run
 
 
 def passive_queues(service: Service) -> frozenset[int]:
@@ -99,8 +104,10 @@ class QueueRunner:
         self._pending: set[asyncio.Future] = set()
         self._passive = passive_queues(service)
 
-    def _control(self) -> None:
-        """Serve the transport's control path (between batches when it has a transaction)."""
+    def _control(self) -> bool:
+        """Serve the transport's control path (between batches when it has a transaction);
+        True when it had something to do."""
+        return False
 
     def _others_waiting(self) -> bool:
         """Does another device of this loop have work? (Checked between sub-batches.)"""
@@ -248,6 +255,8 @@ class LinkRunner(QueueRunner):
         self._stopping = False
         self._waiter: IrqWaiter | None = None
         self._peers: list[LinkRunner] = []  # every LinkRunner of this loop, self included
+        self._service_poll: Callable[..., tuple[int, bool, bool] | None] | None = getattr(
+            service, "poll", None)
         self.metrics = self.transport.metrics
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -264,11 +273,19 @@ class LinkRunner(QueueRunner):
         peers.append(self)
         try:
             while not self._stopping:
-                self._control()
-                if t.serving and self._serve_queues():
-                    await asyncio.sleep(0)  # turn used up: the loop's other work goes first
-                    continue
-                await waiter.wait(self._has_work, prepare_block=self._enable_notifications)
+                busy = self._control()
+                if t.serving:
+                    if self._serve_queues():
+                        await asyncio.sleep(0)  # turn used up: the loop's other work goes first
+                        continue
+                    busy = busy or self.served > 0
+                if not busy:
+                    # woken for nothing (a peer flipping its avail index makes the polls see
+                    # work that the turn then does not find): a loop pass before the next
+                    # wait, which may return at once again, so the loop's others still run
+                    await asyncio.sleep(0)
+                await waiter.wait(self._has_work, prepare_block=self._enable_notifications,
+                                  serve=self._native_poll())
         finally:
             peers.remove(self)
             if not peers and _LOOP_RUNNERS.get(key) is peers:
@@ -284,10 +301,10 @@ class LinkRunner(QueueRunner):
             self._waiter.kick()
 
     # -- control path ---------------------------------------------------------------------------
-    def _control(self) -> None:
+    def _control(self) -> bool:
         t = self.transport
         if t.idle():
-            return  # the common case on a wake-up: nothing for the control path
+            return False  # the common case on a wake-up: nothing for the control path
         for _ in range(64):  # a transaction per step; the driver waits for each
             res = t.step()
             if res.reset:
@@ -297,6 +314,7 @@ class LinkRunner(QueueRunner):
                 self.service.on_activate(t.negotiated, self)
             if not res.transactions:
                 break
+        return True
 
     def _others_waiting(self) -> bool:
         """Another device of this daemon has work waiting: end this turn at the next sub-batch
@@ -306,6 +324,36 @@ class LinkRunner(QueueRunner):
         if len(peers) < 2:
             return False
         return any(p is not self and p._has_work() for p in peers)
+
+    def _native_poll(self) -> Callable[[float], int] | None:
+        """The compiled poll for this wait, where the service has one and it applies (one
+        active queue, serving, its compiled queue made by a first turn): the waiter then spins
+        and serves in C between event-loop passes instead of checking ``_has_work`` in Python,
+        and a steady driver is served without a return to this task. None: the Python poll."""
+        t = self.transport
+        if self._service_poll is None or self._passive or not t.serving or len(t.vqs) != 1:
+            return None
+        vq = t.vqs[0]
+        return None if vq is None or vq.accel is None else self._poll
+
+    def _poll(self, burst_s: float) -> int:
+        """One burst of the compiled poll: requests served, or -1 when this task must run (a
+        transaction for the control path, a chain for the Python path, a broken ring)."""
+        t = self.transport
+        vq = t.vqs[0]
+        if vq is None or not t.serving or self._service_poll is None:
+            return -1
+        burst = POLL_ALONE_NS if len(self._peers) < 2 else int(burst_s * 1e9)
+        got = self._service_poll(0, vq, self, time.monotonic_ns() + burst,
+                                 H.HDR_WRITE_TRANSACTION)
+        if got is None:  # not for now (no compiled queue): one check, as the Python poll's
+            return -1 if self._has_work() else 0
+        served, notify, owner = got
+        if served:
+            self.active_at = time.perf_counter()
+        if notify:
+            t.notify_queue(0)
+        return -1 if owner else served
 
     def _others_active(self, now: float) -> bool:
         peers = self._peers

@@ -256,11 +256,17 @@ class IrqWaiter:
         self._event.set()
 
     async def wait(self, has_work: Callable[[], bool], timeout: float | None = None,
-                   prepare_block: Callable[[], bool] | None = None) -> None:
+                   prepare_block: Callable[[], bool] | None = None,
+                   serve: Callable[[float], int] | None = None) -> None:
         """Return when an interrupt arrived or ``has_work()`` became true.
 
         ``prepare_block`` runs once before sleeping (re-enable the peer's notifications, which
-        are left off while we poll) and returns True if work showed up meanwhile.
+        are left off while we poll) and returns True if work showed up meanwhile. ``serve``
+        (optional: a compiled poll, ``backend/runner.py``) polls by serving: called for each
+        burst, it spins, serves and publishes whatever comes until the burst's end and returns
+        how many requests it served, or -1 when the owner must run (the control path, a request
+        it leaves to Python). Served requests count as caught and start the window again, so a
+        steady peer is served without this wait returning at all.
         """
         clock = time.perf_counter
         self._idle_since = start = clock()
@@ -276,15 +282,26 @@ class IrqWaiter:
             deadline = start + window
             burst_s = self.burst
             while not self._event.is_set():
-                burst_end = clock() + burst_s
-                while True:  # a burst of checks between event-loop passes
-                    if has_work():
-                        now = clock()
-                        self.policy.record(now - start, True, now)
-                        return
+                if serve is not None:
+                    n = serve(burst_s)
                     now = clock()
-                    if now >= burst_end:
-                        break
+                    if n:
+                        self.policy.record(now - start, True, now)
+                        if n < 0:
+                            return
+                        self._idle_since = start = now  # the window counts from here again
+                        deadline = now + self._window()
+                        cpu0 = -1.0
+                else:
+                    burst_end = clock() + burst_s
+                    while True:  # a burst of checks between event-loop passes
+                        if has_work():
+                            now = clock()
+                            self.policy.record(now - start, True, now)
+                            return
+                        now = clock()
+                        if now >= burst_end:
+                            break
                 if measure and cpu0 < 0:
                     cpu0, t_cpu = time.thread_time(), now
                 if now > deadline:

@@ -45,6 +45,8 @@ USED = "tests/test_ring_protections.py::test_used_index_beyond_what_is_in_flight
 EDGES = "tests/test_blk_edges.py"
 GATE = "tests/test_durability.py::test_flush_completes_only_after_fdatasync_returned"
 STRACE = "tests/test_durability.py::test_backend_process_syncs_the_image_before_completing_flush"
+POLL_WATCH = ("tests/test_native_poll.py::"
+              "test_a_register_write_hands_the_turn_to_the_control_path")
 SLICES = "tests/test_fairness.py::test_a_turn_is_cut_in_time_slices_while_another_device_is_active"
 
 
@@ -140,6 +142,9 @@ MUTANTS = [
            "            if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_QUEUE_SIZE)",
            "            if (d.len == 0 || d.len / 16 > VQ_MAX_QUEUE_SIZE)", (NATIVE,),
            native=True),
+    Mutant("native-poll-watch", VQBLK,
+           "        if (watch) {\n            *why = POLL_WATCH;",
+           "        if (0) {\n            *why = POLL_WATCH;", (POLL_WATCH,), native=True),
     Mutant("native-time-slice", VQBLK,
            "        if (until_ns && now_ns() >= until_ns)\n", "        if (0)\n",
            (SLICES + "[compiled]",), native=True),

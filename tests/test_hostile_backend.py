@@ -67,6 +67,13 @@ class LyingService(BlkService):
                 return 1
         return super().serve(index, vq, runner)
 
+    def poll(self, index: int, vq: DeviceQueue, runner: LinkRunner, until_ns: int,
+             watch_off: int) -> tuple[int, bool, bool] | None:
+        """No compiled poll while the lie is still to come: every request meets serve()."""
+        if self.lie is not None:
+            return None
+        return super().poll(index, vq, runner, until_ns, watch_off)
+
 
 async def _reads(client: BlkClient, disk: bytes, lie: str,
                  lied_at: Callable[[], int]) -> None:

@@ -13,6 +13,7 @@ from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.virtqueue.device import Accel, DeviceQueue
 
 from ..resources.image import BlockImage
+from ..runner import WEIGHT
 from .blk import BlkModel
 
 
@@ -21,6 +22,10 @@ class _BlkAccel(Accel, Protocol):
 
     def serve(self, last_avail: int, next_used: int, limit: int, until_ns: int = 0,
               /) -> tuple[int, int, int, int, int, int, int, int, int]: ...
+
+    def poll(self, last_avail: int, next_used: int, signalled_used: int, event_idx: bool,
+             limit: int, until_ns: int, watch_off: int,
+             /) -> tuple[int, int, int, int, int, int, int, int, int, int]: ...
 
 
 if TYPE_CHECKING:
@@ -109,6 +114,29 @@ class BlkService:
             total += n
             if not n or total >= limit or (until and time.monotonic_ns() >= until):
                 return total
+
+    def poll(self, index: int, vq: DeviceQueue, runner: QueueRunner, until_ns: int,
+             watch_off: int) -> tuple[int, bool, bool] | None:
+        """The compiled poll (``BlkQueue.poll``): until ``until_ns``, spin on the avail ring and
+        serve and publish what comes, the GIL released. (served, notify: the driver wants an
+        interrupt, owner: the runner's task must run: a transaction at ``watch_off``, or a
+        chain for the Python path); None without a compiled queue (the runner polls in
+        Python). Serves exactly what :meth:`serve`'s compiled path serves."""
+        accel = cast("_BlkAccel | None", vq.accel)
+        nat = native()
+        if accel is None or nat is None:
+            return None
+        (served, vq.last_avail, vq.next_used, vq.signalled_used, why, rc, rb, wc, wb,
+         fails) = accel.poll(vq.last_avail, vq.next_used, vq.signalled_used, vq.event_idx,
+                             WEIGHT, until_ns, watch_off)
+        if served:
+            m = self.model.metrics
+            m.read_count += rc
+            m.read_bytes += rb
+            m.write_count += wc
+            m.write_bytes += wb
+            m.io_fails += fails
+        return served, why == nat.POLL_NOTIFY, why in (nat.POLL_STOP, nat.POLL_WATCH)
 
     def _accel(self, nat: ModuleType, vq: DeviceQueue) -> Any:
         """The compiled companion of ``vq`` (lives on the queue, dies with it)."""

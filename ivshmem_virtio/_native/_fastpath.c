@@ -118,6 +118,59 @@ static PyObject *BlkQueue_serve(BlkQueue *self, PyObject *const *args, Py_ssize_
                          (unsigned long long)cnt.io_fails);
 }
 
+/* poll(last_avail, next_used, signalled_used, event_idx, limit, until_ns, watch_off) ->
+ * (served, last_avail, next_used, signalled_used, why, read_count, read_bytes, write_count,
+ * write_bytes, io_fails): blk_poll, the GIL released while it spins and serves. */
+static PyObject *BlkQueue_poll(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long last, used, sig, limit;
+    unsigned long long until, watch;
+    uint16_t l16, u16, s16;
+    struct blk_counters cnt = {0};
+    unsigned served;
+    int ev, why;
+
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "poll(last_avail, next_used, signalled_used, "
+                                         "event_idx, limit, until_ns, watch_off)");
+        return NULL;
+    }
+    last = PyLong_AsUnsignedLong(args[0]);
+    used = PyLong_AsUnsignedLong(args[1]);
+    sig = PyLong_AsUnsignedLong(args[2]);
+    ev = PyObject_IsTrue(args[3]);
+    limit = PyLong_AsUnsignedLong(args[4]);
+    until = PyLong_AsUnsignedLongLong(args[5]);
+    watch = PyLong_AsUnsignedLongLong(args[6]);
+    if (PyErr_Occurred() || ev < 0 || !ready(self))
+        return NULL;
+    if (last > 0xFFFF || used > 0xFFFF || sig > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "ring index out of range");
+        return NULL;
+    }
+    if (!area_ok(self->q.mem_size, watch, 4, 4)) {
+        PyErr_SetString(PyExc_ValueError, "watched register outside the section");
+        return NULL;
+    }
+    if (limit == 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
+        return NULL;
+    }
+    if (limit > 0xFFFFu)
+        limit = 0xFFFFu;
+    l16 = (uint16_t)last;
+    u16 = (uint16_t)used;
+    s16 = (uint16_t)sig;
+    Py_BEGIN_ALLOW_THREADS
+    served = blk_poll(&self->q, &self->b, &l16, &u16, &s16, ev, (unsigned)limit, (uint64_t)until,
+                      (uint64_t)watch, &cnt, &why);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(IHHHiKKKKK)", served, l16, u16, s16, why,
+                         (unsigned long long)cnt.read_count, (unsigned long long)cnt.read_bytes,
+                         (unsigned long long)cnt.write_count, (unsigned long long)cnt.write_bytes,
+                         (unsigned long long)cnt.io_fails);
+}
+
 /* publish(next_used, signalled_used, event_idx) -> bool: DeviceQueue.publish's work */
 static PyObject *BlkQueue_publish(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -152,6 +205,8 @@ static PyObject *BlkQueue_release(BlkQueue *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef BlkQueue_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))BlkQueue_serve, METH_FASTCALL,
      "Serve the usual reads and writes; stop at the first other chain."},
+    {"poll", (PyCFunction)(void (*)(void))BlkQueue_poll, METH_FASTCALL,
+     "Spin, serve and publish until a deadline or until Python has work."},
     {"publish", (PyCFunction)(void (*)(void))BlkQueue_publish, METH_FASTCALL,
      "Store used->idx and decide on the interrupt."},
     {"release", (PyCFunction)BlkQueue_release, METH_NOARGS, "Let the section's buffer go."},
@@ -186,6 +241,16 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     Py_INCREF(&BlkQueueType);
     if (PyModule_AddObject(m, "BlkQueue", (PyObject *)&BlkQueueType) < 0) {
         Py_DECREF(&BlkQueueType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* why a poll ended (BlkQueue.poll's fifth value) */
+    if (PyModule_AddIntConstant(m, "POLL_IDLE", POLL_IDLE) < 0
+        || PyModule_AddIntConstant(m, "POLL_TIME", POLL_TIME) < 0
+        || PyModule_AddIntConstant(m, "POLL_NOTIFY", POLL_NOTIFY) < 0
+        || PyModule_AddIntConstant(m, "POLL_STOP", POLL_STOP) < 0
+        || PyModule_AddIntConstant(m, "POLL_WATCH", POLL_WATCH) < 0
+        || PyModule_AddIntConstant(m, "POLL_LIMIT", POLL_LIMIT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

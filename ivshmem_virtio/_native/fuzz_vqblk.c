@@ -2,8 +2,8 @@
  * used push and publish, on a fuzzer-written ring. Built and run by
  * tests/fuzz/test_fuzz_native.py; seeds in tests/fuzz/corpus/native_blk/.
  *
- * Input: 3 parameter bytes (flags: indirect, read-only, event-idx, a spent time slice; the
- * batch limit; the queue size), then bytes laid over the start of the section (descriptor table, avail ring, used
+ * Input: 3 parameter bytes (flags: indirect, read-only, event-idx, a spent time slice, the
+ * poll instead of serve; the batch limit; the queue size), then bytes laid over the start of the section (descriptor table, avail ring, used
  * ring, indirect tables, request headers); the data area after them starts zeroed. The section
  * (0x200 bytes: a short input keeps every mutation on a field that matters)
  * is a heap block of exactly its size, so any access past it is an ASan report. preadv and
@@ -113,8 +113,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int round = 0; round < 4; round++) {
         last0 = last;
         used0 = used;
-        /* flag bit 3: a time slice already over (one request, then stop), as the runner's */
-        served = blk_serve(&q, &b, &last, &used, limit, (data[0] >> 3) & 1u, &cnt, &stop);
+        if ((data[0] >> 4) & 1u) {
+            /* flag bit 4: the polling backend's blk_poll, its deadline already past (it
+             * serves what is there once, then returns); the watched register is in the
+             * fuzzer's bytes (0x1F0): nonzero hands the turn back before anything is served */
+            uint16_t sig = used0;
+            int why;
+            served = blk_poll(&q, &b, &last, &used, &sig, (data[0] >> 2) & 1u, limit, 1u,
+                              0x1F0u, &cnt, &why);
+            if (why < POLL_IDLE || why > POLL_LIMIT || (why == POLL_WATCH && served)
+                || (served && sig != used))
+                abort();
+            stop = why != POLL_TIME && why != POLL_LIMIT;
+        } else {
+            /* flag bit 3: a time slice already over (one request, then stop), as the
+             * runner's */
+            served = blk_serve(&q, &b, &last, &used, limit, (data[0] >> 3) & 1u, &cnt, &stop);
+        }
         if (served > limit || (((data[0] >> 3) & 1u) && served > 1)
             || (uint16_t)(last - last0) != served
             || (uint16_t)(used - used0) != served)

@@ -267,6 +267,63 @@ unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail
     return served;
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define CPU_RELAX() COPIED()
+#endif
+
+unsigned blk_poll(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                  uint16_t *next_used, uint16_t *signalled_used, int event_idx, unsigned limit,
+                  uint64_t until_ns, uint64_t watch_off, struct blk_counters *cnt, int *why)
+{
+    unsigned total = 0;
+
+    for (;;) {
+        uint32_t watch;
+        memcpy(&watch, q->mem + watch_off, sizeof watch); /* inside: checked by the caller */
+        COPIED();
+        if (watch) {
+            *why = POLL_WATCH;
+            return total;
+        }
+        if (ld16(q->mem + q->avail + 2) != *last_avail) {
+            int stop;
+            unsigned n = blk_serve(q, b, last_avail, next_used, limit - total, until_ns, cnt,
+                                   &stop);
+            total += n;
+            if (n) {
+                int want = vq_publish(q, *next_used, *signalled_used, event_idx);
+                *signalled_used = *next_used;
+                if (want) {
+                    *why = POLL_NOTIFY;
+                    return total;
+                }
+            }
+            if (stop) {
+                *why = POLL_STOP;
+                return total;
+            }
+            if (total >= limit) {
+                *why = POLL_LIMIT;
+                return total;
+            }
+            if (now_ns() >= until_ns) {
+                *why = POLL_TIME; /* (work may be left: the caller polls again) */
+                return total;
+            }
+            continue;
+        }
+        if (now_ns() >= until_ns) {
+            *why = POLL_IDLE;
+            return total;
+        }
+        CPU_RELAX();
+    }
+}
+
 int vq_publish(const struct vq *q, uint16_t next_used, uint16_t signalled_used, int event_idx)
 {
     if (next_used == signalled_used)

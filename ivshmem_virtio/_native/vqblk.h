@@ -69,6 +69,21 @@ unsigned blk_serve(const struct vq *q, const struct blk *b, uint16_t *last_avail
                    uint16_t *next_used, unsigned limit, uint64_t until_ns,
                    struct blk_counters *cnt, int *stop);
 
+enum { POLL_IDLE = 0, POLL_TIME, POLL_NOTIFY, POLL_STOP, POLL_WATCH, POLL_LIMIT };
+
+/* A polling backend's turns without Python: until `until_ns` (CLOCK_MONOTONIC), spin on
+ * avail->idx; whatever the driver makes available is served as blk_serve does and published as
+ * vq_publish does (*signalled_used follows, as DeviceQueue.publish's). Returns how many chains
+ * were served, and in *why what ends the poll: POLL_IDLE the deadline passed with the ring
+ * empty; POLL_TIME it passed while serving (work may be left); POLL_NOTIFY the driver wants an
+ * interrupt for what was published (the caller rings it); POLL_STOP the next chain is the
+ * Python path's (or the avail index is broken: the Python walk raises); POLL_WATCH the u32 at
+ * `watch_off` (the transport's write transaction, inside the section: checked by the caller)
+ * is nonzero: the control path's turn; POLL_LIMIT `limit` chains were served. */
+unsigned blk_poll(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                  uint16_t *next_used, uint16_t *signalled_used, int event_idx, unsigned limit,
+                  uint64_t until_ns, uint64_t watch_off, struct blk_counters *cnt, int *why);
+
 /* DeviceQueue.publish: store used->idx = next_used (after a release fence), then a full fence,
  * then the event-idx (or flags) decision. 1 when the driver wants an interrupt. */
 int vq_publish(const struct vq *q, uint16_t next_used, uint16_t signalled_used, int event_idx);
