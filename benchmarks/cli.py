@@ -150,6 +150,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"machine: {mach['cpu_model']}, {mach['cores']} cores, kernel {mach['kernel']}, "
           f"Python {mach['python']}, numpy {mach['numpy']}"
           f"{' (quick run)' if ctx.quick else ''}", file=out)
+    print(f"data path: backend {mach['blk_data_path']}, frontend {mach['blk_frontend_path']}",
+          file=out)
     if ctx.results:
         print(report.results_table(ctx.results), file=out)
         print(file=out)

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ivshmem_virtio._native import data_path
+from ivshmem_virtio._native import data_path, front_path
 from ivshmem_virtio.procs import Child
 
 
@@ -265,6 +265,7 @@ def machine_info() -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "numpy": np.__version__,
         "blk_data_path": data_path(),  # compiled, or pure Python (IVSHMEM_VIRTIO_PURE, no build)
+        "blk_frontend_path": front_path(),  # the same for the frontend's module
     }
     try:
         import uvloop

@@ -278,3 +278,12 @@ def test_pure_variable_forces_the_python_path(monkeypatch):
         monkeypatch.delenv(_native.PURE_ENV)
         _native.reset_for_tests()
     assert _native.data_path() == "compiled"
+
+
+def test_version_says_which_paths_run():
+    """--version names the backend's and the frontend's data path (each built on its own)."""
+    from ivshmem_virtio.procs import run_cli
+
+    out = run_cli(["--version"], timeout=30).stdout.decode()
+    assert f"blk data path: {_native.data_path()}" in out
+    assert f"frontend: {_native.front_path()}" in out

@@ -90,16 +90,17 @@ DEFAULT_CONFIG = "/etc/ivshmem-virtio/config.toml"
 
 
 def _version() -> str:
-    """``ivshmem-virtio X.Y.Z (blk data path: compiled | pure Python (why))``."""
+    """``ivshmem-virtio X.Y.Z (blk data path: compiled | pure Python (why); frontend: ...)``:
+    the backend's and the frontend's compiled modules are built (or skipped) each on its own."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .._native import data_path
+    from .._native import data_path, front_path
 
     try:
         ver = version("ivshmem-virtio")
     except PackageNotFoundError:  # run from a source tree that was never installed
         ver = "unknown"
-    return f"%(prog)s {ver} (blk data path: {data_path()})"
+    return f"%(prog)s {ver} (blk data path: {data_path()}; frontend: {front_path()})"
 
 
 def build_parser() -> argparse.ArgumentParser:
