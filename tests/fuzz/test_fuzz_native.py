@@ -15,15 +15,13 @@ Skipped only when clang or its libFuzzer runtime is missing (.ci/apt-packages in
 from __future__ import annotations
 
 import re
-import shutil
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from . import Record
+from . import Record, libfuzzer
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "ivshmem_virtio" / "_native" / "fuzz_vqblk.c"
@@ -87,31 +85,7 @@ def seeds() -> dict[str, bytes]:
 @pytest.mark.timeout(300)
 def test_compiled_walk_and_blk_parse_fuzz_clean(tmp_path: Path,
                                                 record_property: Record) -> None:
-    if shutil.which("clang") is None:
-        pytest.skip("clang is not installed (see .ci/apt-packages)")
-    exe = tmp_path / "fuzz_vqblk"
-    build = subprocess.run(
-        ["clang", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-         "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all", str(HARNESS),
-         "-o", str(exe)],
-        capture_output=True, text=True, timeout=120)
-    if build.returncode != 0:
-        if "libclang_rt.fuzzer" in build.stderr or "fsanitize=fuzzer" in build.stderr:
-            pytest.skip("clang's libFuzzer runtime is missing (libclang-rt-14-dev)")
-        pytest.fail(f"the harness does not build:\n{build.stderr[-3000:]}")
-    new = tmp_path / "corpus"
-    new.mkdir()
-    run = subprocess.run(
-        [str(exe), f"-runs={RUNS}", "-seed=1", "-max_len=600", f"-dict={DICT}",
-         "-use_value_profile=1", "-print_final_stats=1",
-         f"-artifact_prefix={tmp_path}/", str(new), str(CORPUS)],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    found = LINE.findall(run.stdout)
-    covs = re.findall(r"cov: (\d+) ft: (\d+)", run.stderr)
-    cov = covs[-1] if covs else ("?", "?")
-    assert run.returncode == 0, f"a finding (input saved in {tmp_path}):\n{run.stderr[-4000:]}"
-    assert found, run.stdout + run.stderr[-2000:]
-    execs, deep = (int(x) for x in found[-1])
+    execs, deep, cov = libfuzzer(HARNESS, tmp_path, CORPUS, RUNS, LINE, f"-dict={DICT}")
     record_property("figure", f"fuzz fuzz_vqblk {execs:>7} execs, {deep:>7} served a request "
                     f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
                     f"{cov[0]} edges / {cov[1]} features")
