@@ -11,6 +11,7 @@ timing. Skipped where the compiled data path is not built (the pure path has no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -47,6 +48,15 @@ def _ring(s):  # noqa: ANN001, ANN202
     return mem, offer, used_idx
 
 
+@contextlib.asynccontextmanager
+async def _parked(tmp_path, image: str, name: str, **kw):  # noqa: ANN001, ANN003, ANN202
+    """A stack whose runner made its compiled queue (one read done), with the ring of
+    :func:`_ring`: (stack, memory, offer(n), used index offset)."""
+    async with blk_stack(str(tmp_path / f"{name}.sock"), image, mode="block", **kw) as s:
+        await s.client.read(0, 512)
+        yield (s, *_ring(s))
+
+
 def test_a_burst_serves_publishes_and_counts(tmp_path, image_factory):
     """Requests made available during a burst are served and published in it (used index,
     data, counters), without the runner's task, and the burst ends at its deadline."""
@@ -56,11 +66,9 @@ def test_a_burst_serves_publishes_and_counts(tmp_path, image_factory):
         sector0 = f.read(512)
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "p.sock"), image, mode="block") as s:
-            await s.client.read(0, 512)  # the first turn makes the compiled queue
+        async with _parked(tmp_path, image, "p") as (s, mem, offer, used_idx):
             r = s.runner
             assert r._native_poll() == r._poll
-            mem, offer, used_idx = _ring(s)
             vq = s.client.vqs[0]
             vq.suppress_interrupts(True)  # a polling driver: no interrupt
             req = mem.u64(vq.desc + 16 * mem.u16(vq.avail + 4))  # the chain's header
@@ -86,10 +94,8 @@ def test_a_register_write_hands_the_turn_to_the_control_path(tmp_path, image_fac
     _native_or_skip()
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "w.sock"), image_factory(MiB), mode="block") as s:
-            await s.client.read(0, 512)
+        async with _parked(tmp_path, image_factory(MiB), "w") as (s, mem, offer, used_idx):
             r = s.runner
-            mem, offer, used_idx = _ring(s)
             used0 = mem.u16(used_idx)
             offer(2)
             hdr = r.transport.hdr
@@ -111,10 +117,8 @@ def test_a_chain_for_the_python_path_is_left_to_it(tmp_path, image_factory):
     _native_or_skip()
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "s.sock"), image_factory(MiB), mode="block") as s:
-            await s.client.read(0, 512)
+        async with _parked(tmp_path, image_factory(MiB), "s") as (s, mem, offer, used_idx):
             r = s.runner
-            mem, offer, used_idx = _ring(s)
             vq = s.client.vqs[0]
             head = mem.u16(vq.avail + 4)  # the chain every slot names
             hdr_addr = mem.u64(vq.desc + 16 * head)
@@ -137,13 +141,11 @@ def test_a_driver_that_wants_interrupts_gets_one_per_publish(tmp_path, image_fac
     _native_or_skip()
 
     async def body() -> None:
-        async with blk_stack(str(tmp_path / "n.sock"), image_factory(MiB), mode="block",
-                             event_idx=False) as s:
-            await s.client.read(0, 512)
+        async with _parked(tmp_path, image_factory(MiB), "n", event_idx=False) as (s, _, offer,
+                                                                                  _):
             r = s.runner
             rung: list[int] = []
             monkeypatch.setattr(r.transport, "notify_queue", rung.append)
-            mem, offer, _ = _ring(s)
             s.client.vqs[0].suppress_interrupts(False)
             offer(1)
             assert r._poll(BURST_S) == 1 and rung == [0]
