@@ -10,14 +10,14 @@ setup(
         Extension(
             "ivshmem_virtio._native._fastpath",
             sources=["ivshmem_virtio/_native/_fastpath.c", "ivshmem_virtio/_native/vqblk.c"],
-            depends=["ivshmem_virtio/_native/vqblk.h"],
+            depends=["ivshmem_virtio/_native/vqblk.h", "ivshmem_virtio/_native/shmio.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
         ),
         Extension(
             "ivshmem_virtio._native._frontpath",
             sources=["ivshmem_virtio/_native/_frontpath.c", "ivshmem_virtio/_native/vqdrv.c"],
-            depends=["ivshmem_virtio/_native/vqdrv.h"],
+            depends=["ivshmem_virtio/_native/vqdrv.h", "ivshmem_virtio/_native/shmio.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
         ),

@@ -3,6 +3,7 @@
  * tests run the same cases through both and compare every effect. */
 #define _GNU_SOURCE
 #include "vqblk.h"
+#include "shmio.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -17,37 +18,7 @@
 #define VQ_PWRITEV pwritev
 #endif
 
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
-#define T_IN 0u
-#define T_OUT 1u
-#define S_OK 0u
-#define S_IOERR 1u
-
-/* The peer writes the section at any time. Each value is copied into a local with memcpy and
- * a compiler barrier follows, so the compiler can never fetch a field a second time from
- * shared memory after it was checked (a double fetch): what is validated is what is used. */
-#define COPIED() __asm__ __volatile__("" ::: "memory")
-
-static inline uint16_t ld16(const uint8_t *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof v);
-    return le16toh(v);
-}
-
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    v = htole16(v);
-    memcpy(p, &v, sizeof v);
-}
-
-static inline void st32(uint8_t *p, uint32_t v)
-{
-    v = htole32(v);
-    memcpy(p, &v, sizeof v);
-}
+/* (flags, types, statuses and the shared-memory accessors: shmio.h) */
 
 struct desc {
     uint64_t addr;

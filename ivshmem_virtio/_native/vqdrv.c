@@ -4,44 +4,15 @@
  * hostile used rings through both and compares every effect. */
 #define _GNU_SOURCE
 #include "vqdrv.h"
+#include "shmio.h"
 
 #include <endian.h>
 #include <string.h>
 #include <time.h>
 
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
 #define AVAIL_F_NO_INTERRUPT 1u
 #define USED_F_NO_NOTIFY 1u
-#define T_IN 0u
-#define S_OK 0u
-#define S_IOERR 1u
-
-/* The device writes the section at any time: every value of its is copied into a local once,
- * and a compiler barrier follows, so it is never fetched again after it was checked. */
-#define COPIED() __asm__ __volatile__("" ::: "memory")
-
-static inline uint16_t ld16(const uint8_t *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof v);
-    return le16toh(v);
-}
-
-static inline uint32_t ld32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof v);
-    return le32toh(v);
-}
-
-/* Indices the other side polls are stored with one 16-bit store (never torn), as the Python
- * side's typed memoryviews do. */
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)(void *)p, htole16(v), __ATOMIC_RELAXED);
-}
+/* (the other flags, types, statuses and the shared-memory accessors: shmio.h) */
 
 static inline uint16_t ld16_atomic(const uint8_t *p)
 {
