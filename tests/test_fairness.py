@@ -174,3 +174,48 @@ def test_flooded_device_does_not_starve_its_neighbour(procs, tmp_path, image_fac
     flood.wait_for("served", timeout=20)
     if how == "avail":  # the flood was live all along, and served too
         assert int(flood.log().rsplit("served ", 1)[1].split()[0]) > 0
+
+
+def test_a_wake_up_for_nothing_still_lets_the_loop_run(tmp_path, image_factory, monkeypatch):
+    """A peer flipping its avail index makes the runner's polls see work that its turn then
+    does not find. The run loop takes an event-loop pass before it waits again, so a device
+    fooled that way cannot hold the loop: here device a's checks always say "work" and its turns
+    find none, while b's reads go on. A probe task counts a's checks between two passes of the
+    loop; without that pass they pile up (then the fooling stops, so that the test ends)."""
+    most = 0
+    held = False
+
+    async def body() -> None:
+        nonlocal most, held
+        async with two_disks(tmp_path, image_factory) as (a, b):
+            since_pass = 0
+
+            def fooled() -> bool:  # what a flipping peer makes a's checks see
+                nonlocal since_pass, most, held
+                since_pass += 1
+                most = max(most, since_pass)
+                if since_pass >= 10_000:
+                    held = True  # a held the loop for 10,000 checks
+                    return False
+                return True
+
+            async def probe() -> None:
+                nonlocal since_pass
+                while True:
+                    since_pass = 0
+                    await asyncio.sleep(0)
+
+            monkeypatch.setattr(a.runner, "_has_work", fooled)
+            monkeypatch.setattr(a.runner, "_native_poll", lambda: None)
+            task = asyncio.get_running_loop().create_task(probe())
+            assert a.runner._waiter is not None
+            a.runner._waiter.kick()  # a's task wakes and meets the fooled checks
+            try:
+                for i in range(50):
+                    assert await asyncio.wait_for(b.client.read(i * 4096, 512), 5)
+            finally:
+                task.cancel()
+
+    run(body())
+    assert most > 0  # a's task did run its fooled checks meanwhile
+    assert not held, "device a held the event loop"
