@@ -82,6 +82,11 @@ MUTANTS = [
            "        if False:\n            raise RingError(f\"avail index jumped", (AVAIL,)),
     Mutant("used-index-check", "ivshmem_virtio/virtqueue/driver.py",
            "        if n > self.size - len(self._free_idx):\n", "        if False:\n", (USED,)),
+    Mutant("used-batch-partial", "ivshmem_virtio/virtqueue/driver.py",
+           "                if out:  # the completions",
+           "                if False:  # the completions",
+           ("tests/test_ring_protections.py::"
+            "test_completions_before_a_bad_used_element_reach_their_callers",)),
     Mutant("read-only-out", "backend/devices/blk.py",
            "        if rtype == B.T_OUT:\n            if self.read_only:\n",
            "        if rtype == B.T_OUT:\n            if False:\n", (EDGES,)),

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from ivshmem_virtio import _native
 from ivshmem_virtio.errors import MemoryAccessError, RingError
 from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B
@@ -182,6 +184,34 @@ def test_used_index_beyond_what_is_in_flight_is_a_ring_error(reported):
     with pytest.raises(RingError, match=f"device reports {reported} used entries with only 2 "
                                         "in flight"):
         drv.get_used()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_completions_before_a_bad_used_element_reach_their_callers(compiled):
+    """Two real completions, then an element naming a descriptor not in flight: the two are
+    returned (dropping them would leave their callers waiting forever: they are no longer in
+    flight, so a reset would not resubmit them), and the next call raises at the bad one. The
+    compiled queue (frontend/_frontpath) follows the same rule."""
+    mem, drv = driver_queue()
+    q: Any = drv
+    if compiled:
+        nat = _native.front_native()
+        if nat is None:
+            pytest.skip(f"frontend path: {_native.front_path()}")
+        q = drv.compiled(nat)
+    heads = [q.add([(0x100 + 0x40 * i, 16)], [(0x200 + 0x40 * i, 1)], f"r{i}")
+             for i in range(3)]
+    for slot, head in enumerate([heads[0], heads[1], N - 1]):  # N - 1: never handed out
+        mem.pack(R.USED_ELEM, q.used + R.USED_RING + 8 * slot, head, 1)
+    mem.set_u16(q.used + R.USED_IDX, 3)
+    try:
+        got: object = q.get_used()
+    except RingError as e:  # (the two dropped with it: the check below says so)
+        got = e
+    assert got == [("r0", 1), ("r1", 1)]
+    with pytest.raises(RingError, match=f"device completed descriptor {N - 1}, which is not "
+                                        "in flight"):
+        q.get_used()
 
 
 def test_used_index_of_what_is_in_flight_is_taken():

@@ -423,8 +423,12 @@ static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
         uint16_t head;
         uint32_t len;
         PyObject *token = pop_one(self, &head, &len), *item;
-        if (!token)
-            goto fail;
+        if (!token) {
+            if (PyList_GET_SIZE(out) == 0)
+                goto fail;
+            PyErr_Clear(); /* the ones before are real (get_used's rule): returned, the */
+            break;         /* bad entry stays for the next call, which raises */
+        }
         Py_CLEAR(self->blk_into[head]);
         self->blk_base[head] = 0;
         item = Py_BuildValue("(Nk)", token, (unsigned long)len);
@@ -463,8 +467,12 @@ static PyObject *DrvQueue_reap_blk(DrvQueue *self, PyObject *Py_UNUSED(ignored))
         long status = -1;
         uint64_t base;
         PyObject *token = pop_one(self, &head, &len), *data, *into, *item;
-        if (!token)
-            goto fail;
+        if (!token) {
+            if (PyList_GET_SIZE(out) == 0)
+                goto fail;
+            PyErr_Clear(); /* as get_used: the ones before are returned */
+            break;
+        }
         base = self->blk_base[head];
         into = self->blk_into[head];
         self->blk_into[head] = NULL;

@@ -184,7 +184,12 @@ class DriverQueue:
                                alloc=self._alloc, free=self._free)
 
     def get_used(self) -> list[tuple[object, int]]:
-        """Collect completed chains as ``(token, used_len)`` and return their descriptors."""
+        """Collect completed chains as ``(token, used_len)`` and return their descriptors.
+
+        A used element naming what is not in flight raises RingError, but only once the
+        completions before it in the same batch were returned: they are real, and dropping
+        them would leave their callers waiting forever (they are no longer in flight, so a
+        device reset would not resubmit them)."""
         used_idx = self._used_idx[0]
         last = self.last_used
         n = (used_idx - last) & 0xFFFF
@@ -205,6 +210,8 @@ class DriverQueue:
             head, length = get(mv, (last & mask) << 3)  # copied out, then checked
             token = tokens[head] if head < size else None
             if token is None:
+                if out:  # the completions before it are real: their callers get them, and
+                    break  # the next call (the entry is still there) raises
                 raise RingError(f"device completed descriptor {head}, which is not in flight")
             out.append((token, length))
             # its descriptors back to the free list, in the order they were taken
