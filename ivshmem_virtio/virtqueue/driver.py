@@ -197,7 +197,7 @@ class DriverQueue:
             raise RingError(f"device reports {n} used entries with only "
                             f"{self.size - len(self._free_idx)} in flight")
         fence()  # used->idx before the entries
-        out = []
+        out: list[tuple[object, int]] = []
         tokens = self._tokens
         chains = self._chains
         free = self._free_idx
