@@ -408,6 +408,31 @@ static int free_table(DrvQueue *self, uint16_t head)
     return 0;
 }
 
+/* The next used element of a batch into *token (a new reference): 1; 0 when it names what is
+ * not in flight after real completions were taken (they are returned, the bad entry stays for
+ * the next call, which raises: get_used's rule); -1 with RingError when it is the first. */
+static int next_used(DrvQueue *self, PyObject *out, uint16_t *head, uint32_t *len,
+                     PyObject **token)
+{
+    *token = pop_one(self, head, len);
+    if (*token)
+        return 1;
+    if (PyList_GET_SIZE(out) == 0)
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/* Hand one completion on (a reference to item is stolen) and return its indirect table. */
+static int append_done(DrvQueue *self, PyObject *out, uint16_t head, PyObject *item)
+{
+    int rc = item ? PyList_Append(out, item) : -1;
+    Py_XDECREF(item);
+    if (rc < 0)
+        return -1;
+    return free_table(self, head);
+}
+
 /* get_used() -> [(token, used_len)] */
 static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
 {
@@ -422,22 +447,15 @@ static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
     for (unsigned i = 0; i < n; i++) {
         uint16_t head;
         uint32_t len;
-        PyObject *token = pop_one(self, &head, &len), *item;
-        if (!token) {
-            if (PyList_GET_SIZE(out) == 0)
-                goto fail;
-            PyErr_Clear(); /* the ones before are real (get_used's rule): returned, the */
-            break;         /* bad entry stays for the next call, which raises */
-        }
+        PyObject *token;
+        int got = next_used(self, out, &head, &len, &token);
+        if (got < 0)
+            goto fail;
+        if (!got)
+            break;
         Py_CLEAR(self->blk_into[head]);
         self->blk_base[head] = 0;
-        item = Py_BuildValue("(Nk)", token, (unsigned long)len);
-        if (!item || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            goto fail;
-        }
-        Py_DECREF(item);
-        if (free_table(self, head) < 0)
+        if (append_done(self, out, head, Py_BuildValue("(Nk)", token, (unsigned long)len)) < 0)
             goto fail;
     }
     vqd_rearm(&self->q);
@@ -466,13 +484,12 @@ static PyObject *DrvQueue_reap_blk(DrvQueue *self, PyObject *Py_UNUSED(ignored))
         uint32_t len, got = 0;
         long status = -1;
         uint64_t base;
-        PyObject *token = pop_one(self, &head, &len), *data, *into, *item;
-        if (!token) {
-            if (PyList_GET_SIZE(out) == 0)
-                goto fail;
-            PyErr_Clear(); /* as get_used: the ones before are returned */
+        PyObject *token, *data, *into;
+        int popped = next_used(self, out, &head, &len, &token);
+        if (popped < 0)
+            goto fail;
+        if (!popped)
             break;
-        }
         base = self->blk_base[head];
         into = self->blk_into[head];
         self->blk_into[head] = NULL;
@@ -510,13 +527,8 @@ static PyObject *DrvQueue_reap_blk(DrvQueue *self, PyObject *Py_UNUSED(ignored))
             Py_DECREF(token);
             goto fail;
         }
-        item = Py_BuildValue("(NklN)", token, (unsigned long)len, status, data);
-        if (!item || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            goto fail;
-        }
-        Py_DECREF(item);
-        if (free_table(self, head) < 0)
+        if (append_done(self, out, head,
+                        Py_BuildValue("(NklN)", token, (unsigned long)len, status, data)) < 0)
             goto fail;
     }
     vqd_rearm(&self->q);
@@ -562,50 +574,22 @@ static PyObject *DrvQueue_can_add(DrvQueue *self, PyObject *arg)
     return PyBool_FromLong((long)self->q.nfree >= n);
 }
 
-static PyObject *get_num_free(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLong(self->q.nfree);
-}
-static PyObject *get_size(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLong(self->q.size);
-}
-static PyObject *get_desc(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->q.desc);
-}
-static PyObject *get_avail(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->q.avail);
-}
-static PyObject *get_used(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->q.used);
-}
-static PyObject *get_avail_idx(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromLong(self->q.avail_idx);
-}
-static PyObject *get_kicked_idx(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromLong(self->q.kicked_idx);
-}
-static PyObject *get_last_used(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromLong(self->q.last_used);
-}
-static PyObject *get_interrupts_on(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(self->q.interrupts_on);
-}
-static PyObject *get_event_idx(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(self->q.event_idx);
-}
-static PyObject *get_indirect(DrvQueue *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(self->indirect);
-}
+/* read-only attributes, as the Python DriverQueue has them */
+#define GETTER(name, make, value) \
+    static PyObject *get_##name(DrvQueue *self, void *Py_UNUSED(c)) { return make(value); }
+GETTER(num_free, PyLong_FromUnsignedLong, self->q.nfree)
+GETTER(size, PyLong_FromUnsignedLong, self->q.size)
+GETTER(desc, PyLong_FromUnsignedLongLong, self->q.desc)
+GETTER(avail, PyLong_FromUnsignedLongLong, self->q.avail)
+GETTER(used, PyLong_FromUnsignedLongLong, self->q.used)
+GETTER(avail_idx, PyLong_FromLong, self->q.avail_idx)
+GETTER(kicked_idx, PyLong_FromLong, self->q.kicked_idx)
+GETTER(last_used, PyLong_FromLong, self->q.last_used)
+GETTER(interrupts_on, PyBool_FromLong, self->q.interrupts_on)
+GETTER(event_idx, PyBool_FromLong, self->q.event_idx)
+GETTER(indirect, PyBool_FromLong, self->indirect)
+#undef GETTER
+
 static PyObject *get_mem(DrvQueue *self, void *Py_UNUSED(c))
 {
     PyObject *m = self->mem ? self->mem : Py_None;
