@@ -395,3 +395,25 @@ async def assert_silent(drv: CanDriver, wait: float = 0.1) -> None:
     """Nothing queued for ``drv`` (after letting in-flight deliveries land)."""
     await asyncio.sleep(wait)
     assert drv.rx.empty(), f"unexpected frame {drv.rx.get_nowait()}"
+
+
+# -- python-can messages ---------------------------------------------------------------------
+def msg(can_id: int, data: bytes = b"", **kw: object) -> can.Message:
+    kw.setdefault("is_extended_id", can_id > 0x7FF)
+    return can.Message(arbitration_id=can_id, data=data, **kw)
+
+
+def same(a: can.Message, b: can.Message) -> bool:
+    return (a.arbitration_id, a.is_extended_id, a.is_remote_frame, a.is_fd, a.dlc,
+            bytes(a.data)) == (b.arbitration_id, b.is_extended_id, b.is_remote_frame, b.is_fd,
+                               b.dlc, bytes(b.data))
+
+
+def recv_all(bus: BusABC, n: int, timeout: float = 10.0) -> list[can.Message]:
+    """``n`` frames from ``bus``, each within ``timeout``: a missing one fails the test."""
+    out = []
+    for _ in range(n):
+        m = bus.recv(timeout)
+        assert m is not None, f"only {len(out)} of {n} frames arrived"
+        out.append(m)
+    return out

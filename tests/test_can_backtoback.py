@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import can
 import pytest
 
-from .can_helpers import ProcStack, ensure_interfaces
+from .can_helpers import ProcStack, ensure_interfaces, msg, recv_all, same
 
 MakeBus = Callable[..., can.BusABC]
 _names = itertools.count()
@@ -55,26 +55,6 @@ def make_bus(request: pytest.FixtureRequest) -> Iterator[MakeBus]:
     finally:
         for bus in buses:
             bus.shutdown()
-
-
-def msg(can_id: int, data: bytes = b"", **kw: object) -> can.Message:
-    kw.setdefault("is_extended_id", can_id > 0x7FF)
-    return can.Message(arbitration_id=can_id, data=data, **kw)
-
-
-def same(a: can.Message, b: can.Message) -> bool:
-    return (a.arbitration_id, a.is_extended_id, a.is_remote_frame, a.is_fd, a.dlc,
-            bytes(a.data)) == (b.arbitration_id, b.is_extended_id, b.is_remote_frame, b.is_fd,
-                               b.dlc, bytes(b.data))
-
-
-def recv_all(bus: can.BusABC, n: int, timeout: float = 10.0) -> list[can.Message]:
-    out = []
-    for _ in range(n):
-        m = bus.recv(timeout)
-        assert m is not None, f"only {len(out)} of {n} frames arrived"
-        out.append(m)
-    return out
 
 
 # --- the suite ------------------------------------------------------------------------------------

@@ -19,7 +19,17 @@ import pytest
 
 from ivshmem_virtio.procs import Child, cli
 
-from .can_helpers import CAN_PROTOCOLS, RW_SIZE, Observer, SockBus, ensure_interfaces, plugin_env
+from .can_helpers import (
+    CAN_PROTOCOLS,
+    RW_SIZE,
+    Observer,
+    SockBus,
+    ensure_interfaces,
+    msg,
+    plugin_env,
+    recv_all,
+    same,
+)
 
 
 def _has_can_vhost_user() -> bool:
@@ -76,17 +86,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert not leftovers, f"sockets left behind: {leftovers}"
 
 
-def msg(can_id: int, data: bytes = b"", **kw: object) -> can.Message:
-    kw.setdefault("is_extended_id", can_id > 0x7FF)
-    return can.Message(arbitration_id=can_id, data=data, **kw)
-
-
-def same(a: can.Message, b: can.Message) -> bool:
-    return (a.arbitration_id, a.is_extended_id, a.is_remote_frame, a.is_fd, a.dlc,
-            bytes(a.data)) == (b.arbitration_id, b.is_extended_id, b.is_remote_frame, b.is_fd,
-                               b.dlc, bytes(b.data))
-
-
 def frames() -> list[can.Message]:
     """Classic (standard and extended ids), FD of every length class, RTR of every DLC."""
     out = [msg(0, b""), msg(0x123, bytes(range(8))), msg(0x7FF, b"\xff"),
@@ -97,15 +96,6 @@ def frames() -> list[can.Message]:
             for n in (12, 64)]
     out += [msg(0x200 + d, is_remote_frame=True, dlc=d) for d in range(9)]
     out.append(msg(0x18DAF110, is_remote_frame=True, dlc=3))
-    return out
-
-
-def recv_all(bus: can.BusABC, n: int, timeout: float = 10.0) -> list[can.Message]:
-    out = []
-    for _ in range(n):
-        m = bus.recv(timeout)
-        assert m is not None, f"only {len(out)} of {n} frames arrived"
-        out.append(m)
     return out
 
 
