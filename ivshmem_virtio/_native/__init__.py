@@ -19,82 +19,69 @@ PURE_ENV = "IVSHMEM_VIRTIO_PURE"
 
 log = structlog.get_logger("ivshmem_virtio.native")
 
-_chosen: tuple[ModuleType | None, str] | None = None
-_logged = False
+class _Choice:
+    """One optional compiled module: loaded (or not) once, at first use, and said once."""
+
+    def __init__(self, module: str, what: str) -> None:
+        self.module = module  # e.g. "_fastpath", a sibling of this package
+        self.what = what  # how the log and the reason name it
+        self.reset()
+
+    def reset(self) -> None:
+        self._chosen: tuple[ModuleType | None, str] | None = None
+        self._logged = False
+
+    def _load(self) -> tuple[ModuleType | None, str]:
+        if os.environ.get(PURE_ENV, "").strip() not in ("", "0"):
+            return None, f"pure Python ({PURE_ENV} is set)"
+        try:
+            mod = importlib.import_module(f"ivshmem_virtio._native.{self.module}")
+        except ImportError as e:
+            return None, f"pure Python (compiled {self.what} not built: {e})"
+        return mod, "compiled"
+
+    def path(self) -> str:
+        if self._chosen is None:
+            self._chosen = self._load()
+        return self._chosen[1]
+
+    def native(self) -> ModuleType | None:
+        path = self.path()
+        assert self._chosen is not None
+        if not self._logged:
+            self._logged = True
+            (log.info if self._chosen[0] is None else log.debug)(f"blk {self.what}", path=path)
+        return self._chosen[0]
 
 
-def _load() -> tuple[ModuleType | None, str]:
-    if os.environ.get(PURE_ENV, "").strip() not in ("", "0"):
-        return None, f"pure Python ({PURE_ENV} is set)"
-    try:
-        mod = importlib.import_module("ivshmem_virtio._native._fastpath")
-    except ImportError as e:
-        return None, f"pure Python (compiled data path not built: {e})"
-    return mod, "compiled"
+_BACKEND = _Choice("_fastpath", "data path")
+_FRONTEND = _Choice("_frontpath", "frontend path")
 
 
 def data_path() -> str:
     """``compiled`` or ``pure Python (why)``: for ``--version`` and the bench's machine block."""
-    global _chosen
-    if _chosen is None:
-        _chosen = _load()
-    return _chosen[1]
+    return _BACKEND.path()
 
 
 def native() -> ModuleType | None:
     """The compiled module, or None for the pure path; the first call logs which one runs."""
-    global _logged
-    path = data_path()
-    assert _chosen is not None
-    if not _logged:
-        _logged = True
-        if _chosen[0] is None:
-            log.info("blk data path", path=path)
-        else:
-            log.debug("blk data path", path=path)
-    return _chosen[0]
-
-
-_front: tuple[ModuleType | None, str] | None = None
-_front_logged = False
-
-
-def _load_front() -> tuple[ModuleType | None, str]:
-    if os.environ.get(PURE_ENV, "").strip() not in ("", "0"):
-        return None, f"pure Python ({PURE_ENV} is set)"
-    try:
-        mod = importlib.import_module("ivshmem_virtio._native._frontpath")
-    except ImportError as e:
-        return None, f"pure Python (compiled frontend path not built: {e})"
-    return mod, "compiled"
+    return _BACKEND.native()
 
 
 def front_path() -> str:
     """Which blk frontend path runs (``_frontpath``, built from ``vqdrv.c``, or Python): the
     same choice as :func:`data_path`, made for the frontend's own module (each is built or
     skipped on its own)."""
-    global _front
-    if _front is None:
-        _front = _load_front()
-    return _front[1]
+    return _FRONTEND.path()
 
 
 def front_native() -> ModuleType | None:
     """The compiled frontend module (its ``DriverQueue``), or None for the pure path; the
     first call logs which one runs."""
-    global _front_logged
-    path = front_path()
-    assert _front is not None
-    if not _front_logged:
-        _front_logged = True
-        (log.info if _front[0] is None else log.debug)("blk frontend path", path=path)
-    return _front[0]
+    return _FRONTEND.native()
 
 
 def reset_for_tests() -> None:
     """Forget the choice (tests switch ``IVSHMEM_VIRTIO_PURE`` within one process)."""
-    global _chosen, _logged, _front, _front_logged
-    _chosen = None
-    _logged = False
-    _front = None
-    _front_logged = False
+    _BACKEND.reset()
+    _FRONTEND.reset()
