@@ -220,7 +220,6 @@ def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image
 
     monkeypatch.setenv(_native.PURE_ENV, "1")
     _native.reset_for_tests()
-    monkeypatch.setattr(_native, "_chosen", None)  # forgotten again when the test ends
     image = image_factory(1 * MiB)
 
     async def body():
@@ -241,7 +240,10 @@ def test_internal_fault_marks_needs_reset_and_the_daemon_goes_on(tmp_path, image
             assert s.runner.transport.metrics["needs_reset_count"] == 1
             assert await s.client.read(0, 512) == b"z" * 512
 
-    run(body())
+    try:
+        run(body())
+    finally:
+        _native.reset_for_tests()  # both paths chosen again, without the variable, after
 
 
 @pytest.mark.parametrize("mode", ["poll", "block"])
