@@ -92,20 +92,13 @@ class BlkService:
             accel = vq.accel = self._accel(nat, vq)
         limit = runner.batch
         until = runner.until_ns
-        m = self.model.metrics
         total = 0
         while True:
-            (served, vq.last_avail, vq.next_used, stop, rc, rb, wc, wb,
-             fails) = accel.serve(vq.last_avail, vq.next_used, limit - total, until)
+            (served, vq.last_avail, vq.next_used, stop, *counts) = accel.serve(
+                vq.last_avail, vq.next_used, limit - total, until)
             total += served
-            if rc:
-                m.read_count += rc
-                m.read_bytes += rb
-            if wc:
-                m.write_count += wc
-                m.write_bytes += wb
-            if fails:
-                m.io_fails += fails
+            if served:
+                self._count(*counts)
             if not stop or total >= limit or (until and time.monotonic_ns() >= until):
                 return total
             # the next chain is not the usual read or write, or the ring is broken (then
@@ -126,17 +119,22 @@ class BlkService:
         nat = native()
         if accel is None or nat is None:
             return None
-        (served, vq.last_avail, vq.next_used, vq.signalled_used, why, rc, rb, wc, wb,
-         fails) = accel.poll(vq.last_avail, vq.next_used, vq.signalled_used, vq.event_idx,
-                             WEIGHT, until_ns, watch_off)
+        (served, vq.last_avail, vq.next_used, vq.signalled_used, why, *counts) = accel.poll(
+            vq.last_avail, vq.next_used, vq.signalled_used, vq.event_idx, WEIGHT, until_ns,
+            watch_off)
         if served:
-            m = self.model.metrics
-            m.read_count += rc
-            m.read_bytes += rb
-            m.write_count += wc
-            m.write_bytes += wb
-            m.io_fails += fails
+            self._count(*counts)
         return served, why == nat.POLL_NOTIFY, why in (nat.POLL_STOP, nat.POLL_WATCH)
+
+    def _count(self, reads: int, read_bytes: int, writes: int, write_bytes: int,
+               fails: int) -> None:
+        """What the compiled path served, into the model's counters (as BlkModel counts)."""
+        m = self.model.metrics
+        m.read_count += reads
+        m.read_bytes += read_bytes
+        m.write_count += writes
+        m.write_bytes += write_bytes
+        m.io_fails += fails
 
     def _accel(self, nat: ModuleType, vq: DeviceQueue) -> Any:
         """The compiled companion of ``vq`` (lives on the queue, dies with it)."""
