@@ -14,11 +14,12 @@ Record = Callable[[str, object], None]
 
 
 def libfuzzer(harness: Path, tmp_path: Path, corpus: Path, runs: int, line: re.Pattern[str],
-              *options: str) -> tuple[int, int, tuple[str, str]]:
+              record: Record, deepest: str, min_deep: float, *options: str) -> None:
     """Build ``harness`` with clang (libFuzzer, ASan, UBSan) and run it ``runs`` times from
-    ``corpus``: (executions, inputs that reached the deepest stage, (edges, features)), read
-    from the harness's closing ``line``. Skips where clang or its runtime is missing; a finding
-    or a harness that does not build fails the test."""
+    ``corpus``; its closing ``line`` gives the executions and the inputs that reached the
+    deepest stage (``deepest``, as the figure says it), recorded as the run's figure with
+    libFuzzer's coverage. Fails on a finding, fewer executions than ``runs`` or fewer than
+    ``min_deep`` of them deep; skips where clang or its runtime is missing."""
     if shutil.which("clang") is None:
         pytest.skip("clang is not installed (see .ci/apt-packages)")
     exe = tmp_path / harness.stem
@@ -43,4 +44,9 @@ def libfuzzer(harness: Path, tmp_path: Path, corpus: Path, runs: int, line: re.P
     assert run.returncode == 0, f"a finding (input saved in {tmp_path}):\n{run.stderr[-4000:]}"
     assert found, run.stdout + run.stderr[-2000:]
     execs, deep = (int(x) for x in found[-1])
-    return execs, deep, covs[-1] if covs else ("?", "?")
+    edges, features = covs[-1] if covs else ("?", "?")
+    record("figure", f"fuzz {harness.stem} {execs:>7} execs, {deep:>7} {deepest} "
+           f"({100 * deep / max(1, execs):4.1f} %), libFuzzer coverage "
+           f"{edges} edges / {features} features")
+    assert execs >= runs
+    assert deep >= min_deep * execs, f"too few inputs {deepest}"
