@@ -25,8 +25,8 @@ class Lines:
         for line in stream:
             self.queue.put(line.rstrip("\n"))
 
-    def expect(self, prefix: str, timeout: float) -> str:
-        """The next line starting with ``prefix``."""
+    def expect(self, prefix: str | tuple[str, ...], timeout: float) -> str:
+        """The next line starting with ``prefix`` (or with one of several)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
