@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,27 @@ async def _point(client: Any, op: str, bs: int, qd: int, seconds: float,  # noqa
     return len(lat), (now() - t_start) / 1e9, np.array(lat, dtype=np.uint64)
 
 
+async def _many_point(client: Any, bs: int, depth: int, seconds: float,  # noqa: ANN401
+                      offset_at: Callable[[int], int]) -> tuple[int, float]:
+    """``readinto_many`` keeping ``depth`` reads in flight for ``seconds``: (reads, elapsed).
+    The batched API reports throughput only (its caller sees completions in groups)."""
+    bufs = [bytearray(bs) for _ in range(depth)]
+    now = time.perf_counter_ns
+    stop_at = now() + int(seconds * 1e9)
+    count = [0]
+
+    def reads() -> Iterator[tuple[int, bytearray]]:
+        i = 0
+        while now() < stop_at:
+            yield offset_at(i), bufs[i % depth]
+            i += 1
+        count[0] = i
+
+    t_start = now()
+    await client.readinto_many(reads(), depth)
+    return count[0], (now() - t_start) / 1e9
+
+
 async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                  seconds: float) -> list[Measurement]:
     client = await connect(link, "adaptive")
@@ -267,6 +288,20 @@ async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                     latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
                     mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat if qd == 1 else None,
                     extra=_reset_extra(resets)))
+        qd = QDS[-1]
+        ctx.progress.update(f"{suite}: read {bs >> 10} KiB QD{qd}, readinto_many")
+        await _many_point(client, bs, qd, min(0.2, seconds / 4), offset_at)  # warm-up
+        ups = client.bring_ups
+        n, elapsed = await _many_point(client, bs, qd, seconds, offset_at)
+        out.append(Measurement(
+            f"{suite}.read.qd{qd}.many", suite,
+            f"blk {bs >> 10} KiB {'random' if random else 'sequential'} read, QD{qd}, "
+            f"readinto_many",
+            params={"op": "read", "qd": qd, "bytes": bs, "seconds": round(elapsed, 2),
+                    "mode": "adaptive", "rw_size": BIG_RW, "api": "readinto_many",
+                    "pattern": "random" if random else "sequential"},
+            ops_per_s=n / elapsed, mb_per_s=n * bs / elapsed / 1e6,
+            extra=_reset_extra(-(client.bring_ups - ups))))
     finally:
         await disconnect(client)
     return out

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from ivshmem_virtio._native import front_native
 from ivshmem_virtio.errors import TransportError
@@ -41,19 +42,52 @@ class BlkIOError(OSError):
     """A request the device answered with IOERR (errno EIO) or UNSUPP (EOPNOTSUPP)."""
 
 
+class _Group:
+    """The requests of one :meth:`BlkClient.readinto_many` call, standing in for their futures:
+    one wake-up of the caller for however many completions came, not a task switch each."""
+
+    __slots__ = ("left", "error", "waiter")
+
+    def __init__(self) -> None:
+        self.left = 0  # requests of the group not answered yet
+        self.error: BaseException | None = None  # the first failure, raised once all ended
+        self.waiter: asyncio.Future | None = None  # the caller's, while it waits
+
+    def done(self) -> bool:
+        return False  # (a future's: each request of the group is answered once)
+
+    def set_result(self, _data: bytes) -> None:
+        self.left -= 1
+        w = self.waiter  # (_wake, inline: once per request)
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.left -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
 class _Req:
     """One request in flight (a plain slots class: built once per request, on the hot path)."""
 
     __slots__ = ("type", "sector", "out", "in_len", "into", "future", "base")
 
     def __init__(self, rtype: int, sector: int, out: bytes | memoryview = b"", in_len: int = 0,
-                 into: memoryview | None = None) -> None:
+                 into: memoryview | None = None, group: _Group | None = None) -> None:
         self.type = rtype
         self.sector = sector
         self.out = out  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
         self.in_len = in_len  # bytes the device writes before the status (IN, GET_ID)
         self.into = into  # readinto: the caller's buffer, filled on completion
-        self.future: asyncio.Future = _running_loop().create_future()
+        self.future: asyncio.Future | _Group = (
+            _running_loop().create_future() if group is None else group)
         # offset of the bounce buffer while the request holds one (else -1), laid out as
         # [outhdr 16][status 1][pad to _DATA_OFF][data]: every address derives from it
         self.base = -1
@@ -148,6 +182,92 @@ class BlkClient(VirtioDriver):
             for off, n in self._chunks(offset, length)])
         return length
 
+    async def readinto_many(self, reads: Iterable[tuple[int, bytearray | memoryview]],
+                            depth: int = 32) -> int:
+        """Read each ``(offset, buffer)`` of ``reads`` into its buffer, keeping up to ``depth``
+        requests in flight (an iterator is consumed as requests complete; an entry larger than
+        one request goes in whole, as the requests :meth:`readinto` would split it in); the
+        bytes read.
+
+        The batched form of :meth:`readinto` for a caller with many reads at hand (a copy, a
+        prefetch, a server answering several clients), as ``io_submit``/io_uring are to
+        ``preadv``: the requests go into the ring together behind one doorbell, and the caller
+        wakes once for whatever completed, not once per request, so the per-request cost is
+        the compiled queue's. Every request has ended (its buffer filled, or not) before this
+        returns or raises. A bad entry (range, alignment, a read-only buffer) ends the call:
+        the entries before it are read, then it raises; a device error is raised once all
+        requests ended (the first one). A cancel lets the requests already in the ring end,
+        and those still waiting for room never start.
+        """
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        group = _Group()
+        backlog = self._backlog
+        pending = iter(reads)
+        one_request = self._one_request
+        req_ = _Req
+        total = 0
+        bad: Exception | None = None
+        self._callers += 1  # no lone caller's inline path beside us
+        try:
+            while True:
+                if self.closed:
+                    raise ConnectionError("device closed")
+                while bad is None and group.left < depth:
+                    item = next(pending, None)
+                    if item is None:
+                        break
+                    offset, buf = item
+                    view = memoryview(buf).cast("B")
+                    length = len(view)
+                    if one_request(offset, length) and not view.readonly:
+                        backlog.append(req_(_T_IN, offset >> 9, b"", length, view, group))
+                        group.left += 1
+                        total += length
+                        continue
+                    try:
+                        if view.readonly:
+                            raise TypeError("readinto_many needs writable buffers")
+                        self._check_range(offset, length)
+                    except (TypeError, ValueError, OSError) as e:
+                        bad = e  # the entries before it are read first
+                        break
+                    for off, n in self._chunks(offset, length):
+                        backlog.append(_Req(_T_IN, off >> 9, in_len=n, group=group,
+                                            into=view[off - offset: off - offset + n]))
+                        group.left += 1
+                    total += length
+                if not group.left:
+                    break
+                self.loud(0)  # the interrupt task reaps: completions must interrupt
+                self._pump()
+                await self._group_progress(group)
+        finally:
+            try:
+                if group.left:  # a cancel: what is still waiting for room never starts
+                    kept = [r for r in backlog if r.future is not group]
+                    group.left -= len(backlog) - len(kept)
+                    backlog[:] = kept
+                while group.left:  # what is in the ring ends first (a close fails it all)
+                    await self._group_progress(group)
+            finally:
+                self._callers -= 1
+        if bad is not None:
+            raise bad
+        if group.error is not None:
+            raise group.error
+        return total
+
+    async def _group_progress(self, group: _Group) -> None:
+        """Wait until at least one request of ``group`` has been answered."""
+        left = group.left
+        while group.left == left:
+            group.waiter = _running_loop().create_future()
+            try:
+                await group.waiter
+            finally:
+                group.waiter = None
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         data = memoryview(data).cast("B")
         self._check_range(offset, len(data))
@@ -229,7 +349,7 @@ class BlkClient(VirtioDriver):
                     if self._inline_run >= INLINE_YIELD_EVERY:
                         self._inline_run = 0
                         await asyncio.sleep(0)
-            return await req.future
+            return await cast(asyncio.Future, req.future)  # (a group's request: never here)
         finally:
             self._callers -= 1
 

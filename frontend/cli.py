@@ -137,12 +137,12 @@ async def _blk_action(client: BlkClient, args: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"read --out {args.out}: {e.strerror}") from None
         try:
-            step = 1 << 20
-            reads = [client.read(o, min(step, args.offset + length - o))
-                     for o in range(args.offset, args.offset + length, step)]
-            for i in range(0, len(reads), 8):
-                for part in await asyncio.gather(*reads[i:i + 8]):
-                    out.write(part)
+            step = 8 << 20  # a window in flight at once, its requests as the ring takes them
+            end = args.offset + length
+            for o in range(args.offset, end, step):
+                buf = bytearray(min(step, end - o))
+                await client.readinto_many([(o, buf)])
+                out.write(buf)
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
