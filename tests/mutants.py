@@ -87,6 +87,13 @@ MUTANTS = [
            "                if False:  # the completions",
            ("tests/test_ring_protections.py::"
             "test_completions_before_a_bad_used_element_reach_their_callers",)),
+    Mutant("many-waits-in-flight", "frontend/blk.py",
+           "                while group.left:  # what is in the ring ends first",
+           "                while False:  # what is in the ring ends first",
+           ("tests/test_blk_many.py::test_a_cancel_waits_for_what_is_in_flight",)),
+    Mutant("many-depth", "frontend/blk.py",
+           "while bad is None and group.left < depth:", "while bad is None:",
+           ("tests/test_blk_many.py::test_fills_every_buffer_within_depth",)),
     Mutant("read-only-out", "backend/devices/blk.py",
            "        if rtype == B.T_OUT:\n            if self.read_only:\n",
            "        if rtype == B.T_OUT:\n            if False:\n", (EDGES,)),
