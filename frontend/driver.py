@@ -238,7 +238,10 @@ class VirtioDriver:
                 if window > FIRST_SPIN_S:
                     policy.judge(now - t1, time.thread_time() - cpu0, now)
                 self._lone_t0 = t0  # its completion time teaches the window
-        if not got or self._backend_trouble() is not None:
+        # (completions found are taken even if the backend has just left or wants a reset:
+        # they are real, and checked like any others; the interrupt task, woken by the
+        # backend's state change, recovers the device for what is still in flight)
+        if not got:
             self.loud(index)  # the interrupt task relies on it from here on
             if self._waiter is not None:
                 # it re-checks everything (used entries, backend state), without polling: we
