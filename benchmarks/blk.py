@@ -247,6 +247,25 @@ async def _many_point(client: Any, bs: int, depth: int, seconds: float,  # noqa:
     return count[0], (now() - t_start) / 1e9
 
 
+async def _zerocopy_point(client: Any, bs: int, seconds: float,  # noqa: ANN401
+                          offset_at: Callable[[int], int]) -> tuple[int, float, np.ndarray]:
+    """QD1 reads through ``read_zerocopy``, each view released at once (the caller uses the
+    data in place): (reads, elapsed, latencies in ns), as ``_point`` at QD1."""
+    lat: list[int] = []
+    now = time.perf_counter_ns
+    stop_at = now() + int(seconds * 1e9)
+    i = 0
+    t_start = now()
+    while True:
+        t0 = now()
+        if t0 >= stop_at:
+            break
+        (await client.read_zerocopy(offset_at(i), bs)).release()
+        lat.append(now() - t0)
+        i += 1
+    return len(lat), (now() - t_start) / 1e9, np.array(lat, dtype=np.uint64)
+
+
 async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                  seconds: float) -> list[Measurement]:
     client = await connect(link, "adaptive")
@@ -288,6 +307,20 @@ async def _sweep(ctx: Context, link: str, suite: str, bs: int, random: bool,
                     latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
                     mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat if qd == 1 else None,
                     extra=_reset_extra(resets)))
+        ctx.progress.update(f"{suite}: read {bs >> 10} KiB QD1, read_zerocopy")
+        await _zerocopy_point(client, bs, min(0.2, seconds / 4), offset_at)  # warm-up
+        ups = client.bring_ups
+        n, elapsed, lat = await _zerocopy_point(client, bs, seconds, offset_at)
+        out.append(Measurement(
+            f"{suite}.read.qd1.zerocopy", suite,
+            f"blk {bs >> 10} KiB {'random' if random else 'sequential'} read, QD1, "
+            f"read_zerocopy",
+            params={"op": "read", "qd": 1, "bytes": bs, "seconds": round(elapsed, 2),
+                    "mode": "adaptive", "rw_size": BIG_RW, "api": "read_zerocopy",
+                    "pattern": "random" if random else "sequential"},
+            latency_us=summarize_ns(lat), ops_per_s=n / elapsed,
+            mb_per_s=n * bs / elapsed / 1e6, samples_ns=lat,
+            extra=_reset_extra(-(client.bring_ups - ups))))
         qd = QDS[-1]
         ctx.progress.update(f"{suite}: read {bs >> 10} KiB QD{qd}, readinto_many")
         await _many_point(client, bs, qd, min(0.2, seconds / 4), offset_at)  # warm-up

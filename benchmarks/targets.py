@@ -166,6 +166,13 @@ def evaluate(ctx: Context) -> list[dict[str, Any]]:
         f"{a and round(a.mb_per_s or 0)} MB/s / {b and round(b.mb_per_s or 0)} MB/s",
         ["blk-seq", "disk"], a, b))
 
+    for suite, size in (("blk-seq", "128 KiB sequential"), ("blk-rand", "4 KiB random")):
+        a, b = g(f"{suite}.read.qd1.zerocopy"), g(f"{suite}.read.qd1")
+        out.append(_target(
+            f"blk {size} read QD1 p50, read_zerocopy / readinto (issue 15: does it pay?)",
+            _ratio(_p50(a), _p50(b)), None, None, "x",
+            f"{_p50(a)} us / {_p50(b)} us; reported, no goal", [suite], a, b))
+
     a = g("blk-rand.read.qd32")
     out.append(_target(
         "blk 4 KiB random read QD32 IOPS", _ops(a), ">=", 100_000.0, "IOPS",

@@ -15,18 +15,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
+import weakref
 from collections.abc import Iterable
 from typing import Any, cast
+
+import structlog
 
 from ivshmem_virtio._native import front_native
 from ivshmem_virtio.errors import TransportError
 from ivshmem_virtio.shm import Region
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import virtio as V
+from ivshmem_virtio.transport.allocator import ChunkAllocator
 from ivshmem_virtio.virtqueue.driver import DriverQueue
 
 from .driver import Device, VirtioDriver
 
+log = structlog.get_logger("ivshmem_virtio.frontend")
 INLINE_YIELD_EVERY = 8  # a lone caller completing in place yields to the loop this often
 _DATA_OFF = 64  # data after the header and status byte of a request's bounce buffer
 _HDR = B.OUTHDR_SIZE  # the status byte follows the header
@@ -56,7 +61,7 @@ class _Group:
     def done(self) -> bool:
         return False  # (a future's: each request of the group is answered once)
 
-    def set_result(self, _data: bytes) -> None:
+    def set_result(self, _data: object) -> None:
         self.left -= 1
         w = self.waiter  # (_wake, inline: once per request)
         if w is not None and not w.done():
@@ -80,17 +85,83 @@ class _Req:
     __slots__ = ("type", "sector", "out", "in_len", "into", "future", "base")
 
     def __init__(self, rtype: int, sector: int, out: bytes | memoryview = b"", in_len: int = 0,
-                 into: memoryview | None = None, group: _Group | None = None) -> None:
+                 into: memoryview | bool | None = None, group: _Group | None = None) -> None:
         self.type = rtype
         self.sector = sector
         self.out = out  # payload the device reads (OUT, DISCARD, WRITE_ZEROES)
         self.in_len = in_len  # bytes the device writes before the status (IN, GET_ID)
-        self.into = into  # readinto: the caller's buffer, filled on completion
+        # readinto: the caller's buffer, filled on completion; False: read_zerocopy (the data
+        # stays in the bounce buffer, lent to the caller)
+        self.into = into
         self.future: asyncio.Future | _Group = (
             _running_loop().create_future() if group is None else group)
         # offset of the bounce buffer while the request holds one (else -1), laid out as
         # [outhdr 16][status 1][pad to _DATA_OFF][data]: every address derives from it
         self.base = -1
+
+
+class ZeroCopyRead:
+    """The data of a :meth:`BlkClient.read_zerocopy`, where the device put it: a read-only view
+    of the request's bounce buffer in shared memory, lent until :meth:`release` (or the end of
+    a ``with`` block, whose target is the view).
+
+    The memory stays the client's until then, so lent reads take from the bounce pool that
+    every request needs (release them promptly). The view is shared memory: a backend can
+    still write there, as it could have returned other data in the first place; a caller that
+    needs bytes no one can change copies them (``bytes(view)``, or :meth:`BlkClient.readinto`).
+    A device reset, a recovery from a backend restart and :meth:`BlkClient.close` end every
+    lent view (using it then raises ValueError): that memory is reused by the new rings.
+    """
+
+    __slots__ = ("_client", "_alloc", "_base", "_view", "__weakref__")
+
+    def __init__(self, client: BlkClient, alloc: ChunkAllocator, base: int,
+                 view: memoryview) -> None:
+        self._client = client
+        self._alloc = alloc
+        self._base = base
+        self._view: memoryview | None = view
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("zero-copy read already released")
+        return self._view
+
+    def release(self) -> None:
+        """Give the bounce buffer back (idempotent): the view ends. Views made from it
+        (``memoryview(view)``, ``numpy.frombuffer(view)``) do not end with it, and like it
+        must not be used after: the memory is handed out to other requests again. BufferError
+        while a C-level export of the view itself is live: the memory then stays lent."""
+        view = self._view
+        if view is None:
+            return
+        view.release()  # (raises BufferError, and nothing changes, while exported)
+        self._view = None
+        self._client._lent.discard(self)
+        self._alloc.free(self._base)  # (a reset or bring-up since would have ended the view)
+
+    def _invalidate(self) -> None:
+        """The device's memory is about to be reused: the view ends, nothing is freed."""
+        view, self._view = self._view, None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                log.warning("a zero-copy read is still exported while its memory is reused",
+                            link=self._client.dev.name)
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()  # a lent buffer dropped without release goes back to the pool
+        except Exception:  # noqa: BLE001,S110 - (exported, or at interpreter exit)
+            pass
 
 
 class BlkClient(VirtioDriver):
@@ -116,6 +187,7 @@ class BlkClient(VirtioDriver):
         # requests added to the ring whose on_used has not run yet: they still hold bounce
         # memory even after get_used() returned their descriptors to the free list
         self._outstanding = 0
+        self._lent: weakref.WeakSet[ZeroCopyRead] = weakref.WeakSet()  # read_zerocopy's
         #: the compiled queue (``_native._frontpath.DriverQueue``) in vqs[0]'s place, or None:
         #: places, adds and completes the usual requests in C (the Python path is the reference)
         self._fast: Any = None
@@ -181,6 +253,31 @@ class BlkClient(VirtioDriver):
                               into=view[off - offset: off - offset + n]))
             for off, n in self._chunks(offset, length)])
         return length
+
+    async def read_zerocopy(self, offset: int, length: int) -> ZeroCopyRead:
+        """Read ``length`` bytes at ``offset`` (one request: at most ``max_transfer``) and lend
+        them where the device put them, with no copy: a :class:`ZeroCopyRead` (``with (await
+        disk.read_zerocopy(o, n)) as view: ...``). Saves the copy out of shared memory that
+        :meth:`read`/:meth:`readinto` make, for a caller that uses the data in place."""
+        if not self._one_request(offset, length):
+            self._check_range(offset, length)
+            raise ValueError(f"read_zerocopy takes one request: 512 to {self.max_transfer} "
+                             f"bytes, not {length}")
+        return cast(ZeroCopyRead,
+                    await self._submit(_Req(_T_IN, offset >> 9, in_len=length, into=False)))
+
+    def _lend(self, req: _Req, alloc: ChunkAllocator) -> ZeroCopyRead:
+        """A completed read_zerocopy: its bounce buffer, now the caller's to release."""
+        view = self.transport.hdr.view(req.base + _DATA_OFF, req.in_len).toreadonly()
+        lent = ZeroCopyRead(self, alloc, req.base, view)
+        self._lent.add(lent)
+        return lent
+
+    def _invalidate_lent(self) -> None:
+        """The bounce memory is about to be reused (reset, new bring-up, close)."""
+        for lent in list(self._lent):
+            lent._invalidate()
+        self._lent = weakref.WeakSet()
 
     async def readinto_many(self, reads: Iterable[tuple[int, bytearray | memoryview]],
                             depth: int = 32) -> int:
@@ -450,10 +547,11 @@ class BlkClient(VirtioDriver):
             if n != in_len and req.type == _T_IN:
                 status = B.S_IOERR  # a device must return all of a read
             # the segments are one contiguous buffer
-            if req.into is None:
+            into = req.into
+            if into is None:
                 data = mem.read(base + _DATA_OFF, n)
-            elif status == _S_OK:
-                mem.read_into(base + _DATA_OFF, req.into)
+            elif status == _S_OK and into is not False:  # (False: lent, see _finish)
+                mem.read_into(base + _DATA_OFF, cast(memoryview, into))
         self._finish(req, status, data)
 
     def take_used(self, index: int, vq: DriverQueue) -> int:
@@ -472,13 +570,20 @@ class BlkClient(VirtioDriver):
         return len(done)
 
     def _finish(self, req: _Req, status: int, data: bytes) -> None:
-        """The end of a request: its bounce buffer freed, its caller answered."""
+        """The end of a request: its bounce buffer freed (or lent: read_zerocopy), its caller
+        answered."""
         alloc = self.transport.allocator
+        fut = req.future
+        self.completed += 1
+        if req.into is False and status == _S_OK and not fut.done() and alloc is not None:
+            fut.set_result(self._lend(req, alloc))  # the buffer is the caller's until released
+            req.base = -1
+            if self._backlog:
+                self._pump()
+            return
         if alloc is not None:
             alloc.free(req.base)
         req.base = -1
-        self.completed += 1
-        fut = req.future
         if not fut.done():
             if status == _S_OK:
                 fut.set_result(data)
@@ -508,6 +613,15 @@ class BlkClient(VirtioDriver):
                 r.future.set_exception(exc)
 
     async def _bring_up(self, timeout: float | None = None) -> None:
+        self._invalidate_lent()  # the new bring-up's allocator hands that memory out again
         await super()._bring_up(timeout)
         self._outstanding = 0  # a fresh ring: what was in flight is resubmitted or failed
         self._pump()
+
+    async def reset_device(self, queue_size: int | None = None) -> None:
+        self._invalidate_lent()
+        await super().reset_device(queue_size)
+
+    async def close(self) -> None:
+        self._invalidate_lent()
+        await super().close()

@@ -264,7 +264,8 @@ out:
 
 /* add_blk(token, type, sector, base, payload, in_len, into) -> head: BlkClient._place for a
  * request whose data is one descriptor, then add. ``payload`` a buffer the device reads (or
- * None), ``into`` where readinto wants the data (or None). RingError when no room. */
+ * None), ``into`` where readinto wants the data (or None; False: read_zerocopy, the data stays
+ * in the bounce buffer). RingError when no room. */
 static PyObject *DrvQueue_add_blk(DrvQueue *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long type, in_len;
@@ -501,7 +502,7 @@ static PyObject *DrvQueue_reap_blk(DrvQueue *self, PyObject *Py_UNUSED(ignored))
             if (into == NULL) {
                 data = PyBytes_FromStringAndSize(
                     (const char *)self->q.mem + base + VQD_BLK_DATA, (Py_ssize_t)got);
-            } else if (status == 0 && got) {
+            } else if (status == 0 && got && into != Py_False) { /* False: lent, no copy */
                 Py_buffer dst;
                 data = NULL;
                 if (PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE | PyBUF_SIMPLE) == 0) {
