@@ -282,7 +282,9 @@ class LinkRunner(QueueRunner):
                 if not busy:
                     # woken for nothing (a peer flipping its avail index makes the polls see
                     # work that the turn then does not find): a loop pass before the next
-                    # wait, which may return at once again, so the loop's others still run
+                    # wait, which may return at once again, so the loop's others still run;
+                    # a doorbell behind it counts toward muting a storm
+                    waiter.woke_for_nothing()
                     await asyncio.sleep(0)
                 await waiter.wait(self._has_work, prepare_block=self._enable_notifications,
                                   serve=self._native_poll())

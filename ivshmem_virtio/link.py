@@ -170,6 +170,7 @@ class IrqWaiter:
         self._sleeping = False
         self._idle_since = 0.0  # when the owner last ran out of work (perf_counter)
         self._no_poll = False  # the next wait sleeps at once (see kick)
+        self._rang_awake = False  # a doorbell while the owner was awake (see woke_for_nothing)
         self._storm_t0 = 0.0  # doorbell storm detection (see empty_interrupt)
         self._storm_n = 0
         self.muted = 0  # storms muted
@@ -204,7 +205,9 @@ class IrqWaiter:
         self.dev.ack_fd(fd)
         if self.dev.fd_epoch != self._epoch:
             self.refresh()
-        if self._sleeping:
+        if not self._sleeping:
+            self._rang_awake = True
+        else:
             now = time.perf_counter()
             # the sleep ended: a window up to the cap would have caught this if it came soon
             self.policy.record(now - self._idle_since, False, now)
@@ -225,6 +228,15 @@ class IrqWaiter:
                                 "from now on", link=self.dev.name, exc_info=True)
                     self.handler = None
         self._event.set()
+
+    def woke_for_nothing(self) -> None:
+        """The owner's wait returned and its turn found nothing to do. If a doorbell rang while
+        it was awake, that doorbell counts as an empty interrupt: a peer ringing without work
+        keeps the fd readable, so each wait returns at once and the owner would cycle through
+        empty turns, a storm that the sleeping path (the fd callback) never sees."""
+        if self._rang_awake:
+            self._rang_awake = False
+            self.empty_interrupt()
 
     def empty_interrupt(self) -> None:
         """The owner found nothing to do for an interrupt. More than ``STORM`` of those within

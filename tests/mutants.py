@@ -109,6 +109,10 @@ MUTANTS = [
     Mutant("zerocopy-not-to-a-cancelled-caller", "frontend/blk.py",
            "and status == _S_OK and not fut.done() and alloc", "and status == _S_OK and alloc",
            ("tests/test_blk_zerocopy.py::test_a_cancelled_caller_leaves_no_buffer_lent",)),
+    Mutant("storm-while-awake", "backend/runner.py",
+           "                    waiter.woke_for_nothing()\n", "",
+           ("tests/test_fairness.py::"
+            "test_a_doorbell_storm_while_the_device_is_awake_is_muted",)),
     Mutant("read-only-out", "backend/devices/blk.py",
            "        if rtype == B.T_OUT:\n            if self.read_only:\n",
            "        if rtype == B.T_OUT:\n            if False:\n", (EDGES,)),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -219,3 +221,42 @@ def test_a_wake_up_for_nothing_still_lets_the_loop_run(tmp_path, image_factory, 
     run(body())
     assert most > 0  # a's task did run its fooled checks meanwhile
     assert not held, "device a held the event loop"
+
+
+def test_a_doorbell_storm_while_the_device_is_awake_is_muted(tmp_path, image_factory):
+    """A peer that rings without work from another CPU keeps the doorbell readable, so an
+    adaptive device's wait returns at once and its task would cycle through empty turns, never
+    asleep, where the fd callback's storm count sits. The turn that finds nothing after a
+    doorbell counts it too: the storm is muted (its fds unwatched for a while) over and over,
+    and b's reads go on. (The storm is a child process writing device a's doorbell eventfd.)"""
+
+    async def body() -> None:
+        async with blk_stack(str(tmp_path / "a.sock"), image_factory(MiB, name="a.img"),
+                             mode="adaptive") as a, \
+                blk_stack(str(tmp_path / "b.sock"), image_factory(MiB, name="b.img"),
+                          mode="block") as b:
+            await a.client.read(0, 512)
+            waiter = a.runner._waiter
+            assert waiter is not None and waiter.muted == 0
+            t = a.client.transport
+            dev = a.client.dev
+            assert isinstance(dev, SimIvshmem) and t.queues[0] is not None
+            bell = dev._peers[t.peer][t.queues[0].device_vector]
+            storm = subprocess.Popen(
+                [sys.executable, "-c", "import os, time\nend = time.monotonic() + 30\n"
+                 "while time.monotonic() < end:\n"  # (its own deadline: never outlives us)
+                 f"    for _ in range(1000): os.eventfd_write({bell}, 1)"],
+                pass_fds=[bell])
+            try:
+                end = time.monotonic() + 0.5
+                i = 0
+                while time.monotonic() < end:
+                    assert await asyncio.wait_for(b.client.read(i % 256 * 4096, 512), 5)
+                    i += 1
+            finally:
+                storm.kill()  # our own child, by its pid
+                storm.wait(5)
+            assert waiter.muted >= 5
+            assert await asyncio.wait_for(a.client.read(0, 512), 5)  # a still served
+
+    run(body())

@@ -225,6 +225,29 @@ def test_a_doorbell_storm_is_muted_then_looked_at_again():
     _run(body)
 
 
+def test_only_a_doorbell_rung_while_awake_counts_as_an_empty_wake_up():
+    """woke_for_nothing (the owner's turn found nothing) counts toward a storm only when a
+    doorbell rang while the owner was awake, once per doorbell; an in-process kick (a stop, an
+    inline spin handing over) is not a peer's doorbell."""
+
+    async def body(dev):
+        waiter = IrqWaiter(dev, mode="block")
+        waiter.kick()
+        await waiter.wait(lambda: False)
+        waiter.woke_for_nothing()
+        assert waiter._storm_n == 0
+        dev.ring()
+        await asyncio.sleep(0.01)  # the fd callback runs while the owner is not in wait()
+        await waiter.wait(lambda: False)  # returns at once: the doorbell set the event
+        waiter.woke_for_nothing()
+        assert waiter._storm_n == 1
+        waiter.woke_for_nothing()
+        assert waiter._storm_n == 1  # that doorbell counted once
+        waiter.close()
+
+    _run(body)
+
+
 def test_a_closed_waiter_stays_closed_after_a_mute():
     from ivshmem_virtio.link import MUTE_S, STORM
 
