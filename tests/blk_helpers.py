@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ivshmem_virtio.backend.devices.blk_service import BlkService
 from ivshmem_virtio.backend.resources.image import BlockImage
@@ -79,3 +81,13 @@ async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  
     finally:
         await client.close()
         fdev.close()
+
+
+@contextlib.asynccontextmanager
+async def random_disk(tmp_path: Path, image_factory: Callable[..., str], size: int, *,
+                      mode: str = "adaptive") -> AsyncIterator[tuple[BlkClient, bytes]]:
+    """A disk of ``size`` random bytes served in-process, and its client: (client, bytes)."""
+    data = os.urandom(size)
+    image = image_factory(size, data=data)
+    async with blk_stack(str(tmp_path / "l.sock"), image, mode=mode) as s:
+        yield s.client, data

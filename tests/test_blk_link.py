@@ -35,6 +35,16 @@ async def leave(client: BlkClient) -> None:
     client.dev.close()
 
 
+def served_random_disk(procs, tmp_path, image_factory, size: int):  # noqa: ANN001, ANN201
+    """A hub and a backend process serving ``size`` random bytes: (socket, image, the bytes,
+    the backend's Child), for the tests that kill and restart it."""
+    sock = str(tmp_path / "blk.sock")
+    data = os.urandom(size)
+    image = image_factory(size, data=data)
+    procs.hub(sock)
+    return sock, image, data, procs.blk(sock, image, name="blk-1")
+
+
 def test_frontend_processes_write_then_read(procs, tmp_path, image_factory):
     """Two frontend processes one after the other: exit and reconnect on a running backend."""
     sock = str(tmp_path / "blk.sock")

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import signal
 
 import pytest
 
 from ivshmem_virtio.frontend.blk import BlkIOError
 
-from .blk_helpers import blk_stack
+from .blk_helpers import blk_stack, random_disk
 from .conftest import run
-from .test_blk_link import connect, leave
+from .test_blk_link import connect, leave, served_random_disk
 
 MiB = 1 << 20
 
@@ -27,12 +26,8 @@ def _ours_left(c) -> int:  # noqa: ANN001
 
 @pytest.mark.parametrize("depth", [1, 7, 32, 600])  # 600: more than the ring holds
 def test_fills_every_buffer_within_depth(tmp_path, image_factory, depth):
-    data = os.urandom(8 * MiB)
-    image = image_factory(8 * MiB, data=data)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, 8 * MiB) as (c, data):
             rng = __import__("random").Random(depth)
             sizes = [512, 4096, 65536, c.max_transfer + 4096]  # the last: two requests
             reads = []
@@ -67,12 +62,8 @@ def test_fills_every_buffer_within_depth(tmp_path, image_factory, depth):
 
 
 def test_a_bad_entry_raises_after_the_good_ones_ended(tmp_path, image_factory):
-    data = os.urandom(1 * MiB)
-    image = image_factory(1 * MiB, data=data)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, MiB) as (c, data):
             bufs = [bytearray(4096) for _ in range(3)]
             with pytest.raises(BlkIOError) as ei:
                 await c.readinto_many([(0, bufs[0]), (8192, bufs[1]), (MiB, bufs[2])])
@@ -95,12 +86,8 @@ def test_a_bad_entry_raises_after_the_good_ones_ended(tmp_path, image_factory):
 def test_a_device_error_is_raised_once_all_ended(tmp_path, image_factory):
     """The device answers IOERR for one request (past its capacity): the others' buffers are
     filled, the first error is raised, nothing stays in flight."""
-    data = os.urandom(1 * MiB)
-    image = image_factory(1 * MiB, data=data)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, MiB) as (c, data):
             c.size = 2 * MiB  # past the client's own check: the device must refuse
             reads = [(o, bytearray(4096)) for o in (0, 4096, MiB + 4096, 8192, 12288)]
             with pytest.raises(BlkIOError) as ei:
@@ -152,11 +139,7 @@ def test_a_cancel_waits_for_what_is_in_flight(tmp_path, image_factory):
 def test_survives_a_backend_restart(procs, tmp_path, image_factory):
     """The backend is killed with reads in flight and in the backlog: they are resubmitted to
     the new backend, and every buffer holds the image's bytes."""
-    sock = str(tmp_path / "blk.sock")
-    data = os.urandom(4 * MiB)
-    image = image_factory(4 * MiB, data=data)
-    procs.hub(sock)
-    first = procs.blk(sock, image, name="blk-1")
+    sock, image, data, first = served_random_disk(procs, tmp_path, image_factory, 4 * MiB)
 
     async def body():
         c = await connect(sock)

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import signal
 
 import pytest
 
 from ivshmem_virtio.frontend.blk import BlkIOError
 
-from .blk_helpers import blk_stack
+from .blk_helpers import random_disk
 from .conftest import run
-from .test_blk_link import connect, leave
+from .test_blk_link import connect, leave, served_random_disk
 
 MiB = 1 << 20
 
@@ -25,12 +24,8 @@ def _free(c) -> int:  # noqa: ANN001
 
 
 def test_lends_the_data_until_released(tmp_path, image_factory):
-    data = os.urandom(8 * MiB)
-    image = image_factory(8 * MiB, data=data)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, 8 * MiB) as (c, data):
             await c.read(0, 512)
             before = _free(c)
             for off, n in ((0, 512), (4096, 65536), (MiB, c.max_transfer)):
@@ -75,11 +70,8 @@ def test_lends_the_data_until_released(tmp_path, image_factory):
 
 
 def test_a_device_error_lends_nothing(tmp_path, image_factory):
-    image = image_factory(1 * MiB)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, MiB) as (c, _):
             await c.read(0, 512)
             before = _free(c)
             c.size = 2 * MiB  # past the client's own check: the device answers IOERR
@@ -92,11 +84,8 @@ def test_a_device_error_lends_nothing(tmp_path, image_factory):
 
 
 def test_a_cancelled_caller_leaves_no_buffer_lent(tmp_path, image_factory):
-    image = image_factory(1 * MiB)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="block") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, MiB, mode="block") as (c, _):
             await c.read(0, 512)
             before = _free(c)
             task = asyncio.create_task(c.read_zerocopy(0, 4096))
@@ -116,12 +105,8 @@ def test_a_cancelled_caller_leaves_no_buffer_lent(tmp_path, image_factory):
 
 
 def test_a_reset_ends_the_lent_views(tmp_path, image_factory):
-    data = os.urandom(1 * MiB)
-    image = image_factory(1 * MiB, data=data)
-
     async def body():
-        async with blk_stack(str(tmp_path / "l.sock"), image, mode="adaptive") as s:
-            c = s.client
+        async with random_disk(tmp_path, image_factory, MiB) as (c, data):
             lent = await c.read_zerocopy(0, 4096)
             view = lent.view
             await c.reset_device()
@@ -143,11 +128,7 @@ def test_a_reset_ends_the_lent_views(tmp_path, image_factory):
 
 
 def test_a_backend_restart_ends_the_lent_views(procs, tmp_path, image_factory):
-    sock = str(tmp_path / "blk.sock")
-    data = os.urandom(4 * MiB)
-    image = image_factory(4 * MiB, data=data)
-    procs.hub(sock)
-    first = procs.blk(sock, image, name="blk-1")
+    sock, image, data, first = served_random_disk(procs, tmp_path, image_factory, 4 * MiB)
 
     async def body():
         c = await connect(sock)
