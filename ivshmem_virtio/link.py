@@ -43,9 +43,11 @@ def open_link(spec: str, *, backend: bool, protocol: int | None = None,
     return UioIvshmem(path)
 
 
-STORM = 32  # empty interrupts within STORM_S that make a storm
-STORM_S = 1e-3
-MUTE_S = 1e-3  # a storm's fds are not watched for this long
+STORM = 32  # empty interrupts within STORM_S that make a storm: counted, not timed per
+STORM_S = 0.05  # interrupt, so that a slow CPU (a Pi, an emulator) that turns over fewer of
+# them per millisecond still sees a storm; a legitimate peer rings empty a few times at most
+MUTE_S = 1e-3  # a storm's fds are not watched for this long; a storm again within STORM_S of
+MUTE_MAX_S = 0.032  # the last mute's end doubles it, up to this: a long storm costs ~nothing
 SPIN_CAP_US = 200.0  # the longest poll window (KVM's halt_poll_ns default on x86 is 200 us)
 
 
@@ -173,6 +175,8 @@ class IrqWaiter:
         self._rang_awake = False  # a doorbell while the owner was awake (see woke_for_nothing)
         self._storm_t0 = 0.0  # doorbell storm detection (see empty_interrupt)
         self._storm_n = 0
+        self._mute_s = MUTE_S  # the next mute's length
+        self._unmuted_at = -1.0  # perf_counter() at the last mute's end
         self.muted = 0  # storms muted
         self._closed = False
         self.refresh()
@@ -241,19 +245,24 @@ class IrqWaiter:
     def empty_interrupt(self) -> None:
         """The owner found nothing to do for an interrupt. More than ``STORM`` of those within
         ``STORM_S`` is a doorbell storm (a peer ringing without work): the fds are not watched
-        for ``MUTE_S``, then looked at again, so a storm costs a bounded share of the CPU. No
+        for a while (``MUTE_S``, doubled for a storm that goes on right after a mute, up to
+        ``MUTE_MAX_S``), then looked at again, so a storm costs a bounded share of the CPU. No
         interrupt is lost: an eventfd keeps its count, and the waiter is woken at the end."""
         now = time.perf_counter()
         if now - self._storm_t0 > STORM_S:
             self._storm_t0, self._storm_n = now, 0
         self._storm_n += 1
         if self._storm_n > STORM and self._fds:
+            going_on = self._unmuted_at >= 0 and now - self._unmuted_at <= STORM_S
+            self._mute_s = min(2 * self._mute_s, MUTE_MAX_S) if going_on else MUTE_S
+            self._storm_n = 0
             self._unwatch()
             self.muted += 1
-            self._loop.call_later(MUTE_S, self._unmute)
+            self._loop.call_later(self._mute_s, self._unmute)
 
     def _unmute(self) -> None:
         if not self._fds and not self._closed:
+            self._unmuted_at = time.perf_counter()
             self.refresh()
             self._event.set()  # look at the rings: work may have come with the storm
 

@@ -113,6 +113,12 @@ MUTANTS = [
            "                    waiter.woke_for_nothing()\n", "",
            ("tests/test_fairness.py::"
             "test_a_doorbell_storm_while_the_device_is_awake_is_muted",)),
+    Mutant("storm-window", "ivshmem_virtio/link.py",
+           "STORM_S = 0.05  #", "STORM_S = 1e-3  #",
+           ("tests/test_poll_window.py::test_a_storm_turned_over_slowly_is_still_a_storm",)),
+    Mutant("storm-mute-backoff", "ivshmem_virtio/link.py",
+           "MUTE_MAX_S) if going_on else MUTE_S", "MUTE_MAX_S) if False else MUTE_S",
+           ("tests/test_poll_window.py::test_a_storm_that_goes_on_is_muted_longer_each_time",)),
     Mutant("read-only-out", "backend/devices/blk.py",
            "        if rtype == B.T_OUT:\n            if self.read_only:\n",
            "        if rtype == B.T_OUT:\n            if False:\n", (EDGES,)),

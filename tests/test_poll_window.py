@@ -248,6 +248,47 @@ def test_only_a_doorbell_rung_while_awake_counts_as_an_empty_wake_up():
     _run(body)
 
 
+def test_a_storm_turned_over_slowly_is_still_a_storm():
+    """A slow CPU (a Raspberry Pi, an emulator) handles fewer empty interrupts per millisecond:
+    a storm is counted within STORM_S, not per millisecond (here one every 1.2 ms)."""
+    from ivshmem_virtio.link import STORM, STORM_S
+
+    async def body(dev):
+        waiter = IrqWaiter(dev, mode="block")
+        assert (STORM + 1) * 1.2e-3 < STORM_S
+        for _ in range(STORM + 1):
+            waiter.empty_interrupt()
+            await asyncio.sleep(1.2e-3)
+        assert waiter.muted == 1
+        waiter.close()
+
+    _run(body)
+
+
+def test_a_storm_that_goes_on_is_muted_longer_each_time():
+    """A storm right after a mute ended doubles the next mute, up to MUTE_MAX_S, so a storm
+    that never stops costs ~nothing; one that comes later starts again from MUTE_S."""
+    from ivshmem_virtio.link import MUTE_MAX_S, MUTE_S, STORM
+
+    async def body(dev):
+        waiter = IrqWaiter(dev, mode="block")
+        lengths = []
+        for _ in range(8):
+            for _ in range(STORM + 1):
+                waiter.empty_interrupt()
+            lengths.append(waiter._mute_s)
+            waiter._unmute()  # (the mute's end, early)
+        assert lengths[:3] == [MUTE_S, 2 * MUTE_S, 4 * MUTE_S] and lengths[-1] == MUTE_MAX_S
+        assert waiter.muted == 8
+        waiter._unmuted_at -= 1.0  # the last mute ended long ago
+        for _ in range(STORM + 1):
+            waiter.empty_interrupt()
+        assert waiter._mute_s == MUTE_S
+        waiter.close()
+
+    _run(body)
+
+
 def test_a_closed_waiter_stays_closed_after_a_mute():
     from ivshmem_virtio.link import MUTE_S, STORM
 
