@@ -317,18 +317,18 @@ class BlkClient(VirtioDriver):
                     item = next(pending, None)
                     if item is None:
                         break
-                    offset, buf = item
-                    view = memoryview(buf).cast("B")
-                    length = len(view)
-                    if one_request(offset, length) and not view.readonly:
-                        backlog.append(req_(_T_IN, offset >> 9, b"", length, view, group))
-                        group.left += 1
-                        total += length
-                        if len(backlog) >= MANY_PUMP:
-                            self.loud(0)
-                            self._pump()
-                        continue
                     try:
+                        offset, buf = item
+                        view = memoryview(buf).cast("B")
+                        length = len(view)
+                        if one_request(offset, length) and not view.readonly:
+                            backlog.append(req_(_T_IN, offset >> 9, b"", length, view, group))
+                            group.left += 1
+                            total += length
+                            if len(backlog) >= MANY_PUMP:
+                                self.loud(0)
+                                self._pump()
+                            continue
                         if view.readonly:
                             raise TypeError("readinto_many needs writable buffers")
                         self._check_range(offset, length)

@@ -74,6 +74,12 @@ def test_a_bad_entry_raises_after_the_good_ones_ended(tmp_path, image_factory):
                 await c.readinto_many([(0, bytearray(512)), (100, bytearray(512))])
             with pytest.raises(TypeError, match="writable"):
                 await c.readinto_many([(0, bytes(512))])
+            # not a buffer, or not an (offset, buffer) pair: the entries before it still read
+            for junk in (object(), (0,), ("0", bytearray(512))):
+                first = bytearray(4096)
+                with pytest.raises((TypeError, ValueError)):
+                    await c.readinto_many([(4096, first), junk])  # type: ignore[list-item]
+                assert first == data[4096:8192]
             with pytest.raises(ValueError, match="depth"):
                 await c.readinto_many([], depth=0)
             assert await c.readinto_many([]) == 0
