@@ -294,10 +294,11 @@ class BlkClient(VirtioDriver):
         ``preadv``: the requests go into the ring together behind one doorbell, and the caller
         wakes once for whatever completed, not once per request, so the per-request cost is
         the compiled queue's. Every request has ended (its buffer filled, or not) before this
-        returns or raises. A bad entry (range, alignment, a read-only buffer) ends the call:
-        the entries before it are read, then it raises; a device error is raised once all
-        requests ended (the first one). A cancel lets the requests already in the ring end,
-        and those still waiting for room never start.
+        returns or raises. A bad entry (range, alignment, a read-only buffer, not a pair) or
+        an iterable that raises ends the call: the entries before it are read, then it
+        raises; a device error is raised once all requests ended (the first one). A cancel
+        lets the requests already in the ring end, and those still waiting for room never
+        start.
         """
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -314,7 +315,11 @@ class BlkClient(VirtioDriver):
                 if self.closed:
                     raise ConnectionError("device closed")
                 while bad is None and group.left < depth:
-                    item = next(pending, None)
+                    try:
+                        item = next(pending, None)
+                    except Exception as e:  # noqa: BLE001 - the caller's iterable failed: as
+                        bad = e  # a bad entry, the entries it gave before are read first
+                        break
                     if item is None:
                         break
                     try:

@@ -80,6 +80,15 @@ def test_a_bad_entry_raises_after_the_good_ones_ended(tmp_path, image_factory):
                 with pytest.raises((TypeError, ValueError)):
                     await c.readinto_many([(4096, first), junk])  # type: ignore[list-item]
                 assert first == data[4096:8192]
+
+            def failing():
+                yield 8192, bufs[0]
+                raise RuntimeError("the caller's iterable broke")
+
+            bufs[0][:] = bytes(4096)
+            with pytest.raises(RuntimeError, match="broke"):
+                await c.readinto_many(failing())
+            assert bufs[0] == data[8192:12288]
             with pytest.raises(ValueError, match="depth"):
                 await c.readinto_many([], depth=0)
             assert await c.readinto_many([]) == 0
