@@ -434,8 +434,13 @@ static int append_done(DrvQueue *self, PyObject *out, uint16_t head, PyObject *i
     return free_table(self, head);
 }
 
-/* get_used() -> [(token, used_len)] */
-static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
+/* One element of a batch, from its token (a reference stolen) and used length: the tuple handed
+ * on, or NULL with an exception set. */
+typedef PyObject *(*used_item)(DrvQueue *self, uint16_t head, uint32_t len, PyObject *token);
+
+/* The batch loop of get_used and reap_blk: every used element through `item`, each chain's
+ * indirect table back to the allocator, the interrupt re-armed. */
+static PyObject *collect_used(DrvQueue *self, used_item item)
 {
     unsigned n;
     PyObject *out;
@@ -449,14 +454,12 @@ static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
         uint16_t head;
         uint32_t len;
         PyObject *token;
-        int got = next_used(self, out, &head, &len, &token);
-        if (got < 0)
+        int popped = next_used(self, out, &head, &len, &token);
+        if (popped < 0)
             goto fail;
-        if (!got)
+        if (!popped)
             break;
-        Py_CLEAR(self->blk_into[head]);
-        self->blk_base[head] = 0;
-        if (append_done(self, out, head, Py_BuildValue("(Nk)", token, (unsigned long)len)) < 0)
+        if (append_done(self, out, head, item(self, head, len, token)) < 0)
             goto fail;
     }
     vqd_rearm(&self->q);
@@ -466,77 +469,71 @@ fail:
     return NULL;
 }
 
-/* reap_blk() -> [(token, used_len, status, data)]: get_used, and for each request add_blk
- * placed, BlkClient.on_used's check (status byte, short read = IOERR) and its copy: ``data``
- * the returned bytes (b"" when none), or None when they went into the request's ``into``
- * (only on success). status -1: not placed by add_blk, on_used decides. */
+/* get_used's element: (token, used_len); what add_blk kept for the chain is dropped. */
+static PyObject *plain_item(DrvQueue *self, uint16_t head, uint32_t len, PyObject *token)
+{
+    Py_CLEAR(self->blk_into[head]);
+    self->blk_base[head] = 0;
+    return Py_BuildValue("(Nk)", token, (unsigned long)len);
+}
+
+/* reap_blk's element: (token, used_len, status, data). For a request add_blk placed,
+ * BlkClient.on_used's check (status byte, short read = IOERR) and its copy: ``data`` the
+ * returned bytes (b"" when none), or None when they went into the request's ``into`` (only on
+ * success; into False: read_zerocopy, the data stays where it is). status -1 and data None: not
+ * placed by add_blk, on_used decides. */
+static PyObject *blk_item(DrvQueue *self, uint16_t head, uint32_t len, PyObject *token)
+{
+    uint64_t base = self->blk_base[head];
+    PyObject *into = self->blk_into[head], *data = Py_None;
+    uint32_t got = 0;
+    long status = -1;
+
+    self->blk_into[head] = NULL;
+    self->blk_base[head] = 0;
+    if (base) {
+        base -= 1; /* inside: add_blk placed base + 64 + in_len there */
+        status = (long)vqd_blk_status(&self->q, base, len, self->blk_in_len[head],
+                                      self->blk_type[head], &got);
+        if (into == NULL) {
+            data = PyBytes_FromStringAndSize(
+                (const char *)self->q.mem + base + VQD_BLK_DATA, (Py_ssize_t)got);
+        } else if (status == 0 && got && into != Py_False) {
+            Py_buffer dst;
+            if (PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+                data = NULL;
+            } else {
+                if ((uint64_t)dst.len <= self->blk_in_len[head]) {
+                    memcpy(dst.buf, self->q.mem + base + VQD_BLK_DATA, (size_t)dst.len);
+                } else {
+                    PyErr_SetString(PyExc_ValueError, "readinto buffer larger than read");
+                    data = NULL;
+                }
+                PyBuffer_Release(&dst);
+            }
+        }
+    }
+    Py_XDECREF(into);
+    if (!data) {
+        Py_DECREF(token);
+        return NULL;
+    }
+    if (data == Py_None)
+        Py_INCREF(data);
+    return Py_BuildValue("(NklN)", token, (unsigned long)len, status, data);
+}
+
+/* get_used() -> [(token, used_len)] */
+static PyObject *DrvQueue_get_used(DrvQueue *self, PyObject *Py_UNUSED(ignored))
+{
+    return collect_used(self, plain_item);
+}
+
+/* reap_blk() -> [(token, used_len, status, data)]: get_used with blk_item's check and copy for
+ * each request add_blk placed. */
 static PyObject *DrvQueue_reap_blk(DrvQueue *self, PyObject *Py_UNUSED(ignored))
 {
-    unsigned n;
-    PyObject *out;
-
-    if (!ready(self) || used_count(self, &n) < 0)
-        return NULL;
-    out = PyList_New(0);
-    if (!out)
-        return NULL;
-    for (unsigned i = 0; i < n; i++) {
-        uint16_t head;
-        uint32_t len, got = 0;
-        long status = -1;
-        uint64_t base;
-        PyObject *token, *data, *into;
-        int popped = next_used(self, out, &head, &len, &token);
-        if (popped < 0)
-            goto fail;
-        if (!popped)
-            break;
-        base = self->blk_base[head];
-        into = self->blk_into[head];
-        self->blk_into[head] = NULL;
-        self->blk_base[head] = 0;
-        if (base) {
-            base -= 1; /* inside: add_blk placed base + 64 + in_len there */
-            status = (long)vqd_blk_status(&self->q, base, len, self->blk_in_len[head],
-                                          self->blk_type[head], &got);
-            if (into == NULL) {
-                data = PyBytes_FromStringAndSize(
-                    (const char *)self->q.mem + base + VQD_BLK_DATA, (Py_ssize_t)got);
-            } else if (status == 0 && got && into != Py_False) { /* False: lent, no copy */
-                Py_buffer dst;
-                data = NULL;
-                if (PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE | PyBUF_SIMPLE) == 0) {
-                    if ((uint64_t)dst.len <= self->blk_in_len[head]) {
-                        memcpy(dst.buf, self->q.mem + base + VQD_BLK_DATA, (size_t)dst.len);
-                        data = Py_None;
-                        Py_INCREF(data);
-                    } else {
-                        PyErr_SetString(PyExc_ValueError, "readinto buffer larger than read");
-                    }
-                    PyBuffer_Release(&dst);
-                }
-            } else {
-                data = Py_None;
-                Py_INCREF(data);
-            }
-        } else {
-            data = Py_None;
-            Py_INCREF(data);
-        }
-        Py_XDECREF(into);
-        if (!data) {
-            Py_DECREF(token);
-            goto fail;
-        }
-        if (append_done(self, out, head,
-                        Py_BuildValue("(NklN)", token, (unsigned long)len, status, data)) < 0)
-            goto fail;
-    }
-    vqd_rearm(&self->q);
-    return out;
-fail:
-    Py_DECREF(out);
-    return NULL;
+    return collect_used(self, blk_item);
 }
 
 static PyObject *DrvQueue_in_flight(DrvQueue *self, PyObject *Py_UNUSED(ignored))
