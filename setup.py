@@ -5,21 +5,19 @@ extension is skipped with a warning and the package installs and runs in pure Py
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension(
-            "ivshmem_virtio._native._fastpath",
-            sources=["ivshmem_virtio/_native/_fastpath.c", "ivshmem_virtio/_native/vqblk.c"],
-            depends=["ivshmem_virtio/_native/vqblk.h", "ivshmem_virtio/_native/shmio.h"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
-            optional=True,
-        ),
-        Extension(
-            "ivshmem_virtio._native._frontpath",
-            sources=["ivshmem_virtio/_native/_frontpath.c", "ivshmem_virtio/_native/vqdrv.c"],
-            depends=["ivshmem_virtio/_native/vqdrv.h", "ivshmem_virtio/_native/shmio.h"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
-            optional=True,
-        ),
-    ]
-)
+_DIR = "ivshmem_virtio/_native"
+
+
+def _native(module: str, core: str) -> Extension:
+    """``_native.<module>``: its binding plus its core (``<core>.c``, ``<core>.h``), one set of
+    flags for both extensions."""
+    return Extension(
+        f"ivshmem_virtio._native.{module}",
+        sources=[f"{_DIR}/{module}.c", f"{_DIR}/{core}.c"],
+        depends=[f"{_DIR}/{core}.h", f"{_DIR}/shmio.h"],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+        optional=True,
+    )
+
+
+setup(ext_modules=[_native("_fastpath", "vqblk"), _native("_frontpath", "vqdrv")])
