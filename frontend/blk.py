@@ -66,9 +66,7 @@ class _Group:
 
     def set_result(self, _data: object) -> None:
         self.left -= 1
-        w = self.waiter  # (_wake, inline: once per request)
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
         if self.error is None:
