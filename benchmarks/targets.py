@@ -100,6 +100,21 @@ def _fairness(ctx: Context) -> list[dict[str, Any]]:
             f"disk b p99 with {load} on disk a / with a CPU hog beside",
             _ratio(_pct(m, "p99"), _pct(control, "p99")), "<=", 2.0, "x",
             f"{_pct(m, 'p99')} us / {_pct(control, 'p99')} us", ["fairness"], m, control))
+    # the same ratios in the two other arrangements, reported without a goal (docs/decisions.md,
+    # "Fairness between devices")
+    for tag, what in (("cells", "daemon alone on a CPU"),
+                      ("separate", "a daemon per disk")):
+        control = ctx.get(f"fairness.{tag}.cpu-hog")
+        for load in ("doorbell", "avail"):
+            m = ctx.get(f"fairness.{tag}.{load}")
+            if m is None:
+                continue
+            out.append(_target(
+                f"disk b reads/s with {load} on disk a / with a CPU hog beside ({what})",
+                _ratio(_ops(m), _ops(control)), None, None, "fraction",
+                f"{round(m.ops_per_s or 0)} / {control and round(control.ops_per_s or 0)} "
+                f"reads/s; p99 {_pct(m, 'p99')} / {_pct(control, 'p99')} us; reported, no goal",
+                ["fairness"], m, control))
     return out
 
 
