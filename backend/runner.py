@@ -37,6 +37,7 @@ TURN_S = 200e-6  # service time per device per turn
 POLL_ALONE_NS = 20_000  # a compiled poll's burst when no other device shares the loop
 SLICE_NS = 10_000  # service time between two looks at the other devices while one is active
 ACTIVE_S = 0.1  # a device that served a request this recently counts as active
+OFFLOAD_NS = 2_000_000  # a busy device's worker serves this long before its task looks again
 
 #: the LinkRunners of each event loop (a serve daemon's devices): a turn ends early when another
 #: of them has work waiting, so a device that used little lately is served next
@@ -61,6 +62,9 @@ class Service(Protocol):
     # optional: ``poll(index, vq, runner, until_ns, watch_off) -> (served, notify, owner) |
     # None``, a compiled poll (virtio-blk: _fastpath.BlkQueue.poll) the runner spins in
     # between requests: ``notify`` the driver wants an interrupt, ``owner`` the task must run
+    # optional: ``serve_worker(index, vq, until_ns, slice_ns, watch_off, yield_cpu, ring) ->
+    # (served, left, owner) | None``, a compiled stretch that also rings the driver, run in the
+    # device's worker thread while it is busy beside another device (LinkRunner._offload)
 
 
 def passive_queues(service: Service) -> frozenset[int]:
@@ -257,7 +261,12 @@ class LinkRunner(QueueRunner):
         self._peers: list[LinkRunner] = []  # every LinkRunner of this loop, self included
         self._service_poll: Callable[..., tuple[int, bool, bool] | None] | None = getattr(
             service, "poll", None)
+        self._service_worker: Callable[..., tuple[int, bool, bool] | None] | None = getattr(
+            service, "serve_worker", None)
         self.metrics = self.transport.metrics
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # see _offload
+        self._offloaded = False  # the worker serves the device now
+        self.offloads = 0  # turns handed to the worker
 
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -271,13 +280,18 @@ class LinkRunner(QueueRunner):
         key = id(asyncio.get_running_loop())
         self._peers = peers = _LOOP_RUNNERS.setdefault(key, [])
         peers.append(self)
+        heavy = False  # the last turn left work and may go on in the worker thread
         try:
             while not self._stopping:
                 busy = self._control()
                 if t.serving:
-                    if self._serve_queues():
-                        await asyncio.sleep(0)  # turn used up: the loop's other work goes first
+                    more = await self._offload() if heavy else self._serve_queues()
+                    if more:
+                        heavy = self._may_offload()
+                        if not heavy:
+                            await asyncio.sleep(0)  # turn used up: the loop's others go first
                         continue
+                    heavy = False
                     busy = busy or self.served > 0
                 if not busy:
                     # woken for nothing (a peer flipping its avail index makes the polls see
@@ -296,6 +310,77 @@ class LinkRunner(QueueRunner):
             waiter.close()
             t.stop()
             self._pool.shutdown(wait=True)
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)  # (idle: _offload waited for its last call)
+
+    # -- a busy device in its own thread ---------------------------------------------------------
+    def _may_offload(self) -> bool:
+        """Does this device's next turn go to its worker thread? Yes while it keeps work left
+        beside another active device of the loop, where the compiled path serves it whole (its
+        one queue, a compiled worker, compiled ringing on this link) and nothing of the device
+        is pending on the loop."""
+        return (self._service_worker is not None and self._native_poll() is not None
+                and not self._pending and self.transport.idle()
+                and self._others_active(time.perf_counter())
+                and self.transport.native_notify(0) is not None)
+
+    async def _offload(self) -> bool:
+        """Serve this device from its worker thread for up to ``OFFLOAD_NS``; True when work was
+        left. Linux moves softirq work that keeps coming to ksoftirqd, a thread the scheduler
+        weighs like any other, for the same reason: a busy device served on the loop makes the
+        daemon one CPU-bound thread, which the kernel then schedules as one (a neighbour's lone
+        request waits while the daemon is off its CPU), whereas the loop, left with the light
+        devices, mostly sleeps and is woken first. The worker runs compiled code with the GIL
+        released (``serve_worker``: poll, serve, publish and ring, no Python per request).
+        Meanwhile the device's fds are not watched (its handler must not serve beside the
+        worker), and the task waits for the worker to end even when it is cancelled, so that
+        nothing touches the queue after this returns."""
+        waiter = self._waiter
+        t = self.transport
+        ring = t.native_notify(0)  # (on this thread: it may apply the hub's messages)
+        assert waiter is not None and ring is not None
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"serve-{self.name}")
+        waiter.pause()
+        self._offloaded = True
+        self.offloads += 1
+        done = self._worker.submit(self._serve_in_worker, ring,
+                                   self._others_active(time.perf_counter()))
+        try:
+            return await asyncio.wrap_future(done)
+        except PEER_FAULTS as e:
+            t.mark_needs_reset(f"queue 0: {e}")
+            self.generation += 1
+            return False
+        except Exception as e:  # noqa: BLE001 - as in _serve_queues: the daemon goes on
+            log.exception("device fault", link=self.name, queue=0)
+            t.mark_needs_reset(f"queue 0: internal error {e!r}")
+            self.generation += 1
+            return False
+        finally:
+            if not done.done():  # cancelled: wait for the stretch (OFFLOAD_NS at most)
+                concurrent.futures.wait([done])
+            self._offloaded = False
+            waiter.resume()
+
+    def _serve_in_worker(self, ring: tuple[int, int, object | None, int, int],
+                         yield_cpu: bool) -> bool:
+        """(The worker thread.) One compiled stretch: True when it ended with work left.
+        ``yield_cpu``: between slices it gives its CPU to whoever waits for it, so that a
+        daemon held to one CPU still serves the other device's request within a slice, not
+        at the scheduler's next tick."""
+        vq = self.transport.vqs[0]
+        work = self._service_worker
+        assert vq is not None and work is not None
+        got = work(0, vq, time.monotonic_ns() + OFFLOAD_NS, SLICE_NS, H.HDR_WRITE_TRANSACTION,
+                   yield_cpu, ring)
+        if got is None:
+            return False
+        self.served, left, _owner = got
+        if self.served:
+            self.active_at = time.perf_counter()
+        return left
 
     def stop(self) -> None:
         self._stopping = True
@@ -387,7 +472,7 @@ class LinkRunner(QueueRunner):
         that brought nothing is reported to the waiter, which mutes a storm of them.
         """
         t = self.transport
-        if self._stopping or not t.idle() or not t.serving:
+        if self._stopping or self._offloaded or not t.idle() or not t.serving:
             return True
         for i in range(8):
             if self._serve_queues():

@@ -179,6 +179,7 @@ class IrqWaiter:
         self._unmuted_at = -1.0  # perf_counter() at the last mute's end
         self.muted = 0  # storms muted
         self._closed = False
+        self._paused = False  # the owner serves elsewhere for now (see pause)
         self.refresh()
 
     def refresh(self) -> None:
@@ -261,7 +262,7 @@ class IrqWaiter:
             self._loop.call_later(self._mute_s, self._unmute)
 
     def _unmute(self) -> None:
-        if not self._fds and not self._closed:
+        if not self._fds and not self._closed and not self._paused:
             self._unmuted_at = time.perf_counter()
             self.refresh()
             self._event.set()  # look at the rings: work may have come with the storm
@@ -352,6 +353,18 @@ class IrqWaiter:
                 self._sleeping = False
         self._event.clear()
         self.wakeups += 1
+
+    def pause(self) -> None:
+        """Stop watching the fds until :meth:`resume`: the owner serves its device from another
+        thread meanwhile, and its handler must not run beside that (a mute's end leaves them
+        unwatched too). Interrupts wait in the eventfds' counts; nothing is lost."""
+        self._paused = True
+        self._unwatch()
+
+    def resume(self) -> None:
+        if self._paused and not self._closed:
+            self._paused = False
+            self.refresh()
 
     def close(self) -> None:
         self._closed = True

@@ -23,6 +23,7 @@ class Stack:
     runner: LinkRunner
     client: BlkClient
     sock: str
+    task: asyncio.Task[None]  # the runner's
 
 
 @contextlib.asynccontextmanager
@@ -47,12 +48,13 @@ async def blk_stack(sock: str, image: str, *, read_only: bool = False, serial: s
                            spin_us=spin_us, timeout=5.0)
         try:
             await client.start(timeout=5.0)
-            yield Stack(hub, runner, client, sock)
+            yield Stack(hub, runner, client, sock, task)
         finally:
             await client.close()
             fdev.close()
             runner.stop()
-            await task
+            if not task.cancelled():  # (a test may have cancelled it)
+                await task
             service.close()
             bdev.close()
 
@@ -77,7 +79,7 @@ async def proc_stack(procs, sock: str, image: str, *, read_only: bool = False,  
                        queue_size=client_queue, mode=mode, spin_us=spin_us, timeout=10.0)
     try:
         await client.start(timeout=10.0)
-        yield Stack(None, None, client, sock)  # type: ignore[arg-type]
+        yield Stack(None, None, client, sock, None)  # type: ignore[arg-type]
     finally:
         await client.close()
         fdev.close()

@@ -48,6 +48,12 @@ STRACE = "tests/test_durability.py::test_backend_process_syncs_the_image_before_
 POLL_WATCH = ("tests/test_native_poll.py::"
               "test_a_register_write_hands_the_turn_to_the_control_path")
 SLICES = "tests/test_fairness.py::test_a_turn_is_cut_in_time_slices_while_another_device_is_active"
+WORKER = ("tests/test_fairness.py::"
+          "test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread")
+LEFT_TO_WORKER = "tests/test_fairness.py::test_an_offloaded_device_is_left_to_its_worker"
+STRETCH_RING = ("tests/test_native_poll.py::"
+                "test_a_worker_stretch_serves_publishes_and_rings_an_eventfd")
+STRETCH_REG = "tests/test_native_poll.py::test_a_worker_stretch_rings_a_doorbell_register"
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,26 @@ MUTANTS = [
     Mutant("native-poll-watch", VQBLK,
            "        if (watch) {\n            *why = POLL_WATCH;",
            "        if (0) {\n            *why = POLL_WATCH;", (POLL_WATCH,), native=True),
+    # a busy device in its own worker thread (backend/runner.py _offload)
+    Mutant("offload-never", "backend/runner.py",
+           "        return (self._service_worker is not None and self._native_poll() is not None",
+           "        return (False and self._native_poll() is not None", (WORKER,)),
+    Mutant("offload-handler-guard", "backend/runner.py",
+           "if self._stopping or self._offloaded or not t.idle()",
+           "if self._stopping or not t.idle()", (LEFT_TO_WORKER,)),
+    Mutant("offload-pause", "backend/runner.py", "        waiter.pause()\n", "",
+           (LEFT_TO_WORKER,)),
+    Mutant("offload-paused-unmute", "ivshmem_virtio/link.py",
+           "if not self._fds and not self._closed and not self._paused:",
+           "if not self._fds and not self._closed:", (LEFT_TO_WORKER,)),
+    Mutant("offload-join", "backend/runner.py",
+           "                concurrent.futures.wait([done])\n", "                pass\n",
+           ("tests/test_fairness.py::test_a_cancelled_runner_waits_for_its_worker",)),
+    Mutant("offload-ring", VQBLK,
+           "            ring_driver(q, ring);\n", "", (STRETCH_RING, STRETCH_REG), native=True),
+    Mutant("offload-ring-event", VQBLK,
+           "    __atomic_store_n(q->mem + r->event_off, (uint8_t)1, __ATOMIC_RELAXED);\n", "",
+           (STRETCH_RING,), native=True),
     Mutant("native-time-slice", VQBLK,
            "        if (until_ns && now_ns() >= until_ns)\n", "        if (0)\n",
            (SLICES + "[compiled]",), native=True),

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -258,5 +261,160 @@ def test_a_doorbell_storm_while_the_device_is_awake_is_muted(tmp_path, image_fac
                 storm.wait(5)
             assert waiter.muted >= 5
             assert await asyncio.wait_for(a.client.read(0, 512), 5)  # a still served
+
+    run(body())
+
+
+def _compiled_or_skip() -> None:
+    _native.reset_for_tests()
+    if _native.native() is None:
+        pytest.skip("the compiled data path is not built here (or IVSHMEM_VIRTIO_PURE is set)")
+
+
+def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
+        tmp_path, image_factory, monkeypatch):
+    """A device that keeps work left after its turns while another device of the loop is active
+    goes on in a worker thread of its own (compiled stretches that publish and ring the driver
+    themselves, the GIL released) and comes back to the loop when it runs dry. Here a's reads
+    at depth 32 with every turn cut after its first sub-batch (TURN_S 0) and b kept active:
+    every read returns the image's bytes (so the worker rang for the completions its driver
+    slept for), some were served in the worker thread, and a's fds are watched again after."""
+    _compiled_or_skip()
+    monkeypatch.setattr(runner_mod, "TURN_S", 0.0)
+
+    async def body() -> None:
+        async with two_disks(tmp_path, image_factory) as (a, b):
+            disk = os.urandom(MiB)
+            with open(a.runner.service.image.path, "r+b") as f:  # type: ignore[attr-defined]
+                f.write(disk)
+            b.runner.active_at = math.inf  # b counts as active throughout
+            worker = a.runner._service_worker
+            assert worker is not None
+            threads: list[int] = []
+            served: list[int] = []
+
+            def recorded(*args):  # noqa: ANN002, ANN202
+                got = worker(*args)
+                threads.append(threading.get_ident())
+                if got is not None:
+                    served.append(got[0])
+                return got
+
+            a.runner._service_worker = recorded
+            offsets = [(i * 7919 * 512) % (MiB - 4096) for i in range(512)]
+            bufs = [bytearray(4096) for _ in offsets]
+            got = await asyncio.wait_for(
+                a.client.readinto_many(zip(offsets, bufs, strict=True), depth=32), 20)
+            assert got == 4096 * len(offsets)
+            for off, buf in zip(offsets, bufs, strict=True):
+                assert buf == disk[off:off + 4096]
+            assert a.runner.offloads > 0 and sum(served) > 0
+            assert threading.get_ident() not in threads
+            waiter = a.runner._waiter
+            assert waiter is not None
+            for _ in range(100):
+                if not a.runner._offloaded:
+                    break
+                await asyncio.sleep(0.01)
+            assert not a.runner._offloaded and waiter._fds  # watched again
+            assert await asyncio.wait_for(b.client.read(0, 512), 5)
+
+    run(body())
+
+
+@contextlib.asynccontextmanager
+async def held_in_worker(tmp_path, image_factory, monkeypatch):  # noqa: ANN001, ANN201
+    """Two disks with a flooded and offloaded to a worker that blocks until released:
+    (a, b, release: threading.Event, returned: threading.Event set when the worker returns)."""
+    _compiled_or_skip()
+    monkeypatch.setattr(runner_mod, "TURN_S", 0.0)
+    async with two_disks(tmp_path, image_factory) as (a, b):
+        b.runner.active_at = math.inf
+        entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+        def blocked(*args):  # noqa: ANN002, ANN202
+            entered.set()
+            release.wait(10)
+            returned.set()
+            return (0, False, False)
+
+        a.runner._service_worker = blocked
+        # from here on a's frontend is no driver (as benchmarks/flood.py): nobody reaps its
+        # completions or resets the device, which would end the test's state
+        assert a.client._irq_task is not None and a.client._waiter is not None
+        a.client._irq_task.cancel()
+        a.client._waiter.close()
+        mem = a.client.transport.hdr
+        avail_idx, used_idx, size = chain_in_every_slot(a.client)
+        mem.set_u16(avail_idx, (mem.u16(used_idx) + size - 1) & 0xFFFF)
+        assert a.runner._waiter is not None
+        a.runner._waiter.kick()  # a's task wakes, serves a turn and hands the rest over
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            yield a, b, release, returned
+        finally:
+            release.set()
+
+
+def test_an_offloaded_device_is_left_to_its_worker(tmp_path, image_factory, monkeypatch):
+    """While a's worker serves it, a's fds are not watched (the end of a storm's mute does not
+    watch them again) and its interrupt handler serves nothing beside the worker: it hands
+    the interrupt to the task. Once the worker is done, the fds are watched again."""
+
+    async def body() -> None:
+        async with held_in_worker(tmp_path, image_factory, monkeypatch) as (a, b, release, _):
+            waiter = a.runner._waiter
+            assert waiter is not None and a.runner._offloaded
+            assert waiter._fds == []
+            waiter._unmute()
+            assert waiter._fds == []
+            calls: list[int] = []
+            serve = a.runner.service.serve
+
+            def counted(index, vq, runner):  # noqa: ANN001, ANN202
+                calls.append(index)
+                return serve(index, vq, runner)
+
+            a.runner.service.serve = counted  # type: ignore[method-assign]
+            vq = a.runner.transport.vqs[0]
+            assert vq is not None
+            last = vq.last_avail
+            assert a.runner._on_interrupt() is True
+            assert calls == [] and vq.last_avail == last
+            release.set()
+            for _ in range(200):
+                if waiter._fds:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiter._fds
+            assert await asyncio.wait_for(b.client.read(0, 512), 5)
+
+    run(body())
+
+
+def test_a_cancelled_runner_waits_for_its_worker(tmp_path, image_factory, monkeypatch):
+    """A runner cancelled while its worker serves lets the worker finish before it tears the
+    transport down: nothing touches the queue after the task ends."""
+
+    async def body() -> None:
+        async with held_in_worker(tmp_path, image_factory, monkeypatch) as (a, _, release,
+                                                                          returned):
+            order: list[bool] = []
+            stop = a.runner.transport.stop
+
+            def stopped() -> None:
+                order.append(returned.is_set())
+                stop()
+
+            a.runner.transport.stop = stopped  # type: ignore[method-assign]
+            timer = threading.Timer(0.2, release.set)
+            timer.start()
+            try:
+                a.task.cancel()
+                await asyncio.wait({a.task}, timeout=10)
+            finally:
+                timer.cancel()
+            assert a.task.cancelled()
+            assert order == [True]  # the worker had returned when the transport stopped
 
     run(body())

@@ -166,6 +166,109 @@ def test_a_driver_that_wants_interrupts_gets_one_per_publish(tmp_path, image_fac
     run(body())
 
 
+def _stretch(r, ring, *, until_ns: int | None = None, yield_cpu: bool = False):  # noqa: ANN001, ANN202
+    """One worker stretch of runner ``r``'s service, called here (the worker thread's call)."""
+    vq = r.transport.vqs[0]
+    until = time.monotonic_ns() + 2_000_000 if until_ns is None else until_ns
+    return r.service.serve_worker(0, vq, until, 10_000, H.HDR_WRITE_TRANSACTION, yield_cpu,
+                                  ring)
+
+
+def test_a_worker_stretch_serves_publishes_and_rings_an_eventfd(tmp_path, image_factory):
+    """A stretch (``serve_worker``, a busy device's worker thread) serves what is available,
+    publishes it and rings the driver itself, as notify_queue does: queue_event = 1, then the
+    doorbell's eventfd; it ends after a slice that found the ring empty (nothing left). The
+    yielding variant serves the same."""
+    _native_or_skip()
+    image = image_factory(MiB)
+    with open(image, "rb") as f:
+        sector0 = f.read(512)
+
+    async def body() -> None:
+        async with _parked(tmp_path, image, "e", event_idx=False) as (s, mem, offer, used_idx):
+            r = s.runner
+            s.client.vqs[0].suppress_interrupts(False)  # a sleeping driver: it wants them
+            vq = s.client.vqs[0]
+            req = mem.u64(vq.desc + 16 * mem.u16(vq.avail + 4))
+            mem.write(req + 64, b"\xee" * 512)
+            bell = os.eventfd(0, os.EFD_NONBLOCK)
+            try:
+                for yield_cpu in (False, True):
+                    r.transport.hdr.set_u8(H.HDR_QUEUE_EVENT, 0)
+                    used0 = mem.u16(used_idx)
+                    reads0 = r.service.model.metrics.read_count
+                    offer(5)
+                    ring = (H.HDR_QUEUE_EVENT, bell, None, 0, 0)
+                    assert _stretch(r, ring, yield_cpu=yield_cpu) == (5, False, False)
+                    assert (mem.u16(used_idx) - used0) & 0xFFFF == 5
+                    assert r.service.model.metrics.read_count == reads0 + 5
+                    assert bytes(mem.view(req + 64, 512)) == sector0
+                    assert r.transport.hdr.u8(H.HDR_QUEUE_EVENT) == 1
+                    try:
+                        rung = os.eventfd_read(bell)
+                    except BlockingIOError:
+                        rung = 0
+                    assert rung >= 1
+                    mem.write(req + 64, b"\xee" * 512)
+            finally:
+                os.close(bell)
+
+    run(body())
+
+
+def test_a_worker_stretch_rings_a_doorbell_register(tmp_path, image_factory):
+    """On a real link the ring is a 32-bit store of DOORBELL = (peer << 16) | vector into the
+    mapped register page (here a page of our own); a doorbell that goes nowhere (no fd, no
+    register) rings nothing and still serves."""
+    _native_or_skip()
+
+    async def body() -> None:
+        async with _parked(tmp_path, image_factory(MiB), "g", event_idx=False) as (s, mem, offer,
+                                                                                  used_idx):
+            r = s.runner
+            s.client.vqs[0].suppress_interrupts(False)
+            page = bytearray(4096)
+            value = H.doorbell_value(1, 1)
+            offer(2)
+            ring = (H.HDR_QUEUE_EVENT, -1, page, H.REG_DOORBELL, value)
+            assert _stretch(r, ring) == (2, False, False)
+            assert int.from_bytes(page[H.REG_DOORBELL:H.REG_DOORBELL + 4], "little") == value
+            assert not any(page[:H.REG_DOORBELL]) and not any(page[H.REG_DOORBELL + 4:])
+            used0 = mem.u16(used_idx)
+            offer(1)
+            assert _stretch(r, (H.HDR_QUEUE_EVENT, -1, None, 0, 0)) == (1, False, False)
+            assert (mem.u16(used_idx) - used0) & 0xFFFF == 1
+            with pytest.raises(ValueError, match="outside its page"):
+                _stretch(r, (H.HDR_QUEUE_EVENT, -1, bytearray(8), 8, value))
+
+    run(body())
+
+
+def test_a_worker_stretch_leaves_the_control_path_and_time_to_the_task(tmp_path, image_factory):
+    """A write transaction pending: the stretch serves nothing and hands over (owner). A
+    stretch whose deadline has passed serves nothing and says work may be left."""
+    _native_or_skip()
+
+    async def body() -> None:
+        async with _parked(tmp_path, image_factory(MiB), "c") as (s, mem, offer, used_idx):
+            r = s.runner
+            ring = (H.HDR_QUEUE_EVENT, -1, None, 0, 0)
+            used0 = mem.u16(used_idx)
+            offer(2)
+            hdr = r.transport.hdr
+            old = hdr.u32(H.HDR_WRITE_TRANSACTION)
+            hdr.set_u32(H.HDR_WRITE_TRANSACTION, 0x1)
+            try:
+                assert _stretch(r, ring) == (0, False, True)
+            finally:
+                hdr.set_u32(H.HDR_WRITE_TRANSACTION, old)
+            assert _stretch(r, ring, until_ns=time.monotonic_ns()) == (0, True, False)
+            assert mem.u16(used_idx) == used0
+            assert _stretch(r, ring) == (2, False, False)
+
+    run(body())
+
+
 def test_reads_stay_right_through_the_compiled_poll(tmp_path, image_factory):
     """End to end in poll and adaptive mode: every read returns the image's bytes, and the
     compiled poll served some of them (counted at the service's poll)."""

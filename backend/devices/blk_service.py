@@ -27,6 +27,11 @@ class _BlkAccel(Accel, Protocol):
              limit: int, until_ns: int, watch_off: int,
              /) -> tuple[int, int, int, int, int, int, int, int, int, int]: ...
 
+    def run(self, last_avail: int, next_used: int, signalled_used: int, event_idx: bool,
+            until_ns: int, slice_ns: int, watch_off: int, yield_cpu: bool, event_off: int,
+            ring_fd: int, ring_reg: object | None, ring_off: int, ring_value: int,
+            /) -> tuple[int, int, int, int, int, int, int, int, int, int, int]: ...
+
 
 if TYPE_CHECKING:
     from ..runner import QueueRunner
@@ -125,6 +130,25 @@ class BlkService:
         if served:
             self._count(*counts)
         return served, why == nat.POLL_NOTIFY, why in (nat.POLL_STOP, nat.POLL_WATCH)
+
+    def serve_worker(self, index: int, vq: DeviceQueue, until_ns: int, slice_ns: int,
+                     watch_off: int, yield_cpu: bool,
+                     ring: tuple[int, int, object | None, int, int],
+                     ) -> tuple[int, bool, bool] | None:
+        """A worker thread's stretch (``BlkQueue.run``): the compiled poll in slices until
+        ``until_ns``, publishing and ringing the driver itself (``ring``: the transport's
+        ``native_notify``), the GIL released throughout. (served, left: the stretch ended
+        with work left, owner: the runner's task must run); None without a compiled queue."""
+        accel = cast("_BlkAccel | None", vq.accel)
+        nat = native()
+        if accel is None or nat is None:
+            return None
+        (served, vq.last_avail, vq.next_used, vq.signalled_used, why, _rung, *counts) = (
+            accel.run(vq.last_avail, vq.next_used, vq.signalled_used, vq.event_idx, until_ns,
+                      slice_ns, watch_off, yield_cpu, *ring))
+        if served:
+            self._count(*counts)
+        return served, why == nat.POLL_TIME, why in (nat.POLL_STOP, nat.POLL_WATCH)
 
     def _count(self, reads: int, read_bytes: int, writes: int, write_bytes: int,
                fails: int) -> None:

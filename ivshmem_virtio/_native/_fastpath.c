@@ -7,6 +7,8 @@
 
 #include "vqblk.h"
 
+#include <limits.h>
+
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
@@ -171,6 +173,84 @@ static PyObject *BlkQueue_poll(BlkQueue *self, PyObject *const *args, Py_ssize_t
                          (unsigned long long)cnt.io_fails);
 }
 
+/* run(last_avail, next_used, signalled_used, event_idx, until_ns, slice_ns, watch_off, yield,
+ * event_off, ring_fd, ring_reg, ring_off, ring_value) -> (served, last_avail, next_used,
+ * signalled_used, why, rung, read_count, read_bytes, write_count, write_bytes, io_fails):
+ * blk_run, the GIL released throughout. ring_reg: None, or a writable buffer (the register
+ * page) whose u32 at ring_off is the doorbell. */
+static PyObject *BlkQueue_run(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long last, used, sig, value;
+    unsigned long long until, slice, watch, event, roff;
+    uint16_t l16, u16, s16;
+    struct blk_counters cnt = {0};
+    struct ring ring = {0};
+    Py_buffer view = {0};
+    unsigned served, rung;
+    long lfd;
+    int ev, yield, why, have_view = 0;
+
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "run(last_avail, next_used, signalled_used, event_idx, "
+                                         "until_ns, slice_ns, watch_off, yield, event_off, "
+                                         "ring_fd, ring_reg, ring_off, ring_value)");
+        return NULL;
+    }
+    last = PyLong_AsUnsignedLong(args[0]);
+    used = PyLong_AsUnsignedLong(args[1]);
+    sig = PyLong_AsUnsignedLong(args[2]);
+    ev = PyObject_IsTrue(args[3]);
+    until = PyLong_AsUnsignedLongLong(args[4]);
+    slice = PyLong_AsUnsignedLongLong(args[5]);
+    watch = PyLong_AsUnsignedLongLong(args[6]);
+    yield = PyObject_IsTrue(args[7]);
+    event = PyLong_AsUnsignedLongLong(args[8]);
+    lfd = PyLong_AsLong(args[9]);
+    roff = PyLong_AsUnsignedLongLong(args[11]);
+    value = PyLong_AsUnsignedLong(args[12]);
+    if (PyErr_Occurred() || ev < 0 || yield < 0 || !ready(self))
+        return NULL;
+    if (last > 0xFFFF || used > 0xFFFF || sig > 0xFFFF || value > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_ValueError, "ring index or doorbell value out of range");
+        return NULL;
+    }
+    if (!area_ok(self->q.mem_size, watch, 4, 4) || !area_ok(self->q.mem_size, event, 1, 1)) {
+        PyErr_SetString(PyExc_ValueError, "watched register or queue_event outside the section");
+        return NULL;
+    }
+    if (slice == 0) {
+        PyErr_SetString(PyExc_ValueError, "slice_ns must be at least 1");
+        return NULL;
+    }
+    if (args[10] != Py_None) {
+        if (PyObject_GetBuffer(args[10], &view, PyBUF_WRITABLE) < 0)
+            return NULL;
+        have_view = 1;
+        if (!area_ok((uint64_t)view.len, roff, 4, 4)) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "doorbell register outside its page");
+            return NULL;
+        }
+        ring.reg = (volatile uint32_t *)((uint8_t *)view.buf + roff);
+    }
+    ring.event_off = event;
+    ring.fd = have_view || lfd < 0 || lfd > INT_MAX ? -1 : (int)lfd;
+    ring.value = (uint32_t)value;
+    l16 = (uint16_t)last;
+    u16 = (uint16_t)used;
+    s16 = (uint16_t)sig;
+    Py_BEGIN_ALLOW_THREADS
+    served = blk_run(&self->q, &self->b, &l16, &u16, &s16, ev, (uint64_t)until, (uint64_t)slice,
+                     (uint64_t)watch, &ring, yield, &cnt, &why, &rung);
+    Py_END_ALLOW_THREADS
+    if (have_view)
+        PyBuffer_Release(&view);
+    return Py_BuildValue("(IHHHiIKKKKK)", served, l16, u16, s16, why, rung,
+                         (unsigned long long)cnt.read_count, (unsigned long long)cnt.read_bytes,
+                         (unsigned long long)cnt.write_count, (unsigned long long)cnt.write_bytes,
+                         (unsigned long long)cnt.io_fails);
+}
+
 /* publish(next_used, signalled_used, event_idx) -> bool: DeviceQueue.publish's work */
 static PyObject *BlkQueue_publish(BlkQueue *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -207,6 +287,8 @@ static PyMethodDef BlkQueue_methods[] = {
      "Serve the usual reads and writes; stop at the first other chain."},
     {"poll", (PyCFunction)(void (*)(void))BlkQueue_poll, METH_FASTCALL,
      "Spin, serve and publish until a deadline or until Python has work."},
+    {"run", (PyCFunction)(void (*)(void))BlkQueue_run, METH_FASTCALL,
+     "A worker's stretch: poll, serve, publish and ring the driver until a deadline."},
     {"publish", (PyCFunction)(void (*)(void))BlkQueue_publish, METH_FASTCALL,
      "Store used->idx and decide on the interrupt."},
     {"release", (PyCFunction)BlkQueue_release, METH_NOARGS, "Let the section's buffer go."},

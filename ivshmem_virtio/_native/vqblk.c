@@ -7,9 +7,11 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 /* the fuzz harness (fuzz_vqblk.c) puts its own checked copies in place of the syscalls:
  * the kernel's accesses to the section are invisible to AddressSanitizer */
@@ -292,6 +294,49 @@ unsigned blk_poll(const struct vq *q, const struct blk *b, uint16_t *last_avail,
             return total;
         }
         CPU_RELAX();
+    }
+}
+
+static void ring_driver(const struct vq *q, const struct ring *r)
+{
+    uint64_t one = 1;
+
+    __atomic_store_n(q->mem + r->event_off, (uint8_t)1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* queue_event before the interrupt */
+    if (r->reg)
+        *r->reg = htole32(r->value);
+    else if (r->fd >= 0 && write(r->fd, &one, sizeof one) < 0) {
+        /* EAGAIN: the count is saturated, an interrupt is pending anyway */
+    }
+}
+
+unsigned blk_run(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                 uint16_t *next_used, uint16_t *signalled_used, int event_idx, uint64_t until_ns,
+                 uint64_t slice_ns, uint64_t watch_off, const struct ring *ring, int yield,
+                 struct blk_counters *cnt, int *why, unsigned *rung)
+{
+    unsigned total = 0;
+
+    *rung = 0;
+    for (;;) {
+        uint64_t now = now_ns(), end = now + slice_ns;
+        int w;
+
+        if (now >= until_ns) {
+            *why = POLL_TIME;
+            return total;
+        }
+        total += blk_poll(q, b, last_avail, next_used, signalled_used, event_idx, 0xFFFFu,
+                          end < until_ns ? end : until_ns, watch_off, cnt, &w);
+        if (w == POLL_NOTIFY) {
+            ring_driver(q, ring);
+            (*rung)++;
+        } else if (w == POLL_IDLE || w == POLL_STOP || w == POLL_WATCH) {
+            *why = w;
+            return total;
+        }
+        if (yield)
+            sched_yield();
     }
 }
 

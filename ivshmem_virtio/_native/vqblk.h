@@ -84,6 +84,30 @@ unsigned blk_poll(const struct vq *q, const struct blk *b, uint16_t *last_avail,
                   uint16_t *next_used, uint16_t *signalled_used, int event_idx, unsigned limit,
                   uint64_t until_ns, uint64_t watch_off, struct blk_counters *cnt, int *why);
 
+/* How a worker rings the driver itself (DeviceTransport.notify_queue): the header's
+ * queue_event byte at `event_off` (inside the section: checked by the caller) = 1, a full fence,
+ * then 8 bytes to the eventfd `fd` (a simulated link) or `value` stored to the doorbell register
+ * `reg` (a real one: ivshmem's MMIO page); neither (-1, NULL): the doorbell goes nowhere, as a
+ * vector the link does not have goes nowhere on Jailhouse. */
+struct ring {
+    uint64_t event_off;
+    int fd;
+    volatile uint32_t *reg;
+    uint32_t value;
+};
+
+/* A busy device's worker thread (backend/runner.py `_offload`): blk_poll in slices of
+ * `slice_ns` until `until_ns`, ringing the driver whenever it wants an interrupt (`ring`), so a
+ * whole stretch runs without Python and without the GIL. Between slices sched_yield() when
+ * `yield` is set (another device of the daemon is active: on a CPU they share, its thread gets
+ * in within a slice). Returns how many chains were served, *rung how many interrupts went out,
+ * and in *why: POLL_IDLE a slice ended with the ring empty; POLL_STOP, POLL_WATCH as blk_poll;
+ * POLL_TIME `until_ns` passed with work left. */
+unsigned blk_run(const struct vq *q, const struct blk *b, uint16_t *last_avail,
+                 uint16_t *next_used, uint16_t *signalled_used, int event_idx, uint64_t until_ns,
+                 uint64_t slice_ns, uint64_t watch_off, const struct ring *ring, int yield,
+                 struct blk_counters *cnt, int *why, unsigned *rung);
+
 /* DeviceQueue.publish: store used->idx = next_used (after a release fence), then a full fence,
  * then the event-idx (or flags) decision. 1 when the driver wants an interrupt. */
 int vq_publish(const struct vq *q, uint16_t next_used, uint16_t signalled_used, int event_idx);

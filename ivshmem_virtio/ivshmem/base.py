@@ -43,6 +43,12 @@ class IvshmemDevice(abc.ABC):
     def doorbell(self, peer: int, vector: int) -> None:
         """Write DOORBELL = ``(peer << 16) | vector``."""
 
+    def native_doorbell(self, peer: int, vector: int) -> tuple[int, object | None, int, int] | None:
+        """How compiled code rings ``(peer, vector)`` itself, as :meth:`doorbell` would:
+        ``(eventfd, None, 0, 0)``, ``(-1, register page, offset, value)`` for a 32-bit store,
+        or ``(-1, None, 0, 0)`` for a doorbell that goes nowhere. None: only from Python."""
+        return None
+
     @abc.abstractmethod
     def set_int_control(self, enabled: bool) -> None:
         """Write INT_CONTROL; interrupts arriving while it is 0 are lost."""

@@ -194,6 +194,16 @@ class SimIvshmem(IvshmemDevice):
             self.process_hub_messages()
         self._ring(peer, vector)
 
+    def native_doorbell(self, peer: int, vector: int) -> tuple[int, object | None, int, int]:
+        """The peer's eventfd for ``vector`` (valid until our hub messages are next applied,
+        which happens on the caller's thread only); -1 where :meth:`doorbell` rings nothing."""
+        if vector >= self.vectors:
+            return -1, None, 0, 0
+        if peer not in self._peers:
+            self.process_hub_messages()
+        fds = self._peers.get(peer)
+        return (fds[vector] if fds and vector < len(fds) else -1), None, 0, 0
+
     def _ring(self, peer: int, vector: int) -> None:
         fds = self._peers.get(peer)
         if not fds or vector >= len(fds):

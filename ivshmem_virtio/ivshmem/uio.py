@@ -124,6 +124,10 @@ class UioIvshmem(IvshmemDevice):
     def doorbell(self, peer: int, vector: int) -> None:
         self.regs.write32(H.REG_DOORBELL, H.doorbell_value(peer, vector))
 
+    def native_doorbell(self, peer: int, vector: int) -> tuple[int, object | None, int, int]:
+        """The DOORBELL register in the mapped register page (an MMIO store, as here)."""
+        return -1, self._regs_mm, H.REG_DOORBELL, H.doorbell_value(peer, vector)
+
     def set_int_control(self, enabled: bool) -> None:
         self.regs.write32(H.REG_INT_CONTROL, 1 if enabled else 0)
 

@@ -363,6 +363,12 @@ class DeviceTransport:
         fence()
         self.dev.doorbell(self.peer, self.queues[index].driver_vector)
 
+    def native_notify(self, index: int) -> tuple[int, int, object | None, int, int] | None:
+        """What :meth:`notify_queue` does, for compiled code to do itself: (queue_event's
+        offset in the section, then the device's ``native_doorbell``), or None."""
+        bell = self.dev.native_doorbell(self.peer, self.queues[index].driver_vector)
+        return None if bell is None else (H.HDR_QUEUE_EVENT, *bell)
+
     @property
     def negotiated(self) -> int:
         return self.driver_features
