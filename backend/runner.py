@@ -285,7 +285,10 @@ class LinkRunner(QueueRunner):
             while not self._stopping:
                 busy = self._control()
                 if t.serving:
-                    more = await self._offload() if heavy else self._serve_queues()
+                    if heavy and self._may_offload():  # (asked again: a reset may have come)
+                        more = await self._offload()
+                    else:
+                        more = self._serve_queues()
                     if more:
                         heavy = self._may_offload()
                         if not heavy:

@@ -128,9 +128,17 @@ def test_adaptive_waiter_learns_to_poll_and_catches_work_without_an_interrupt(mo
     async def body(dev):
         waiter = IrqWaiter(dev, mode="adaptive", spin_us=50_000)
         loop = asyncio.get_running_loop()
-        for _ in range(3):  # quick interrupts: each wake-up grows the window
-            loop.call_later(0.001, dev.ring)
+        async def ring_once_asleep() -> None:
+            # (not after a fixed delay: on a loaded machine a poll preempted for longer would
+            # see the interrupt while still polling, which neither grows nor shrinks)
+            while not waiter._sleeping:
+                await asyncio.sleep(0)
+            dev.ring()
+
+        for _ in range(3):  # quick interrupts after each sleep began: each grows the window
+            ring = loop.create_task(ring_once_asleep())
             await waiter.wait(lambda: False)
+            await ring
         assert us(waiter.policy) == 40  # 10, 20, 40
         waiter.policy.window = 0.05  # (a preemption on a loaded machine cannot outlast it)
         flag: list[int] = []
