@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -38,10 +39,22 @@ POLL_ALONE_NS = 20_000  # a compiled poll's burst when no other device shares th
 SLICE_NS = 10_000  # service time between two looks at the other devices while one is active
 ACTIVE_S = 0.1  # a device that served a request this recently counts as active
 OFFLOAD_NS = 2_000_000  # a busy device's worker serves this long before its task looks again
+WORKER_NICE = 10  # the workers' niceness: bulk work, which the loop's light devices preempt
 
 #: the LinkRunners of each event loop (a serve daemon's devices): a turn ends early when another
 #: of them has work waiting, so a device that used little lately is served next
 _LOOP_RUNNERS: dict[int, list[LinkRunner]] = {}
+
+
+def _bulk_thread() -> None:
+    """A busy device's worker thread runs at ``WORKER_NICE``: the kernel then lets the loop
+    thread (the light devices, woken by their doorbells) in at once instead of at the end of the
+    worker's time slice (measured: without it, 2 of 12 fairness runs had the other disk's p99
+    at 5.7-8.6x the control; at nice 10, 0 of 9). Raising one's own niceness needs no right."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)  # (0: this thread, on Linux)
+    except OSError:
+        log.warning("cannot lower a worker thread's priority", exc_info=True)
 
 
 class Service(Protocol):
@@ -344,7 +357,7 @@ class LinkRunner(QueueRunner):
         assert waiter is not None and ring is not None
         if self._worker is None:
             self._worker = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"serve-{self.name}")
+                max_workers=1, thread_name_prefix=f"serve-{self.name}", initializer=_bulk_thread)
         waiter.pause()
         self._offloaded = True
         self.offloads += 1

@@ -195,6 +195,8 @@ MUTANTS = [
     Mutant("offload-never", "backend/runner.py",
            "        return (self._service_worker is not None and self._native_poll() is not None",
            "        return (False and self._native_poll() is not None", (WORKER,)),
+    Mutant("offload-nice", "backend/runner.py",
+           "        os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)", "        pass", (WORKER,)),
     Mutant("offload-handler-guard", "backend/runner.py",
            "if self._stopping or self._offloaded or not t.idle()",
            "if self._stopping or not t.idle()", (LEFT_TO_WORKER,)),

@@ -275,7 +275,8 @@ def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
         tmp_path, image_factory, monkeypatch):
     """A device that keeps work left after its turns while another device of the loop is active
     goes on in a worker thread of its own (compiled stretches that publish and ring the driver
-    themselves, the GIL released) and comes back to the loop when it runs dry. Here a's reads
+    themselves, the GIL released; the thread at WORKER_NICE) and comes back to the loop when it
+    runs dry. Here a's reads
     at depth 32 with every turn cut after its first sub-batch (TURN_S 0) and b kept active:
     every read returns the image's bytes (so the worker rang for the completions its driver
     slept for), some were served in the worker thread, and a's fds are watched again after."""
@@ -292,10 +293,12 @@ def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
             assert worker is not None
             threads: list[int] = []
             served: list[int] = []
+            nice: list[int] = []
 
             def recorded(*args):  # noqa: ANN002, ANN202
                 got = worker(*args)
                 threads.append(threading.get_ident())
+                nice.append(os.getpriority(os.PRIO_PROCESS, 0))  # (this thread's)
                 if got is not None:
                     served.append(got[0])
                 return got
@@ -310,6 +313,7 @@ def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
                 assert buf == disk[off:off + 4096]
             assert a.runner.offloads > 0 and sum(served) > 0
             assert threading.get_ident() not in threads
+            assert min(nice) >= runner_mod.WORKER_NICE  # bulk work: the loop thread goes first
             waiter = a.runner._waiter
             assert waiter is not None
             for _ in range(100):
