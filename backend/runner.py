@@ -335,10 +335,9 @@ class LinkRunner(QueueRunner):
         beside another active device of the loop, where the compiled path serves it whole (its
         one queue, a compiled worker, compiled ringing on this link) and nothing of the device
         is pending on the loop."""
-        return (self._service_worker is not None and self._native_poll() is not None
-                and not self._pending and self.transport.idle()
-                and self._others_active(time.perf_counter())
-                and self.transport.native_notify(0) is not None)
+        return (self._others_active(time.perf_counter()) and self._service_worker is not None
+                and self._native_poll() is not None and not self._pending
+                and self.transport.idle() and self.transport.native_notify(0) is not None)
 
     async def _offload(self) -> bool:
         """Serve this device from its worker thread for up to ``OFFLOAD_NS``; True when work was
