@@ -58,6 +58,18 @@ def _drain(r) -> int:  # noqa: ANN001
     return total
 
 
+@contextlib.contextmanager
+def _transaction_pending(r):  # noqa: ANN001, ANN202
+    """The driver's write transaction pending at runner ``r`` inside the block."""
+    hdr = r.transport.hdr
+    old = hdr.u32(H.HDR_WRITE_TRANSACTION)
+    hdr.set_u32(H.HDR_WRITE_TRANSACTION, 0x1)
+    try:
+        yield
+    finally:
+        hdr.set_u32(H.HDR_WRITE_TRANSACTION, old)
+
+
 @contextlib.asynccontextmanager
 async def _parked(tmp_path, image: str, name: str, **kw):  # noqa: ANN001, ANN003, ANN202
     """A stack whose runner made its compiled queue (one read done), with the ring of
@@ -108,14 +120,9 @@ def test_a_register_write_hands_the_turn_to_the_control_path(tmp_path, image_fac
             r = s.runner
             used0 = mem.u16(used_idx)
             offer(2)
-            hdr = r.transport.hdr
-            old = hdr.u32(H.HDR_WRITE_TRANSACTION)
-            hdr.set_u32(H.HDR_WRITE_TRANSACTION, 0x1)
-            try:
+            with _transaction_pending(r):
                 assert r._poll(BURST_S) == -1
                 assert mem.u16(used_idx) == used0  # nothing served meanwhile
-            finally:
-                hdr.set_u32(H.HDR_WRITE_TRANSACTION, old)
             assert _drain(r) == 2
 
     run(body())
@@ -255,13 +262,8 @@ def test_a_worker_stretch_leaves_the_control_path_and_time_to_the_task(tmp_path,
             ring = (H.HDR_QUEUE_EVENT, -1, None, 0, 0)
             used0 = mem.u16(used_idx)
             offer(2)
-            hdr = r.transport.hdr
-            old = hdr.u32(H.HDR_WRITE_TRANSACTION)
-            hdr.set_u32(H.HDR_WRITE_TRANSACTION, 0x1)
-            try:
+            with _transaction_pending(r):
                 assert _stretch(r, ring) == (0, False, True)
-            finally:
-                hdr.set_u32(H.HDR_WRITE_TRANSACTION, old)
             assert _stretch(r, ring, until_ns=time.monotonic_ns()) == (0, True, False)
             assert mem.u16(used_idx) == used0
             assert _stretch(r, ring) == (2, False, False)
