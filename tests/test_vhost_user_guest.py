@@ -110,11 +110,15 @@ class Backend:
     sock: Path
 
 
-def _socket_id(sock: Path) -> int | None:
+def _socket_id(sock: Path) -> tuple[int, int] | None:
+    """Which socket file is at ``sock``: its inode and change time (the inode number alone
+    can come back at once for a new file where a killed back-end's was unlinked: a restart
+    then never looked ready; seen in CI)."""
     try:
-        return sock.stat().st_ino
+        st = sock.stat()
     except FileNotFoundError:
         return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def start_backend(kind: str, work: Path, image: Path, read_only: bool,
