@@ -129,6 +129,27 @@ def test_sim_peers_doorbell_and_state(procs, tmp_path):
     a.close()
 
 
+def test_sim_native_doorbell_is_the_peers_eventfd(procs, tmp_path):
+    """What compiled code rings (``native_doorbell``, a busy device's worker thread) is what
+    ``doorbell`` rings: the peer's eventfd for that vector; a vector the link does not have
+    rings nothing (-1), as ``doorbell`` drops it."""
+    sock = str(tmp_path / "n.sock")
+    procs.hub(sock)
+    a = SimIvshmem(sock, 0)
+    b = SimIvshmem(sock, 1)
+    try:
+        a.set_int_control(True)
+        fd, reg, off, value = b.native_doorbell(0, 1)
+        assert fd >= 0 and (reg, off, value) == (None, 0, 0)
+        os.eventfd_write(fd, 1)
+        time.sleep(0.05)
+        assert a.ack_interrupts() == 1
+        assert b.native_doorbell(0, 7) == (-1, None, 0, 0)
+    finally:
+        b.close()
+        a.close()
+
+
 def test_doorbell_after_a_peer_restart_reaches_the_new_incarnation(procs, tmp_path):
     """Seeing a peer's STATE change makes a peer apply the queued hub messages before it rings.
 

@@ -74,6 +74,21 @@ def test_uio_device_uses_single_aligned_words(tmp_path):
     dev.close()
 
 
+def test_uio_native_doorbell_is_the_mapped_doorbell_register(tmp_path):
+    """Compiled code rings a real link by storing the DOORBELL value into the mapped register
+    page (``native_doorbell``): the page, offset and value ``doorbell`` itself stores."""
+    node, sysdir = fake_uio(tmp_path)
+    dev = UioIvshmem(node, sysdir)
+    try:
+        fd, page, off, value = dev.native_doorbell(1, 1)
+        assert (fd, off, value) == (-1, H.REG_DOORBELL, 0x10001)
+        assert page is not None
+        dev.doorbell(1, 0)
+        assert int.from_bytes(memoryview(page)[off:off + 4], "little") == 0x10000  # type: ignore[arg-type]
+    finally:
+        dev.close()
+
+
 def test_register_word_store_touches_exactly_four_bytes(tmp_path):
     buf = mmap.mmap(-1, 4096)
     buf.write(b"\xaa" * 4096)
