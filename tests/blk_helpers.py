@@ -9,12 +9,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from ivshmem_virtio import _native
 from ivshmem_virtio.backend.devices.blk_service import BlkService
 from ivshmem_virtio.backend.resources.image import BlockImage
 from ivshmem_virtio.backend.runner import LinkRunner
 from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.hub import Geometry, HubThread
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
+
+
+def native_or_skip() -> None:
+    """Skip the calling test where the compiled blk data path is not in use (not built, or
+    IVSHMEM_VIRTIO_PURE set), after the path was chosen again for it."""
+    _native.reset_for_tests()
+    if _native.native() is None:
+        pytest.skip("the compiled data path is not built here (or IVSHMEM_VIRTIO_PURE is set)")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ivshmem_virtio.frontend.blk import BlkClient
 from ivshmem_virtio.ivshmem.sim import SimIvshmem
 from ivshmem_virtio.procs import Child
 
-from .blk_helpers import blk_stack
+from .blk_helpers import blk_stack, native_or_skip
 from .conftest import run
 from .test_serve import write_config
 
@@ -268,12 +268,6 @@ def test_a_doorbell_storm_while_the_device_is_awake_is_muted(tmp_path, image_fac
     run(body())
 
 
-def _compiled_or_skip() -> None:
-    _native.reset_for_tests()
-    if _native.native() is None:
-        pytest.skip("the compiled data path is not built here (or IVSHMEM_VIRTIO_PURE is set)")
-
-
 def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
         tmp_path, image_factory, monkeypatch):
     """A device that keeps work left after its turns while another device of the loop is active
@@ -283,7 +277,7 @@ def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
     at depth 32 with every turn cut after its first sub-batch (TURN_S 0) and b kept active:
     every read returns the image's bytes (so the worker rang for the completions its driver
     slept for), some were served in the worker thread, and a's fds are watched again after."""
-    _compiled_or_skip()
+    native_or_skip()
     monkeypatch.setattr(runner_mod, "TURN_S", 0.0)
 
     async def body() -> None:
@@ -333,7 +327,7 @@ def test_a_busy_device_beside_an_active_one_is_served_from_its_worker_thread(
 async def held_in_worker(tmp_path, image_factory, monkeypatch):  # noqa: ANN001, ANN201
     """Two disks with a flooded and offloaded to a worker that blocks until released:
     (a, b, release: threading.Event, returned: threading.Event set when the worker returns)."""
-    _compiled_or_skip()
+    native_or_skip()
     monkeypatch.setattr(runner_mod, "TURN_S", 0.0)
     async with two_disks(tmp_path, image_factory) as (a, b):
         b.runner.active_at = math.inf

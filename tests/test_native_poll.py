@@ -22,17 +22,11 @@ from ivshmem_virtio.benchmarks.flood import chain_in_every_slot
 from ivshmem_virtio.spec import blk as B
 from ivshmem_virtio.spec import ivshmem as H
 
-from .blk_helpers import blk_stack
+from .blk_helpers import blk_stack, native_or_skip
 from .conftest import run
 
 MiB = 1 << 20
 BURST_S = 200e-6
-
-
-def _native_or_skip() -> None:
-    _native.reset_for_tests()
-    if _native.native() is None:
-        pytest.skip("the compiled data path is not built here (or IVSHMEM_VIRTIO_PURE is set)")
 
 
 def _ring(s):  # noqa: ANN001, ANN202
@@ -82,7 +76,7 @@ async def _parked(tmp_path, image: str, name: str, **kw):  # noqa: ANN001, ANN00
 def test_a_burst_serves_publishes_and_counts(tmp_path, image_factory):
     """Requests made available during a burst are served and published in it (used index,
     data, counters), without the runner's task, and the burst ends at its deadline."""
-    _native_or_skip()
+    native_or_skip()
     image = image_factory(MiB)
     with open(image, "rb") as f:
         sector0 = f.read(512)
@@ -113,7 +107,7 @@ def test_a_burst_serves_publishes_and_counts(tmp_path, image_factory):
 def test_a_register_write_hands_the_turn_to_the_control_path(tmp_path, image_factory):
     """A write transaction pending: the poll returns -1 at once and serves nothing, though
     requests wait (the control path goes first, as _has_work's check does)."""
-    _native_or_skip()
+    native_or_skip()
 
     async def body() -> None:
         async with _parked(tmp_path, image_factory(MiB), "w") as (s, mem, offer, used_idx):
@@ -131,7 +125,7 @@ def test_a_register_write_hands_the_turn_to_the_control_path(tmp_path, image_fac
 def test_a_chain_for_the_python_path_is_left_to_it(tmp_path, image_factory):
     """A chain the compiled path does not take (here a GET_ID) stops the poll with the chain
     unconsumed: -1, and the runner's turn then serves it through the Python path."""
-    _native_or_skip()
+    native_or_skip()
 
     async def body() -> None:
         async with _parked(tmp_path, image_factory(MiB), "s") as (s, mem, offer, used_idx):
@@ -155,7 +149,7 @@ def test_a_driver_that_wants_interrupts_gets_one_per_publish(tmp_path, image_fac
                                                                monkeypatch):
     """Interrupts on (a sleeping driver): the poll publishes, returns, and the runner rings
     the doorbell (one notify per publish that the driver asked for)."""
-    _native_or_skip()
+    native_or_skip()
 
     async def body() -> None:
         async with _parked(tmp_path, image_factory(MiB), "n", event_idx=False) as (s, _, offer,
@@ -186,7 +180,7 @@ def test_a_worker_stretch_serves_publishes_and_rings_an_eventfd(tmp_path, image_
     publishes it and rings the driver itself, as notify_queue does: queue_event = 1, then the
     doorbell's eventfd; it ends after a slice that found the ring empty (nothing left). The
     yielding variant serves the same."""
-    _native_or_skip()
+    native_or_skip()
     image = image_factory(MiB)
     with open(image, "rb") as f:
         sector0 = f.read(512)
@@ -227,7 +221,7 @@ def test_a_worker_stretch_rings_a_doorbell_register(tmp_path, image_factory):
     """On a real link the ring is a 32-bit store of DOORBELL = (peer << 16) | vector into the
     mapped register page (here a page of our own); a doorbell that goes nowhere (no fd, no
     register) rings nothing and still serves."""
-    _native_or_skip()
+    native_or_skip()
 
     async def body() -> None:
         async with _parked(tmp_path, image_factory(MiB), "g", event_idx=False) as (s, mem, offer,
@@ -254,7 +248,7 @@ def test_a_worker_stretch_rings_a_doorbell_register(tmp_path, image_factory):
 def test_a_worker_stretch_leaves_the_control_path_and_time_to_the_task(tmp_path, image_factory):
     """A write transaction pending: the stretch serves nothing and hands over (owner). A
     stretch whose deadline has passed serves nothing and says work may be left."""
-    _native_or_skip()
+    native_or_skip()
 
     async def body() -> None:
         async with _parked(tmp_path, image_factory(MiB), "c") as (s, mem, offer, used_idx):
@@ -274,7 +268,7 @@ def test_a_worker_stretch_leaves_the_control_path_and_time_to_the_task(tmp_path,
 def test_reads_stay_right_through_the_compiled_poll(tmp_path, image_factory):
     """End to end in poll and adaptive mode: every read returns the image's bytes, and the
     compiled poll served some of them (counted at the service's poll)."""
-    _native_or_skip()
+    native_or_skip()
     image = image_factory(MiB)
     with open(image, "rb") as f:
         disk = f.read()
