@@ -586,20 +586,17 @@ class BlkClient(VirtioDriver):
         self.completed += 1
         if req.into is False and status == _S_OK and not fut.done() and alloc is not None:
             fut.set_result(self._lend(req, alloc))  # the buffer is the caller's until released
-            req.base = -1
-            if self._backlog:
-                self._pump()
-            return
-        if alloc is not None:
-            alloc.free(req.base)
+        else:
+            if alloc is not None:
+                alloc.free(req.base)
+            if not fut.done():
+                if status == _S_OK:
+                    fut.set_result(data)
+                elif status == B.S_UNSUPP:
+                    fut.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
+                else:
+                    fut.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
         req.base = -1
-        if not fut.done():
-            if status == _S_OK:
-                fut.set_result(data)
-            elif status == B.S_UNSUPP:
-                fut.set_exception(BlkIOError(errno.EOPNOTSUPP, "unsupported request"))
-            else:
-                fut.set_exception(BlkIOError(errno.EIO, f"device status {status}"))
         if self._backlog:
             self._pump()
 
