@@ -183,18 +183,24 @@ class QueueRunner:
                         more = True  # the rest waits for this device's next turn
                         break
                 self.served += done
-            except PEER_FAULTS as e:
-                t.mark_needs_reset(f"queue {index}: {e}")
-                self.generation += 1
-                return False
             except Exception as e:  # noqa: BLE001 - a bug of ours must not take the daemon down
-                log.exception("device fault", link=self.name, queue=index)
-                t.mark_needs_reset(f"queue {index}: internal error {e!r}")
-                self.generation += 1
+                self._queue_fault(index, e)
                 return False
         if self.served:
             self.active_at = start
         return more
+
+    def _queue_fault(self, index: int, e: Exception) -> None:
+        """Serving queue ``index`` raised ``e`` (inside an ``except``): this device only is
+        marked NEEDS_RESET, and completions of its old ring are dropped. A peer's fault is the
+        peer's; anything else is a bug of ours, logged with its traceback."""
+        if isinstance(e, PEER_FAULTS):
+            reason = f"queue {index}: {e}"
+        else:
+            log.exception("device fault", link=self.name, queue=index)
+            reason = f"queue {index}: internal error {e!r}"
+        self.transport.mark_needs_reset(reason)
+        self.generation += 1
 
     def _enable_notifications(self) -> bool:
         """Before sleeping: ask for kicks again, and report work that slipped in meanwhile."""
@@ -298,12 +304,11 @@ class LinkRunner(QueueRunner):
             while not self._stopping:
                 busy = self._control()
                 if t.serving:
-                    if heavy and self._may_offload():  # (asked again: a reset may have come)
-                        more = await self._offload()
-                    else:
-                        more = self._serve_queues()
+                    # (asked again, not kept from the last turn: a reset may have come)
+                    ring = self._offload_ring() if heavy else None
+                    more = await self._offload(ring) if ring is not None else self._serve_queues()
                     if more:
-                        heavy = self._may_offload()
+                        heavy = self._offload_ring() is not None
                         if not heavy:
                             await asyncio.sleep(0)  # turn used up: the loop's others go first
                         continue
@@ -330,16 +335,18 @@ class LinkRunner(QueueRunner):
                 self._worker.shutdown(wait=True)  # (idle: _offload waited for its last call)
 
     # -- a busy device in its own thread ---------------------------------------------------------
-    def _may_offload(self) -> bool:
-        """Does this device's next turn go to its worker thread? Yes while it keeps work left
-        beside another active device of the loop, where the compiled path serves it whole (its
-        one queue, a compiled worker, compiled ringing on this link) and nothing of the device
-        is pending on the loop."""
-        return (self._others_active(time.perf_counter()) and self._service_worker is not None
+    def _offload_ring(self) -> tuple[int, int, object | None, int, int] | None:
+        """How the worker would ring the driver, if this device's next turn goes to it; else
+        None. It goes while the device keeps work left beside another active device of the
+        loop, where the compiled path serves it whole (its one queue, a compiled worker,
+        compiled ringing on this link) and nothing of the device is pending on the loop."""
+        if (self._others_active(time.perf_counter()) and self._service_worker is not None
                 and self._native_poll() is not None and not self._pending
-                and self.transport.idle() and self.transport.native_notify(0) is not None)
+                and self.transport.idle()):
+            return self.transport.native_notify(0)  # (on this thread: it may apply hub messages)
+        return None
 
-    async def _offload(self) -> bool:
+    async def _offload(self, ring: tuple[int, int, object | None, int, int]) -> bool:
         """Serve this device from its worker thread for up to ``OFFLOAD_NS``; True when work was
         left. Linux moves softirq work that keeps coming to ksoftirqd, a thread the scheduler
         weighs like any other, for the same reason: a busy device served on the loop makes the
@@ -351,9 +358,7 @@ class LinkRunner(QueueRunner):
         worker), and the task waits for the worker to end even when it is cancelled, so that
         nothing touches the queue after this returns."""
         waiter = self._waiter
-        t = self.transport
-        ring = t.native_notify(0)  # (on this thread: it may apply the hub's messages)
-        assert waiter is not None and ring is not None
+        assert waiter is not None
         if self._worker is None:
             self._worker = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"serve-{self.name}", initializer=_bulk_thread)
@@ -364,14 +369,8 @@ class LinkRunner(QueueRunner):
                                    self._others_active(time.perf_counter()))
         try:
             return await asyncio.wrap_future(done)
-        except PEER_FAULTS as e:
-            t.mark_needs_reset(f"queue 0: {e}")
-            self.generation += 1
-            return False
         except Exception as e:  # noqa: BLE001 - as in _serve_queues: the daemon goes on
-            log.exception("device fault", link=self.name, queue=0)
-            t.mark_needs_reset(f"queue 0: internal error {e!r}")
-            self.generation += 1
+            self._queue_fault(0, e)
             return False
         finally:
             if not done.done():  # cancelled: wait for the stretch (OFFLOAD_NS at most)

@@ -193,8 +193,8 @@ MUTANTS = [
            "        if (0) {\n            *why = POLL_WATCH;", (POLL_WATCH,), native=True),
     # a busy device in its own worker thread (backend/runner.py _offload)
     Mutant("offload-never", "backend/runner.py",
-           "        return (self._others_active(time.perf_counter()) and self._service_worker",
-           "        return (False and self._service_worker", (WORKER,)),
+           "        if (self._others_active(time.perf_counter()) and self._service_worker",
+           "        if (False and self._service_worker", (WORKER,)),
     Mutant("offload-nice", "backend/runner.py",
            "        os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)", "        pass", (WORKER,)),
     Mutant("offload-handler-guard", "backend/runner.py",
