@@ -185,31 +185,33 @@ class SimIvshmem(IvshmemDevice):
             self.process_hub_messages()
             for peer in list(self._peers):
                 if peer != self.id:
-                    self._ring(peer, 0)
+                    self._ring(self._bell_fd(peer, 0))
 
     def doorbell(self, peer: int, vector: int) -> None:
-        if vector >= self.vectors:
-            return  # Jailhouse drops it too
-        if peer not in self._peers:
-            self.process_hub_messages()
-        self._ring(peer, vector)
+        self._ring(self._bell_fd(peer, vector))
 
     def native_doorbell(self, peer: int, vector: int) -> tuple[int, object | None, int, int]:
         """The peer's eventfd for ``vector`` (valid until our hub messages are next applied,
         which happens on the caller's thread only); -1 where :meth:`doorbell` rings nothing."""
+        return self._bell_fd(peer, vector), None, 0, 0
+
+    def _bell_fd(self, peer: int, vector: int) -> int:
+        """The eventfd that rings ``vector`` of ``peer``, or -1 where a doorbell goes nowhere:
+        a vector the link does not have (Jailhouse drops it too), a peer unknown even after the
+        hub's queued messages were applied."""
         if vector >= self.vectors:
-            return -1, None, 0, 0
+            return -1
         if peer not in self._peers:
             self.process_hub_messages()
         fds = self._peers.get(peer)
-        return (fds[vector] if fds and vector < len(fds) else -1), None, 0, 0
+        return fds[vector] if fds and vector < len(fds) else -1
 
-    def _ring(self, peer: int, vector: int) -> None:
-        fds = self._peers.get(peer)
-        if not fds or vector >= len(fds):
+    @staticmethod
+    def _ring(fd: int) -> None:
+        if fd < 0:
             return
         try:
-            os.write(fds[vector], _ONE)
+            os.write(fd, _ONE)
         except BlockingIOError:
             pass  # counter saturated: an interrupt is pending anyway
 
